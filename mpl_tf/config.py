@@ -1,0 +1,185 @@
+"""Frozen, typed configuration for every part of an MPL run.
+
+`flags/` is the only place that reads command-line flags; it builds one
+`Config` from them, once, and the library takes that object (or one of its
+parts) as an argument. Every disputed choice of the method (the kind of pseudo
+label, how the teacher's feedback h is computed, its sign, the baseline, the
+weight of the MPL term) is a field here, so it is logged with the run and
+written to `model_dir/config.json`, never a constant hidden in the step.
+"""
+
+import dataclasses
+import json
+from typing import Any, Dict
+
+PSEUDO_LABELS = ('sampled', 'argmax', 'soft')
+FEEDBACKS = ('exact', 'taylor')
+FEEDBACK_SIGNS = ('paper', 'released_code')
+BASELINE_INITS = ('zero', 'uniform_sqrt3')
+VIEWS = ('aug', 'ori')
+OFFLINE_DATASETS = ('mnist5k', 'digits')
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the images come from and how the training views are made."""
+  dataset: str = 'mnist5k'
+  data_dir: str = 'data/mnist5k'
+  # Offline data sets only: how the prepared splits are drawn (by seed).
+  labeled_per_class: int = 10
+  num_validation: int = 500
+  num_test: int = 1000
+  split_seed: int = 0
+  image_size: int = 32
+  # Digits are not mirror-symmetric; natural images (CIFAR, ImageNet) are.
+  horizontal_flip: bool = True
+  randaugment_layers: int = 2
+  # The released code's RandAugment magnitude M (levels out of 10, so 16 is
+  # beyond the usual range); see mpl_tf/data/augment.py for the mapping.
+  randaugment_magnitude: float = 16.0
+  cutout_size: int = 16
+  shuffle_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The network used for both teacher and student (the paper uses one)."""
+  name: str = 'wrn-28-2'
+  dropout_rate: float = 0.2
+  batch_norm_momentum: float = 0.99
+  batch_norm_epsilon: float = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class MplConfig:
+  """The disputed choices of Meta Pseudo Labels, each one a field.
+
+  Defaults follow the paper's Algorithm 1; `flags/released_code_step.cfg`
+  sets the released TPU code's values.
+  """
+  # How the pseudo label y_hat is drawn from the teacher's distribution:
+  # 'sampled' (Algorithm 1), 'argmax' (hard), 'soft' (released code: the
+  # whole distribution, which makes the MPL term's gradient exactly zero).
+  pseudo_label: str = 'sampled'
+  # 'exact': h = eta_S * grad L_l(theta_S')^T grad CE(y_hat, S(x_u)), the dot
+  # product of Algorithm 1; 'taylor': the change of the student's labeled loss
+  # across its update (the released code's estimate).
+  feedback: str = 'exact'
+  # 'paper': h > 0 when the student's update lowered its labeled loss
+  # (Taylor gives L_l(old) - L_l(new)); 'released_code': new - old.
+  feedback_sign: str = 'paper'
+  # Moving average of h subtracted from it (0 = no baseline; the released
+  # code uses 0.99 with a U(-sqrt3, sqrt3) initial value).
+  baseline_decay: float = 0.0
+  baseline_init: str = 'zero'
+  # Weight of h * CE(y_hat, T(x_u)) in the teacher's loss; 0 = UDA-only teacher.
+  mpl_weight: float = 1.0
+  # Which unlabeled view the pseudo label is read from and the student is
+  # trained on. Algorithm 1 says x_u; the released code uses the augmented one.
+  student_view: str = 'aug'
+  # Label smoothing of the teacher's supervised loss and of the student's loss
+  # on the pseudo labels (the released code uses one value for both).
+  label_smoothing: float = 0.0
+  uda_weight: float = 1.0
+  uda_temperature: float = 0.7
+  uda_threshold: float = 0.6
+  uda_steps: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Batches, learning rates and schedules of both networks."""
+  labeled_batch_size: int = 16   # global B
+  uda_ratio: int = 4             # mu: the unlabeled batch is B * mu per view
+  num_steps: int = 1000
+  teacher_lr: float = 0.05
+  student_lr: float = 0.05
+  # The released code multiplies both rates by labeled_batch_size / 256.
+  scale_lr_by_batch: bool = False
+  momentum: float = 0.9
+  nesterov: bool = True
+  weight_decay: float = 5e-4     # coupled L2 on all non-batch-norm weights
+  grad_clip_norm: float = 1e9
+  teacher_warmup_steps: int = 0
+  student_wait_steps: int = 0
+  student_warmup_steps: int = 0
+  ema_decay: float = 0.0         # 0 = the EMA student equals the student
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """What the loop does around the step: time, evaluation, baselines."""
+  model_dir: str = 'runs/demo'
+  seed: int = 0
+  log_every: int = 50
+  eval_every: int = 0            # 0 = only at the end
+  eval_batch_size: int = 250
+  # Train a supervised-only model on the same labeled images in the same run.
+  supervised_baseline: bool = True
+  supervised_steps: int = 0      # 0 = as many steps as the MPL run
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  data: DataConfig = DataConfig()
+  model: ModelConfig = ModelConfig()
+  mpl: MplConfig = MplConfig()
+  optim: OptimConfig = OptimConfig()
+  run: RunConfig = RunConfig()
+
+  @property
+  def unlabeled_batch_size(self) -> int:
+    """Global unlabeled batch per view (B * mu)."""
+    return self.optim.labeled_batch_size * self.optim.uda_ratio
+
+  def to_dict(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+  if value not in choices:
+    raise ConfigError(f'{name}={value!r} is not one of {", ".join(choices)}; '
+                      f'pass one of them.')
+
+
+def _check_positive(name: str, value) -> None:
+  if value <= 0:
+    raise ConfigError(f'{name}={value} must be positive.')
+
+
+def validate(config: Config) -> Config:
+  """Raises ConfigError naming the field and the fix; returns the config."""
+  mpl, optim, data = config.mpl, config.optim, config.data
+  _check_choice('pseudo_label', mpl.pseudo_label, PSEUDO_LABELS)
+  _check_choice('feedback', mpl.feedback, FEEDBACKS)
+  _check_choice('feedback_sign', mpl.feedback_sign, FEEDBACK_SIGNS)
+  _check_choice('baseline_init', mpl.baseline_init, BASELINE_INITS)
+  _check_choice('student_view', mpl.student_view, VIEWS)
+  if not 0.0 <= mpl.baseline_decay < 1.0:
+    raise ConfigError(f'baseline_decay={mpl.baseline_decay} must be in [0, 1); '
+                      f'0 turns the baseline off.')
+  if not 0.0 <= mpl.label_smoothing < 1.0:
+    raise ConfigError(f'label_smoothing={mpl.label_smoothing} must be in [0, 1).')
+  if not 0.0 < mpl.uda_temperature:
+    raise ConfigError(f'uda_temperature={mpl.uda_temperature} must be > 0.')
+  if mpl.mpl_weight < 0:
+    raise ConfigError(f'mpl_weight={mpl.mpl_weight} must be >= 0 '
+                      f'(0 is the UDA-only ablation).')
+  _check_positive('uda_steps', mpl.uda_steps)
+  for name in ('labeled_batch_size', 'uda_ratio', 'num_steps', 'teacher_lr'):
+    _check_positive(name, getattr(optim, name))
+  if optim.student_lr < 0:
+    raise ConfigError(f'student_lr={optim.student_lr} must be >= 0.')
+  if not 0.0 <= optim.ema_decay < 1.0:
+    raise ConfigError(f'ema_decay={optim.ema_decay} must be in [0, 1).')
+  _check_positive('image_size', data.image_size)
+  _check_positive('eval_batch_size', config.run.eval_batch_size)
+  _check_positive('log_every', config.run.log_every)
+  return config

@@ -1,0 +1,302 @@
+"""One step of Meta Pseudo Labels, following the paper's Algorithm 1 line by line.
+
+Lines quoted from Algorithm 1 (Pham et al., CVPR 2021, "Meta Pseudo Labels
+applied to a teacher trained with UDA") are marked `# Algorithm 1:`; the code
+under each one does exactly that line. The step knows nothing of files,
+loops or checkpoints: it takes one batch, updates both networks once and
+returns scalars to log.
+
+Choices the paper leaves open or the released code makes differently are
+fields of `MplConfig`, never constants here:
+  pseudo_label    'sampled' (Algorithm 1) | 'argmax' | 'soft' (released code).
+  feedback        'exact': h = eta_S * grad L_l(theta_S')^T grad CE(y_hat,
+                  S(x_u; theta_S)), the dot product of Algorithm 1, with eta_S
+                  the student's current learning rate and the second factor
+                  the raw gradient of the student's pseudo-label loss (before
+                  weight decay and clipping). 'taylor': L_l(theta_S) -
+                  L_l(theta_S'), its first-order equivalent (released code).
+  feedback_sign   'paper': as above, h > 0 when the student's update lowered
+                  its labeled loss; 'released_code': the opposite sign
+                  (the released code computes new - old).
+  baseline_decay  moving average of h subtracted from it (0 = none).
+  mpl_weight      weight of h * CE(y_hat, T(x_u)); 0 = the UDA-only teacher.
+
+How this scales against the exact meta-gradient (tests/test_gradient_identity):
+CE here is a batch mean over the global unlabeled batch of size N, while
+-log P_T(y_hat | x_u) of the identity is a sum over that batch, so
+h * grad CE(y_hat, T(x_u)) is a one-sample estimate of (1/N) times
+grad_T L_l(theta_S'(theta_T)).
+
+Structure shared with the released code (spec section 3.1): one teacher
+forward on [x_l; x_u_ori; x_u_aug]; one student forward on [x_u; x_l] whose
+labeled half gives L_l(old) and shares the batch-norm batch; the student's
+update and its EMA; a second student forward on x_l at the new weights (batch
+statistics, dropout on) that gives L_l(new) and, for 'exact', its gradient;
+then the teacher's update. That second forward is a measurement, so it does
+not move the student's batch-norm moving statistics (as in the released code).
+Unlike the released graph, the teacher's moving statistics are updated by its
+forward pass; they only matter for evaluating the teacher, for diagnosis.
+"""
+
+from typing import Dict, Optional, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mpl_tf import ema
+from mpl_tf import losses
+from mpl_tf import optim
+from mpl_tf.config import MplConfig, OptimConfig
+from mpl_tf.models import batch_norm_statistics, normalization_weights
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+def feedback_coefficient(feedback: str, sign: str, student_lr,
+                         labeled_grads_new=None, pseudo_label_grads=None,
+                         labeled_loss_old=None, labeled_loss_new=None):
+  """The teacher's feedback coefficient h, before any baseline.
+
+  Args:
+    feedback: 'exact' uses the gradients, 'taylor' the losses.
+    sign: 'paper' or 'released_code' (the negation).
+    student_lr: eta_S, the rate the student's update used.
+    labeled_grads_new: grad L_l at the student's new weights (global).
+    pseudo_label_grads: grad CE(y_hat, S(x_u)) at the old weights (global).
+    labeled_loss_old, labeled_loss_new: L_l before and after the update.
+
+  Returns:
+    'exact': eta_S * <labeled_grads_new, pseudo_label_grads> (Equation 12);
+    'taylor': L_l(old) - L_l(new), its first-order equivalent; negated for
+    sign='released_code'.
+  """
+  if feedback == 'exact':
+    grad_dot = tf.add_n([
+        tf.reduce_sum(new * old)
+        for new, old in zip(labeled_grads_new, pseudo_label_grads)])
+    h = tf.cast(student_lr, grad_dot.dtype) * grad_dot
+  elif feedback == 'taylor':
+    h = labeled_loss_old - labeled_loss_new
+  else:
+    raise ValueError(f'feedback={feedback!r} is not exact or taylor.')
+  if sign == 'paper':
+    return h
+  if sign == 'released_code':
+    return -h
+  raise ValueError(f'feedback_sign={sign!r} is not paper or released_code.')
+
+
+class MplStep:
+  """Owns the step counter and the h baseline; updates teacher and student.
+
+  Call it inside `strategy.run` (or directly on one device) with a batch dict:
+    labeled_images [b, ...], labels [b] int, unlabeled_images_ori [b*mu, ...],
+    unlabeled_images_aug [b*mu, ...]
+  where b is this replica's share of the global labeled batch.
+  """
+
+  def __init__(self, mpl_config: MplConfig, optim_config: OptimConfig,
+               teacher: keras.Model, student: keras.Model,
+               teacher_optimizer: keras.optimizers.Optimizer,
+               student_optimizer: keras.optimizers.Optimizer, *,
+               global_labeled_batch: int, global_unlabeled_batch: int,
+               ema_student: Optional[keras.Model] = None, seed: int = 0):
+    self.config = mpl_config
+    self.optim_config = optim_config
+    self.teacher = teacher
+    self.student = student
+    self.ema_student = ema_student
+    self.teacher_optimizer = teacher_optimizer
+    self.student_optimizer = student_optimizer
+    self.global_labeled_batch = global_labeled_batch
+    self.global_unlabeled_batch = global_unlabeled_batch
+    self.seed = seed
+    # t of Algorithm 1: advanced once per step, after the teacher's update.
+    self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
+    # The released code's baseline starts at a Glorot-uniform draw for a
+    # scalar, U(-sqrt(3), sqrt(3)); 'zero' starts it at 0.
+    if mpl_config.baseline_init == 'uniform_sqrt3':
+      initial = np.random.default_rng(seed).uniform(-np.sqrt(3), np.sqrt(3))
+    else:
+      initial = 0.0
+    self.baseline = tf.Variable(initial, dtype=tf.float32, trainable=False,
+                                name='h_baseline')
+    self._teacher_no_decay = normalization_weights(teacher)
+    self._student_no_decay = normalization_weights(student)
+    self._student_bn_statistics = batch_norm_statistics(student)
+
+  def checkpoint_items(self) -> Dict[str, tf.Module]:
+    """Everything the step changes, for one tf.train.Checkpoint."""
+    items = dict(teacher=self.teacher, student=self.student,
+                 teacher_optimizer=self.teacher_optimizer,
+                 student_optimizer=self.student_optimizer,
+                 step=self.step, h_baseline=self.baseline)
+    if self.ema_student is not None:
+      items['ema_student'] = self.ema_student
+    return items
+
+  def __call__(self, batch: Dict[str, tf.Tensor]
+               ) -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
+    """Runs one MPL step on this replica's batch.
+
+    Returns:
+      (metrics, outputs): `metrics` are scalars identical on every replica
+      where they are global (losses, h) and local where they are fractions
+      (mask rates); `outputs` holds this replica's pseudo label ids.
+    """
+    cfg = self.config
+    replica_context = tf.distribute.get_replica_context()
+    n_labeled, n_unlabeled = self.global_labeled_batch, self.global_unlabeled_batch
+
+    # Algorithm 1: Sample an unlabeled example x_u and a labeled example x_l, y_l
+    images_labeled = batch['labeled_images']
+    labels = tf.cast(batch['labels'], tf.int32)
+    images_ori = batch['unlabeled_images_ori']
+    images_aug = batch['unlabeled_images_aug']
+    images_student = images_aug if cfg.student_view == 'aug' else images_ori
+    local_labeled = tf.shape(images_labeled)[0]
+    local_unlabeled = tf.shape(images_ori)[0]
+
+    # The teacher's one forward pass on [x_l; x_u_ori; x_u_aug]; its tape is
+    # re-entered below to add the feedback term once h is known.
+    teacher_tape = tf.GradientTape()
+    with teacher_tape:
+      teacher_logits = self.teacher(
+          tf.concat([images_labeled, images_ori, images_aug], axis=0),
+          training=True)
+      (teacher_logits_labeled, teacher_logits_ori,
+       teacher_logits_aug) = tf.split(
+           teacher_logits, [local_labeled, local_unlabeled, local_unlabeled])
+      teacher_logits_unlabeled = (teacher_logits_aug if cfg.student_view == 'aug'
+                                  else teacher_logits_ori)
+      teacher_supervised_loss = losses.cross_entropy(
+          losses.one_hot(labels, teacher_logits_labeled),
+          teacher_logits_labeled, n_labeled, cfg.label_smoothing)
+      teacher_uda_loss, uda_mask_rate = losses.uda_consistency(
+          teacher_logits_ori, teacher_logits_aug, cfg.uda_temperature,
+          cfg.uda_threshold, n_unlabeled)
+      uda_weight = losses.uda_weight(self.step, cfg.uda_weight, cfg.uda_steps)
+
+    # Algorithm 1: Sample a pseudo label y_hat_u ~ P(. | x_u; theta_T)
+    replica_id = tf.cast(replica_context.replica_id_in_sync_group, tf.int64)
+    sample_seed = tf.stack([self.step, self.seed * 1_000_003 + replica_id])
+    pseudo_targets, pseudo_label_ids = losses.pseudo_labels(
+        teacher_logits_unlabeled, cfg.pseudo_label, sample_seed)
+
+    # Algorithm 1: Update the student using the pseudo label y_hat_u:
+    # Algorithm 1:   theta_S(t+1) = theta_S(t) - eta_S grad_S CE(y_hat_u, S(x_u; theta_S))|theta_S(t)
+    student_vars = self.student.trainable_variables
+    with tf.GradientTape() as student_tape:
+      student_logits = self.student(
+          tf.concat([images_student, images_labeled], axis=0), training=True)
+      student_logits_unlabeled, student_logits_labeled_old = tf.split(
+          student_logits, [local_unlabeled, local_labeled])
+      student_pseudo_label_loss = losses.cross_entropy(
+          pseudo_targets, student_logits_unlabeled, n_unlabeled,
+          cfg.label_smoothing)
+    student_grads = replica_context.all_reduce(
+        SUM, student_tape.gradient(student_pseudo_label_loss, student_vars))
+    student_labeled_loss_old = replica_context.all_reduce(
+        SUM, losses.cross_entropy(
+            losses.one_hot(labels, student_logits_labeled_old),
+            tf.stop_gradient(student_logits_labeled_old), n_labeled))
+    student_lr = tf.cast(self.student_optimizer.learning_rate, tf.float32)
+    student_update, student_grad_norm = optim.decay_and_clip(
+        student_grads, student_vars, self._student_no_decay,
+        self.optim_config.weight_decay, self.optim_config.grad_clip_norm)
+    self.student_optimizer.apply_gradients(zip(student_update, student_vars))
+    if self.ema_student is not None:
+      ema.update(self.ema_student, self.student,
+                 ema.decay_at(self.step, self.optim_config.ema_decay))
+
+    # Algorithm 1: Compute the teacher's feedback coefficient as in Equation 12:
+    # Algorithm 1:   h = eta_S * (grad_S' CE(y_l, S(x_l; theta_S(t+1))))^T * grad_S CE(y_hat_u, S(x_u; theta_S(t)))
+    student_labeled_loss_new, student_labeled_grads_new = (
+        self._labeled_loss_at_new_weights(images_labeled, labels))
+    h_raw = feedback_coefficient(
+        cfg.feedback, cfg.feedback_sign, student_lr,
+        labeled_grads_new=student_labeled_grads_new,
+        pseudo_label_grads=student_grads,
+        labeled_loss_old=student_labeled_loss_old,
+        labeled_loss_new=student_labeled_loss_new)
+    if cfg.baseline_decay > 0:
+      # The released order: move the average first, then subtract it.
+      self.baseline.assign(cfg.baseline_decay * self.baseline +
+                           (1.0 - cfg.baseline_decay) * tf.cast(h_raw, tf.float32))
+      h = h_raw - tf.cast(self.baseline, h_raw.dtype)
+    else:
+      h = h_raw
+    h = tf.stop_gradient(h)
+
+    with teacher_tape:
+      # Algorithm 1: Compute the teacher's gradient from the student's feedback:
+      # Algorithm 1:   g_T(t) = h * grad_T CE(y_hat_u, T(x_u; theta_T))|theta_T(t)
+      # ('soft' makes this CE(stop_grad(softmax(z)), z): zero gradient.)
+      teacher_mpl_term = losses.cross_entropy(
+          pseudo_targets, teacher_logits_unlabeled, n_unlabeled)
+      # Algorithm 1: Compute the teacher's gradient on labeled data:
+      # Algorithm 1:   g_T,supervised(t) = grad_T CE(y_l, T(x_l; theta_T))|theta_T(t)
+      #   (teacher_supervised_loss, above)
+      # Algorithm 1: Compute the teacher's gradient on the UDA loss with unlabeled data:
+      # Algorithm 1:   g_T,UDA(t) = grad_T CE(StopGradient(T(x_u)), T(RandAugment(x_u)))|theta_T(t)
+      #   (teacher_uda_loss, above, weighted by its linear ramp)
+      teacher_loss = (cfg.mpl_weight * tf.cast(h, teacher_mpl_term.dtype) *
+                      teacher_mpl_term + teacher_supervised_loss +
+                      tf.cast(uda_weight, teacher_uda_loss.dtype) *
+                      teacher_uda_loss)
+    # Algorithm 1: Update the teacher:
+    # Algorithm 1:   theta_T(t+1) = theta_T(t) - eta_T * (g_T(t) + g_T,supervised(t) + g_T,UDA(t))
+    teacher_vars = self.teacher.trainable_variables
+    teacher_grads = replica_context.all_reduce(
+        SUM, teacher_tape.gradient(teacher_loss, teacher_vars))
+    teacher_lr = tf.cast(self.teacher_optimizer.learning_rate, tf.float32)
+    teacher_update, teacher_grad_norm = optim.decay_and_clip(
+        teacher_grads, teacher_vars, self._teacher_no_decay,
+        self.optim_config.weight_decay, self.optim_config.grad_clip_norm)
+    self.teacher_optimizer.apply_gradients(zip(teacher_update, teacher_vars))
+    self.step.assign_add(1)
+
+    f32 = lambda x: tf.cast(x, tf.float32)
+    metrics = {
+        'teacher/supervised_loss': replica_context.all_reduce(
+            SUM, f32(teacher_supervised_loss)),
+        'teacher/uda_loss': replica_context.all_reduce(SUM, f32(teacher_uda_loss)),
+        'teacher/uda_mask_rate': f32(uda_mask_rate),
+        'teacher/uda_weight': f32(uda_weight),
+        'teacher/mpl_term': replica_context.all_reduce(SUM, f32(teacher_mpl_term)),
+        'teacher/grad_norm': f32(teacher_grad_norm),
+        'teacher/learning_rate': teacher_lr,
+        'student/pseudo_label_loss': replica_context.all_reduce(
+            SUM, f32(student_pseudo_label_loss)),
+        'student/labeled_loss_old': f32(student_labeled_loss_old),
+        'student/labeled_loss_new': f32(student_labeled_loss_new),
+        'student/grad_norm': f32(student_grad_norm),
+        'student/learning_rate': student_lr,
+        'mpl/h_raw': f32(h_raw),
+        'mpl/h': f32(h),
+        'mpl/baseline': tf.identity(self.baseline),
+    }
+    return metrics, {'pseudo_label_ids': pseudo_label_ids}
+
+  def _labeled_loss_at_new_weights(self, images_labeled, labels):
+    """L_l(theta_S') summed across replicas, and its gradient if 'exact'.
+
+    Runs in training mode like the released code's second forward pass, but
+    restores the batch-norm moving statistics afterwards: this pass measures
+    the student, it does not train it.
+    """
+    saved_statistics = [tf.identity(v.value) for v in self._student_bn_statistics]
+    student_vars = self.student.trainable_variables
+    with tf.GradientTape() as tape:
+      logits = self.student(images_labeled, training=True)
+      loss = losses.cross_entropy(losses.one_hot(labels, logits), logits,
+                                  self.global_labeled_batch)
+    for variable, saved in zip(self._student_bn_statistics, saved_statistics):
+      variable.assign(saved)
+    replica_context = tf.distribute.get_replica_context()
+    loss_sum = replica_context.all_reduce(SUM, loss)
+    if self.config.feedback != 'exact':
+      return loss_sum, None
+    grads = replica_context.all_reduce(SUM, tape.gradient(loss, student_vars))
+    return loss_sum, grads
