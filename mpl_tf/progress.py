@@ -1,0 +1,52 @@
+"""A progress line with steps/s and ETA that also works in CI logs.
+
+On a terminal it rewrites one line every step; otherwise (pipes, CI) it
+prints a new line every `log_every` steps, so logs stay short.
+"""
+
+import sys
+import time
+from typing import Dict
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(0, seconds))
+  minutes, seconds = divmod(seconds, 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}h{minutes:02d}m{seconds:02d}s' if hours else f'{minutes}m{seconds:02d}s'
+
+
+class Progress:
+
+  def __init__(self, label: str, total: int, log_every: int, stream=None):
+    self.label, self.total, self.log_every = label, total, log_every
+    self.stream = stream or sys.stdout
+    self.interactive = self.stream.isatty()
+    self.start = time.time()
+    self._first_step_time = None
+
+  def update(self, step: int, scalars: Dict[str, float]) -> None:
+    now = time.time()
+    if self._first_step_time is None:
+      # The first step includes tracing; rates are measured after it.
+      self._first_step_time = now
+    if not (self.interactive or step % self.log_every == 0 or step == 1
+            or step == self.total):
+      return
+    measured = step - 1
+    rate = measured / (now - self._first_step_time) if measured else 0.0
+    eta = (self.total - step) / rate if rate else 0.0
+    values = ' '.join(f'{k.split("/")[-1]}={v:.4g}' for k, v in scalars.items())
+    line = (f'{self.label} {step}/{self.total} | {rate:.2f} steps/s | '
+            f'ETA {_duration(eta)} | {values}')
+    if self.interactive:
+      self.stream.write('\r' + line[:200] + '\x1b[K')
+    else:
+      self.stream.write(line + '\n')
+    self.stream.flush()
+
+  def close(self) -> None:
+    elapsed = time.time() - self.start
+    self.stream.write(('\n' if self.interactive else '') +
+                      f'{self.label}: {self.total} steps in {_duration(elapsed)}\n')
+    self.stream.flush()

@@ -1,0 +1,50 @@
+"""A plain supervised step: the baseline MPL is compared against.
+
+It trains one network on the labeled images only, with the same loss
+scaling, weight decay and clipping as the MPL step's networks, so that the
+comparison in the demo differs only in what MPL adds.
+"""
+
+from typing import Dict
+
+import keras
+import tensorflow as tf
+
+from mpl_tf import losses
+from mpl_tf import optim
+from mpl_tf.config import OptimConfig
+from mpl_tf.models import normalization_weights
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+class SupervisedStep:
+  """Owns nothing but references; call it with {labeled_images, labels}."""
+
+  def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer,
+               optim_config: OptimConfig, label_smoothing: float,
+               global_batch: int):
+    self.model = model
+    self.optimizer = optimizer
+    self.optim_config = optim_config
+    self.label_smoothing = label_smoothing
+    self.global_batch = global_batch
+    self._no_decay = normalization_weights(model)
+
+  def __call__(self, batch: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    replica_context = tf.distribute.get_replica_context()
+    labels = tf.cast(batch['labels'], tf.int32)
+    variables = self.model.trainable_variables
+    with tf.GradientTape() as tape:
+      logits = self.model(batch['labeled_images'], training=True)
+      loss = losses.cross_entropy(losses.one_hot(labels, logits), logits,
+                                  self.global_batch, self.label_smoothing)
+    grads = replica_context.all_reduce(SUM, tape.gradient(loss, variables))
+    update, grad_norm = optim.decay_and_clip(
+        grads, variables, self._no_decay, self.optim_config.weight_decay,
+        self.optim_config.grad_clip_norm)
+    learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
+    self.optimizer.apply_gradients(zip(update, variables))
+    return {'supervised/loss': replica_context.all_reduce(SUM, loss),
+            'supervised/grad_norm': grad_norm,
+            'supervised/learning_rate': learning_rate}
