@@ -1,8 +1,8 @@
 """Runs Meta Pseudo Labels from absl flags: `python main.py --flagfile=...`.
 
 Kept thin on purpose: flags -> one frozen Config -> mpl_tf.train.run. User
-errors (bad flags, missing data) end with one message and exit status 2,
-without a traceback.
+errors (bad flags, missing or inconsistent data) end with one message and
+exit status 2, without a traceback.
 """
 
 import os
@@ -26,7 +26,8 @@ def main(argv):
     config = definitions.to_config()
     print(config.to_json())
     train.run(config)
-  except (ConfigError, FileNotFoundError) as error:
+  except (ConfigError, FileNotFoundError, ValueError) as error:
+    # Data and config modules raise these with a message naming the fix.
     print(f'error: {error}', file=sys.stderr)
     sys.exit(2)
 

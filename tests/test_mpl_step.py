@@ -235,3 +235,50 @@ class ReleasedCodePresetTest(tf.test.TestCase):
     self.assertGreater(abs(float(metrics['mpl/h'])), 1e-3)
     self.assertAllClose(snapshot(released.teacher), snapshot(uda_only.teacher),
                         rtol=1e-13, atol=1e-15)
+
+
+class MirroredStrategyTest(tf.test.TestCase):
+  """Two replicas on two logical CPUs (tests/conftest.py) equal one device.
+
+  Each replica sees half of the global batch; losses are divided by the
+  global batch and gradients summed where the step says, so the update, h
+  and the EMA student must be those of one device on the whole batch.
+  """
+
+  def _step_with_ema(self, config):
+    step = build_step(config)
+    ema_student = keras_mlp(INPUT_DIM, HIDDEN, NUM_CLASSES, 99, 'ema_student')
+    ema_student.set_weights(step.student.get_weights())
+    step.ema_student = ema_student
+    return step
+
+  def test_two_replicas_match_one_device(self):
+    # argmax labels: sampled ones are drawn per replica with its own seed.
+    config = mpl_config(pseudo_label='argmax', baseline_decay=0.5)
+    batch = random_batch(0, NUM_LABELED, NUM_UNLABELED, INPUT_DIM, NUM_CLASSES)
+    single = self._step_with_ema(config)
+    single_metrics, _ = tf.function(single)(batch)
+
+    strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+    self.assertEqual(strategy.num_replicas_in_sync, 2)
+    with strategy.scope():
+      mirrored = self._step_with_ema(config)
+
+    def half_batch(context):
+      index = context.replica_id_in_sync_group
+      return {key: tf.split(value, 2)[index] for key, value in batch.items()}
+
+    per_replica = strategy.experimental_distribute_values_from_function(
+        half_batch)
+    metrics, _ = tf.function(lambda b: strategy.run(mirrored, args=(b,)))(
+        per_replica)
+    for key in ('mpl/h', 'mpl/baseline', 'teacher/supervised_loss',
+                'teacher/uda_loss', 'student/labeled_loss_old',
+                'student/labeled_loss_new', 'student/pseudo_label_loss'):
+      for value in strategy.experimental_local_results(metrics[key]):
+        self.assertAllClose(float(value), float(single_metrics[key]),
+                            rtol=1e-9, msg=key)
+    for name in ('teacher', 'student', 'ema_student'):
+      self.assertAllClose(snapshot(getattr(mirrored, name)),
+                          snapshot(getattr(single, name)), rtol=1e-9,
+                          atol=1e-12, msg=name)
