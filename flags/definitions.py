@@ -17,6 +17,7 @@ from mpl_tf import config as config_lib
 _DATA, _MODEL, _MPL = (config_lib.DataConfig(), config_lib.ModelConfig(),
                        config_lib.MplConfig())
 _OPTIM, _RUN = config_lib.OptimConfig(), config_lib.RunConfig()
+_FINETUNE = config_lib.FinetuneConfig()
 
 # (config group, field, help). Enums are declared separately below.
 _HELP = {
@@ -34,14 +35,27 @@ _HELP = {
         'randaugment_layers': 'RandAugment N: ops applied per image.',
         'randaugment_magnitude': 'RandAugment M in the released code\'s levels '
                                  '(out of 10; CIFAR uses 16).',
-        'cutout_size': 'Side of the Cutout square on the augmented view.',
+        'cutout_size': 'Side of the extra Cutout square on the augmented '
+                       'view (0 = none).',
+        'randaugment_translate_const': 'RandAugment TranslateX/Y pixels at '
+                                       'level 10 (CIFAR 4, ImageNet 100).',
+        'randaugment_cutout_const': 'RandAugment Cutout half-side at level '
+                                    '10 (CIFAR 4, ImageNet 40).',
+        'eval_crop_fraction': 'Centre-crop fraction for evaluating '
+                              'inception-cropped data (224/256).',
         'shuffle_seed': 'Seed of the input shuffling.',
     },
     'model': {
-        'name': 'Network for teacher and student, e.g. wrn-28-2.',
+        'name': 'Network for teacher and student: wrn-<depth>-<k> (e.g. '
+                'wrn-28-2), wrn-28-large, resnet-50, efficientnet-b0..b8, '
+                '-bs, -l2, -b5-mpl, -b6-mpl (docs/models.md).',
         'dropout_rate': 'Dropout before the classifier (both networks).',
         'batch_norm_momentum': 'Batch-norm moving-average momentum.',
         'batch_norm_epsilon': 'Batch-norm epsilon.',
+        'stochastic_depth_rate': 'Stochastic depth drop rate of the last '
+                                 'residual block (EfficientNet).',
+        'sync_batch_norm': 'Batch-norm statistics over the global batch '
+                           'under a distribution strategy.',
     },
     'mpl': {
         'baseline_decay': 'Decay of the moving average of h subtracted from '
@@ -62,9 +76,10 @@ _HELP = {
         'teacher_lr': 'Teacher peak learning rate.',
         'student_lr': 'Student peak learning rate.',
         'scale_lr_by_batch': 'Multiply both rates by B / 256 (released code).',
-        'momentum': 'SGD momentum (0 = plain SGD).',
+        'momentum': 'Momentum of either optimizer (0 = plain SGD).',
         'nesterov': 'Nesterov momentum.',
-        'weight_decay': 'Coupled L2 on all non-batch-norm weights.',
+        'weight_decay': 'Weight decay of all non-batch-norm weights: coupled '
+                        'L2 with tf1_momentum, decoupled with keras_sgd.',
         'grad_clip_norm': 'Global-norm gradient clipping, per network.',
         'teacher_warmup_steps': 'Linear warm-up of the teacher\'s rate.',
         'student_wait_steps': 'Steps before the student\'s rate leaves 0.',
@@ -72,18 +87,50 @@ _HELP = {
         'ema_decay': 'Decay of the EMA student (0 = a copy of the student).',
     },
     'run': {
-        'model_dir': 'Where config.json, checkpoints and results go.',
+        'model_dir': 'Where config.json, checkpoints, logs and results go; '
+                     'training resumes from its latest checkpoint.',
         'seed': 'Seed of model initialisation and pseudo-label sampling.',
-        'log_every': 'Steps between log lines.',
-        'eval_every': 'Steps between validation evaluations (0 = at the end).',
-        'eval_batch_size': 'Evaluation batch size.',
+        'tpu': 'TPU name or address for --strategy=tpu (empty: the local '
+               'TPU VM).',
+        'steps_per_loop': 'Training steps per device loop (one tf.function '
+                          'call); logs and summaries follow each loop.',
+        'checkpoint_every': 'Steps between checkpoints (a multiple of '
+                            'steps_per_loop).',
+        'keep_checkpoints': 'Checkpoints kept in model_dir/checkpoints.',
+        'jit_compile': 'Compile the training loop with XLA (slower on CPU).',
+        'eval_every': 'Steps between evaluations on the validation and test '
+                      'splits (a multiple of steps_per_loop; 0 = at the end).',
+        'eval_batch_size': 'Global evaluation batch size.',
+        'eval_median_last': 'Report the median of the last k evaluations.',
         'supervised_baseline': 'Also train a supervised-only model on the '
                                'same labeled images, for comparison.',
         'supervised_steps': 'Steps of that baseline (0 = as many as MPL).',
+        'export_dir': 'Where --mode=export writes the SavedModel (empty: '
+                      'model_dir/export).',
+        'checkpoint': 'For eval/export: a checkpoint prefix or (eval) a '
+                      'SavedModel directory; empty: the best-on-validation '
+                      'EMA student in model_dir, else its latest checkpoint.',
+        'predict_files': 'For --mode=predict: comma-separated image files or '
+                         'globs.',
+    },
+    'finetune': {
+        'steps': 'Finetuning steps of the student on the labeled images after '
+                 'MPL (0 = none; the paper reports finetuned students).',
+        'learning_rate': 'Finetuning learning rate.',
+        'batch_size': 'Finetuning batch (0 = labeled_batch_size).',
+        'weight_decay': 'Finetuning weight decay.',
     },
 }
 
 _ENUMS = {
+    ('run', 'mode'): (config_lib.MODES,
+                      'train (resuming from model_dir), eval (validation and '
+                      'test of a checkpoint or SavedModel), export (SavedModel '
+                      'of the EMA student) or predict (--predict_files).'),
+    ('run', 'strategy'): (config_lib.STRATEGIES,
+                          'Distribution strategy: one_device, mirrored (all '
+                          'local GPUs or CPUs), multi_worker (TF_CONFIG) or '
+                          'tpu (--tpu).'),
     ('mpl', 'pseudo_label'): (config_lib.PSEUDO_LABELS,
                               'How y_hat is drawn from the teacher: sampled '
                               '(Algorithm 1), argmax, or soft (released code; '
@@ -97,18 +144,35 @@ _ENUMS = {
     ('mpl', 'baseline_init'): (config_lib.BASELINE_INITS,
                                'Initial baseline: zero, or U(-sqrt3, sqrt3) '
                                'as the released code.'),
+    ('data', 'randaugment_ops'): (config_lib.RANDAUGMENT_OPS,
+                                  'RandAugment op list: paper (Table 5), svhn '
+                                  '(Table 5, SVHN) or released_code.'),
+    ('data', 'crop'): (config_lib.CROPS,
+                       'pad_crop (CIFAR/SVHN: flip, pad 128, crop) or '
+                       'inception (ImageNet: random crop, bicubic resize).'),
+    ('model', 'precision'): (config_lib.PRECISIONS,
+                             'Compute precision: float32, mixed_bfloat16 '
+                             '(TPU) or mixed_float16 (GPU); logits and batch '
+                             'norm stay float32.'),
+    ('optim', 'optimizer'): (config_lib.OPTIMIZERS,
+                             'tf1_momentum: the released code\'s TF1 '
+                             'momentum (accumulator excludes the rate) with '
+                             'coupled L2; keras_sgd: Keras SGD (velocity '
+                             'includes the rate) with decoupled decay.'),
     ('mpl', 'student_view'): (config_lib.VIEWS,
                               'Unlabeled view the pseudo label is read from '
                               'and the student is trained on.'),
 }
 
 _DEFAULTS = {'data': _DATA, 'model': _MODEL, 'mpl': _MPL, 'optim': _OPTIM,
-             'run': _RUN}
+             'run': _RUN, 'finetune': _FINETUNE}
 # The flag name of a field: its own name, except model.name -> --model.
 _FLAG_NAMES = {('model', 'name'): 'model'}
 
 
 def _flag_name(group: str, field: str) -> str:
+  if group == 'finetune':
+    return f'finetune_{field}'
   return _FLAG_NAMES.get((group, field), field)
 
 
@@ -141,7 +205,8 @@ def to_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
       model=config_lib.ModelConfig(**groups['model']),
       mpl=config_lib.MplConfig(**groups['mpl']),
       optim=config_lib.OptimConfig(**groups['optim']),
-      run=config_lib.RunConfig(**groups['run']))
+      run=config_lib.RunConfig(**groups['run']),
+      finetune=config_lib.FinetuneConfig(**groups['finetune']))
   return config_lib.validate(config)
 
 

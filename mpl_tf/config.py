@@ -17,7 +17,13 @@ FEEDBACKS = ('exact', 'taylor')
 FEEDBACK_SIGNS = ('paper', 'released_code')
 BASELINE_INITS = ('zero', 'uniform_sqrt3')
 VIEWS = ('aug', 'ori')
+RANDAUGMENT_OPS = ('paper', 'svhn', 'released_code')
+CROPS = ('pad_crop', 'inception')
+MODES = ('train', 'eval', 'export', 'predict')
+STRATEGIES = ('one_device', 'mirrored', 'multi_worker', 'tpu')
+PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
 OFFLINE_DATASETS = ('mnist5k', 'digits')
+OPTIMIZERS = ('tf1_momentum', 'keras_sgd')
 
 
 class ConfigError(ValueError):
@@ -39,9 +45,25 @@ class DataConfig:
   horizontal_flip: bool = True
   randaugment_layers: int = 2
   # The released code's RandAugment magnitude M (levels out of 10, so 16 is
-  # beyond the usual range); see mpl_tf/data/augment.py for the mapping.
+  # beyond the usual range); see mpl_tf/data/randaugment.py for the mapping.
   randaugment_magnitude: float = 16.0
+  # Op list: 'paper' (Table 5, CIFAR-10/ImageNet), 'svhn' (Table 5, SVHN) or
+  # 'released_code' (Cutout in place of SamplePairing).
+  randaugment_ops: str = 'paper'
+  # Pixels of TranslateX/Y, and half-side of RandAugment's own Cutout, at
+  # level 10 (released code: 4 and 4 for CIFAR, 100 and 40 for ImageNet).
+  randaugment_translate_const: float = 4.0
+  randaugment_cutout_const: float = 4.0
+  # Side of the extra Cutout square on the augmented view (0 = none; the
+  # released code: 16 for CIFAR, none for ImageNet).
   cutout_size: int = 16
+  # 'pad_crop': flip, pad by size/8 with 128, random crop (CIFAR, SVHN,
+  # fixed-size images); 'inception': Inception-style random crop with a bicubic
+  # resize, one crop shared by both unlabeled views (ImageNet).
+  crop: str = 'pad_crop'
+  # Evaluation of 'inception' data: centre crop of this fraction of the short
+  # side, then a bicubic resize to image_size (224/256 as released).
+  eval_crop_fraction: float = 0.875
   shuffle_seed: int = 0
 
 
@@ -52,6 +74,15 @@ class ModelConfig:
   dropout_rate: float = 0.2
   batch_norm_momentum: float = 0.99
   batch_norm_epsilon: float = 1e-3
+  # Drop rate of the last residual block (EfficientNet's stochastic depth);
+  # block i of n drops its residual branch with rate * i / n.
+  stochastic_depth_rate: float = 0.0
+  # 'float32', 'mixed_bfloat16' (TPU, recent CPUs) or 'mixed_float16' (GPU);
+  # logits and batch norm stay float32 either way.
+  precision: str = 'float32'
+  # Batch-norm statistics over the global batch under a distribution
+  # strategy (the released code syncs them across replicas).
+  sync_batch_norm: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +131,16 @@ class OptimConfig:
   student_lr: float = 0.05
   # The released code multiplies both rates by labeled_batch_size / 256.
   scale_lr_by_batch: bool = False
+  # 'tf1_momentum': the released code's TF1 MomentumOptimizer (the
+  # accumulator excludes the rate) with coupled L2 g + wd * w added to the
+  # summed gradients; 'keras_sgd': Keras's SGD (the velocity includes the
+  # rate) with its decoupled decay w <- w - lr * wd * w instead.
+  optimizer: str = 'tf1_momentum'
   momentum: float = 0.9
   nesterov: bool = True
-  weight_decay: float = 5e-4     # coupled L2 on all non-batch-norm weights
+  # On all non-batch-norm weights, dense biases included; coupled or
+  # decoupled as `optimizer` says.
+  weight_decay: float = 5e-4
   grad_clip_norm: float = 1e9
   teacher_warmup_steps: int = 0
   student_wait_steps: int = 0
@@ -112,15 +150,45 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  """What the loop does around the step: time, evaluation, baselines."""
+  """What main.py does, and what the loop does around the step."""
+  # 'train' (resumes from model_dir), 'eval' (a checkpoint or SavedModel),
+  # 'export' (SavedModel of the EMA student), 'predict' (image files).
+  mode: str = 'train'
   model_dir: str = 'runs/demo'
   seed: int = 0
-  log_every: int = 50
-  eval_every: int = 0            # 0 = only at the end
-  eval_batch_size: int = 250
+  # 'one_device', 'mirrored', 'multi_worker' or 'tpu' (see distribute.py).
+  strategy: str = 'one_device'
+  tpu: str = ''                  # TPU name for strategy=tpu ('' = local)
+  # Steps run on the device per host call (one tf.function with tf.range),
+  # like the released code's save_every; logs and summaries follow each.
+  steps_per_loop: int = 50
+  checkpoint_every: int = 500    # a multiple of steps_per_loop
+  keep_checkpoints: int = 3
+  jit_compile: bool = False      # XLA for the training loop (TPU: always)
+  eval_every: int = 0            # a multiple of steps_per_loop; 0 = at the end
+  eval_batch_size: int = 250     # global
+  eval_median_last: int = 5      # report the median of the last k evals
   # Train a supervised-only model on the same labeled images in the same run.
   supervised_baseline: bool = True
   supervised_steps: int = 0      # 0 = as many steps as the MPL run
+  export_dir: str = ''           # '' = model_dir/export
+  # eval/export: a checkpoint prefix, a SavedModel dir (eval), or '' = the
+  # best-on-validation EMA student of model_dir, else its latest checkpoint.
+  checkpoint: str = ''
+  predict_files: str = ''        # predict: comma-separated files or globs
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """The stage after MPL: the student trained on the labeled images alone.
+
+  The paper's reported numbers are after it; the released code has none.
+  It starts from the EMA student and is reported beside the un-finetuned one.
+  """
+  steps: int = 0                 # 0 = no finetuning
+  learning_rate: float = 3e-5
+  batch_size: int = 0            # 0 = labeled_batch_size
+  weight_decay: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +198,7 @@ class Config:
   mpl: MplConfig = MplConfig()
   optim: OptimConfig = OptimConfig()
   run: RunConfig = RunConfig()
+  finetune: FinetuneConfig = FinetuneConfig()
 
   @property
   def unlabeled_batch_size(self) -> int:
@@ -162,6 +231,22 @@ def validate(config: Config) -> Config:
   _check_choice('feedback_sign', mpl.feedback_sign, FEEDBACK_SIGNS)
   _check_choice('baseline_init', mpl.baseline_init, BASELINE_INITS)
   _check_choice('student_view', mpl.student_view, VIEWS)
+  _check_choice('precision', config.model.precision, PRECISIONS)
+  _check_choice('randaugment_ops', data.randaugment_ops, RANDAUGMENT_OPS)
+  _check_choice('crop', data.crop, CROPS)
+  if not 0.0 < data.eval_crop_fraction <= 1.0:
+    raise ConfigError(f'eval_crop_fraction={data.eval_crop_fraction} must be '
+                      f'in (0, 1].')
+  if not 0.0 <= config.model.stochastic_depth_rate < 1.0:
+    raise ConfigError(f'stochastic_depth_rate={config.model.stochastic_depth_rate} '
+                      f'must be in [0, 1).')
+  if not 0.0 <= config.model.dropout_rate < 1.0:
+    raise ConfigError(f'dropout_rate={config.model.dropout_rate} must be in '
+                      f'[0, 1).')
+  if not 0.0 <= config.model.batch_norm_momentum < 1.0:
+    raise ConfigError(f'batch_norm_momentum={config.model.batch_norm_momentum} '
+                      f'must be in [0, 1) (the released code: 0.99).')
+  _check_positive('batch_norm_epsilon', config.model.batch_norm_epsilon)
   if not 0.0 <= mpl.baseline_decay < 1.0:
     raise ConfigError(f'baseline_decay={mpl.baseline_decay} must be in [0, 1); '
                       f'0 turns the baseline off.')
@@ -175,11 +260,32 @@ def validate(config: Config) -> Config:
   _check_positive('uda_steps', mpl.uda_steps)
   for name in ('labeled_batch_size', 'uda_ratio', 'num_steps', 'teacher_lr'):
     _check_positive(name, getattr(optim, name))
+  _check_choice('optimizer', optim.optimizer, OPTIMIZERS)
+  if not 0.0 <= optim.momentum < 1.0:
+    raise ConfigError(f'momentum={optim.momentum} must be in [0, 1).')
+  if optim.weight_decay < 0:
+    raise ConfigError(f'weight_decay={optim.weight_decay} must be >= 0.')
   if optim.student_lr < 0:
     raise ConfigError(f'student_lr={optim.student_lr} must be >= 0.')
   if not 0.0 <= optim.ema_decay < 1.0:
     raise ConfigError(f'ema_decay={optim.ema_decay} must be in [0, 1).')
   _check_positive('image_size', data.image_size)
   _check_positive('eval_batch_size', config.run.eval_batch_size)
-  _check_positive('log_every', config.run.log_every)
+  run = config.run
+  _check_choice('mode', run.mode, MODES)
+  _check_choice('strategy', run.strategy, STRATEGIES)
+  for name in ('steps_per_loop', 'checkpoint_every', 'keep_checkpoints',
+               'eval_median_last'):
+    _check_positive(name, getattr(run, name))
+  for name in ('checkpoint_every', 'eval_every'):
+    if getattr(run, name) % run.steps_per_loop:
+      raise ConfigError(f'{name}={getattr(run, name)} must be a multiple of '
+                        f'steps_per_loop={run.steps_per_loop} (checkpoints and '
+                        f'evaluations happen between device loops).')
+  finetune = config.finetune
+  if finetune.steps < 0 or finetune.batch_size < 0:
+    raise ConfigError('finetune_steps and finetune_batch_size must be >= 0.')
+  if finetune.steps and finetune.learning_rate <= 0:
+    raise ConfigError(f'finetune_learning_rate={finetune.learning_rate} must '
+                      f'be positive when finetune_steps > 0.')
   return config

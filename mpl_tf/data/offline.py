@@ -11,10 +11,13 @@ student, works with no network:
   0..255 and resized to 32x32 bilinearly, 3 channels.
 
 Both become 32x32x3 uint8 so the same CIFAR-sized networks run on them.
-`prepare` draws the four splits by seed and writes them in the schema of
-`records.py`; `ensure_prepared` makes a run prepare its data only once.
+`prepare` draws the four splits by seed with the 'custom' rule of
+`splits.py` and writes them with `prepare.write_prepared`, the writer of the
+data-preparation command; `ensure_prepared` makes a run prepare its data
+only once.
 """
 
+import dataclasses
 import gzip
 import importlib.util
 import os
@@ -24,7 +27,10 @@ import numpy as np
 import tensorflow as tf
 
 from mpl_tf import config as config_lib
+from mpl_tf.data import prepare as prepare_lib
 from mpl_tf.data import records
+from mpl_tf.data import sources
+from mpl_tf.data import splits
 
 IMAGE_SIZE = 32
 CHANNELS = 3
@@ -85,51 +91,6 @@ def load_source(name: str) -> Tuple[np.ndarray, np.ndarray]:
   return images, labels.astype(np.int64)
 
 
-def _check_split_sizes(num_images: int, labeled_per_class: int,
-                       num_validation: int, num_test: int) -> None:
-  if labeled_per_class < 1:
-    raise ValueError(f'labeled_per_class={labeled_per_class} must be >= 1.')
-  if num_validation < 0 or num_test < 0:
-    raise ValueError(f'num_validation={num_validation} and '
-                     f'num_test={num_test} must be >= 0.')
-  if num_validation + num_test >= num_images:
-    raise ValueError(
-        f'num_validation + num_test = {num_validation + num_test} leaves no '
-        f'training images out of {num_images}; ask for fewer.')
-
-
-def _draw_split_indices(labels: np.ndarray, labeled_per_class: int,
-                        num_validation: int, num_test: int,
-                        seed: int) -> Dict[str, np.ndarray]:
-  """Disjoint source indices of the four splits, drawn by seed.
-
-  Test and validation are random draws; labeled takes the first
-  `labeled_per_class` of each class among the rest (in random order), and
-  unlabeled is everything left.
-  """
-  order = np.random.default_rng(seed).permutation(labels.shape[0])
-  test = order[:num_test]
-  validation = order[num_test:num_test + num_validation]
-  rest = order[num_test + num_validation:]
-  labeled = []
-  for label in range(int(labels.max()) + 1):
-    of_class = rest[labels[rest] == label]
-    if of_class.shape[0] < labeled_per_class:
-      raise ValueError(
-          f'labeled_per_class={labeled_per_class} but class {label} has only '
-          f'{of_class.shape[0]} images left after the test and validation '
-          f'splits; ask for fewer labels per class, or a smaller '
-          f'num_test/num_validation.')
-    labeled.append(of_class[:labeled_per_class])
-  labeled = order[np.isin(order, np.concatenate(labeled))]  # Mix classes.
-  unlabeled = rest[~np.isin(rest, labeled)]
-  if unlabeled.shape[0] == 0:
-    raise ValueError('No unlabeled images are left; ask for fewer labels per '
-                     'class or a smaller num_test/num_validation.')
-  return {'labeled': labeled, 'unlabeled': unlabeled,
-          'validation': validation, 'test': test}
-
-
 def _remove_old_splits(data_dir: str) -> None:
   """Deletes the manifest first, so a half-done prepare is never reused."""
   manifest_path = os.path.join(data_dir, records.MANIFEST_NAME)
@@ -145,48 +106,47 @@ def prepare(data_dir: str, source: str, labeled_per_class: int,
             num_validation: int, num_test: int, seed: int) -> Dict[str, Any]:
   """Draws the splits of an offline source, writes them; returns the manifest.
 
-  The manifest records the counts of every split and class, the image
-  geometry, how the splits were drawn, and the per-channel mean/std (0..255
-  scale) of the labeled plus unlabeled images, the ones training sees.
-  Unlabeled records keep their labels, for diagnostics only.
+  The splits follow the 'custom' rule of `splits.py` (test and validation
+  drawn at random in total, `labeled_per_class` per class from the rest,
+  everything else unlabeled) and are written by the same code as
+  `python -m mpl_tf.data.prepare`. The manifest records the counts of every
+  split and class, the image geometry, how the splits were drawn, the
+  per-channel mean/std (0..255 scale) of the labeled plus unlabeled images
+  (the ones training sees) and the source index of every record. Unlabeled
+  records keep their labels, for diagnostics only.
   """
   images, labels = load_source(source)
-  _check_split_sizes(images.shape[0], labeled_per_class, num_validation,
-                     num_test)
-  indices = _draw_split_indices(labels, labeled_per_class, num_validation,
-                                num_test, seed)
-  num_classes = int(labels.max()) + 1
+  params = splits.rule_params('custom', labeled_per_class=labeled_per_class,
+                              num_validation=num_validation, num_test=num_test)
+  indices = splits.draw(labels, seed, params)
+  array_source = sources.from_arrays(source, images, labels)
   _remove_old_splits(data_dir)
-  for split, split_indices in indices.items():
-    records.write_split(data_dir, split, images[split_indices],
-                        labels[split_indices])
-  train_indices = np.concatenate([indices['labeled'], indices['unlabeled']])
-  mean, std = records.per_channel_mean_std(images[train_indices])
-  manifest = {
-      'source': source,
-      'seed': seed,
-      'labeled_per_class': labeled_per_class,
-      'num_validation': num_validation,
-      'num_test': num_test,
-      'num_classes': num_classes,
-      'image_size': IMAGE_SIZE,
-      'channels': CHANNELS,
-      'counts': {split: int(i.shape[0]) for split, i in indices.items()},
-      'class_counts': {
-          split: np.bincount(labels[i], minlength=num_classes).tolist()
-          for split, i in indices.items()},
-      'mean': mean,
-      'std': std,
-      'source_indices': {split: i.tolist() for split, i in indices.items()},
-  }
-  records.write_manifest(data_dir, manifest)
-  return manifest
+  plan = {split: (array_source.train, indices[split])
+          for split in records.SPLITS}
+  return prepare_lib.write_prepared(
+      data_dir, array_source, plan, dataset=source, split_rule='custom',
+      seed=seed, params=dataclasses.asdict(params), normalization='computed',
+      extra={
+          # The fields `ensure_prepared` compares with the DataConfig.
+          'source': source,
+          'labeled_per_class': labeled_per_class,
+          'num_validation': num_validation,
+          'num_test': num_test,
+          'source_indices': {split: i.tolist()
+                             for split, i in indices.items()},
+      })
+
+
+def _dataset_name(manifest: Dict[str, Any]) -> Any:
+  """The name training matches --dataset against ('source' in old ones)."""
+  return manifest.get('dataset', manifest.get('source'))
 
 
 def _matches(manifest: Dict[str, Any],
              data_config: config_lib.DataConfig) -> bool:
+  if _dataset_name(manifest) != data_config.dataset:
+    return False
   wanted = {
-      'source': data_config.dataset,
       'labeled_per_class': data_config.labeled_per_class,
       'num_validation': data_config.num_validation,
       'num_test': data_config.num_test,
@@ -205,10 +165,12 @@ def _existing_manifest(data_dir: str):
 def ensure_prepared(data_config: config_lib.DataConfig) -> Dict[str, Any]:
   """The manifest of `data_config.data_dir`, preparing offline data if needed.
 
-  An existing manifest is reused when it was drawn with the requested source,
-  labeled_per_class, num_validation, num_test and split_seed (for a data set
-  prepared elsewhere, only the source name must match). An offline source is
-  (re)prepared otherwise; any other data set must already be prepared.
+  An existing manifest is reused when it was drawn for the requested data
+  set with the requested labeled_per_class, num_validation, num_test and
+  split_seed; for a data set prepared elsewhere only its name must match
+  (the manifest's 'dataset', or 'source' in manifests written before
+  'dataset' existed). An offline source is (re)prepared otherwise; any
+  other data set must already be prepared.
   """
   data_dir, dataset = data_config.data_dir, data_config.dataset
   manifest = _existing_manifest(data_dir)
@@ -221,15 +183,17 @@ def ensure_prepared(data_config: config_lib.DataConfig) -> Dict[str, Any]:
     return prepare(data_dir, dataset, data_config.labeled_per_class,
                    data_config.num_validation, data_config.num_test,
                    data_config.split_seed)
-  if manifest is not None and manifest.get('source') == dataset:
+  if manifest is not None and _dataset_name(manifest) == dataset:
     return manifest
   found = ('no manifest.json' if manifest is None else
-           f'a manifest for {manifest.get("source")!r}')
+           f'a manifest for {_dataset_name(manifest)!r}')
   raise FileNotFoundError(
       f'Data set {dataset!r} is not prepared in {data_dir!r} ({found}). '
       f'Only the offline data sets ({", ".join(SOURCES)}) are prepared '
-      f'automatically; for {dataset!r}, write its labeled, unlabeled, '
-      f'validation and test splits into {data_dir!r} with '
-      f'mpl_tf.data.records.write_split() and a manifest with '
-      f'records.write_manifest() (source={dataset!r}), or point --data_dir at '
-      f'a directory that has them.')
+      f'automatically; prepare {dataset!r} with `python -m '
+      f'mpl_tf.data.prepare --out_dir={data_dir} --dataset={dataset} ...` '
+      f'(docs/data.md gives the commands for CIFAR-10, SVHN, ImageNet and '
+      f'folders of images), or from arrays in code with '
+      f'mpl_tf.data.records.write_split() and records.write_manifest() '
+      f'(dataset={dataset!r}), or point --data_dir at a directory that has '
+      f'them.')

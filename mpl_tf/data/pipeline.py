@@ -2,15 +2,24 @@
 of the supervised baseline, and padded evaluation batches.
 
 Every batch has a fully static shape, so a compiled train or eval step is
-traced once. Training streams repeat forever; their order is seeded from
-`DataConfig.shuffle_seed` (the labeled stream with the seed, the unlabeled
-stream with seed + 1, so the two orders differ), while augmentations are
-drawn freshly on every pass. Augmentation runs on whole batches, after
-batching, and every image leaves normalised with the manifest's per-channel
-mean and std.
+traced once (and a TPU step compiles once): training batches drop the
+remainder, evaluation batches are padded and masked. Training streams repeat
+forever. Their order is seeded from `DataConfig.shuffle_seed` (the labeled
+stream with the seed, the unlabeled stream with seed + 1, so the two orders
+differ), and so are their augmentations: batch i of a stream is augmented with
+a seed folded from (shuffle_seed, stream, i), so a run sees the same images
+every time it is run, and a restored iterator continues the same sequence.
+
+`DataConfig.crop` picks the released code's CIFAR or ImageNet views (see
+`augment.py`). Every image leaves normalised with the manifest's per-channel
+mean and std (the released code's constants for CIFAR-10 and ImageNet).
+
+Under a distribution strategy, pass the `tf.distribute.InputContext` that
+`distribute_datasets_from_function` gives: batches are then per replica
+(global batch / replicas) and the files are split between input pipelines.
 """
 
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
@@ -19,10 +28,14 @@ from mpl_tf.data import augment
 from mpl_tf.data import records
 
 AUTOTUNE = tf.data.AUTOTUNE
-# Splits up to this many records are shuffled whole (the buffer holds PNG
-# bytes, about 1 kB for a 32x32 digit); larger ones use 16 batches.
+# Splits up to this many records are shuffled whole (the buffer holds encoded
+# bytes, about 1 kB for a 32x32 PNG); larger ones use 16 batches, as released.
 _WHOLE_SPLIT_SHUFFLE_LIMIT = 100_000
 _SHUFFLE_BATCHES = 16
+# Stream ids folded into the seeds, so streams never share random draws.
+_LABELED, _UNLABELED = 0, 1
+_PER_IMAGE = 10  # Offset of the per-image (Inception crop) seeds.
+_FOREVER = 2**62  # Epochs of an endless stream.
 
 
 def _split_count(manifest: Dict[str, Any], split: str) -> int:
@@ -33,35 +46,26 @@ def _split_count(manifest: Dict[str, Any], split: str) -> int:
   return int(count)
 
 
-def _check_image_size(config: config_lib.Config,
-                      manifest: Dict[str, Any]) -> None:
-  if manifest['image_size'] != config.data.image_size:
-    raise ValueError(
-        f'The prepared images in {config.data.data_dir!r} are '
-        f'{manifest["image_size"]}x{manifest["image_size"]} but '
-        f'image_size={config.data.image_size}; set image_size to match.')
-
-
-def _parsed_split(config: config_lib.Config, manifest: Dict[str, Any],
-                  split: str, shuffle_batch_size: int = 0,
-                  seed: int = 0) -> tf.data.Dataset:
-  """(uint8 image, int32 label) pairs; shuffled and repeated if asked."""
-  files = records.split_files(config.data.data_dir, split)
-  dataset = tf.data.TFRecordDataset(
-      files, num_parallel_reads=AUTOTUNE if len(files) > 1 else None)
-  if shuffle_batch_size:
-    count = _split_count(manifest, split)
-    if count == 0:
-      raise ValueError(f'Split {split!r} in {config.data.data_dir!r} is '
-                       f'empty; a training stream needs at least one image.')
-    dataset = dataset.shuffle(shuffle_buffer_size(count, shuffle_batch_size),
-                              seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.repeat()
-  image_size, channels = manifest['image_size'], manifest['channels']
-  return dataset.map(
-      lambda serialized: records.parse_example(serialized, image_size,
-                                               channels),
-      num_parallel_calls=AUTOTUNE)
+def check_manifest(config: config_lib.Config,
+                   manifest: Dict[str, Any]) -> None:
+  """Raises ValueError when the prepared images cannot feed this config."""
+  data = config.data
+  stored = manifest.get('image_size')
+  if data.crop == 'pad_crop':
+    if stored is None:
+      raise ValueError(
+          f'The images in {data.data_dir!r} vary in size, which crop='
+          f'pad_crop cannot batch; pass --crop=inception (ImageNet-style '
+          f'random crops resized to image_size) or prepare fixed-size images.')
+    if stored != data.image_size:
+      raise ValueError(
+          f'The prepared images in {data.data_dir!r} are {stored}x{stored} '
+          f'but image_size={data.image_size}; set --image_size={stored} (or '
+          f'--crop=inception to resize them).')
+  if manifest.get('channels', 3) != 3:
+    raise ValueError(f'The images in {data.data_dir!r} have '
+                     f'{manifest.get("channels")} channels; the networks take '
+                     f'3. Prepare them again as RGB.')
 
 
 def shuffle_buffer_size(num_records: int, batch_size: int) -> int:
@@ -71,106 +75,293 @@ def shuffle_buffer_size(num_records: int, batch_size: int) -> int:
   return min(num_records, _SHUFFLE_BATCHES * batch_size)
 
 
-def _batched_float_stream(config: config_lib.Config, manifest: Dict[str, Any],
-                          split: str, batch_size: int,
-                          seed: int) -> tf.data.Dataset:
-  """Repeated, shuffled, batched (float32 0..255 images, int32 labels)."""
-  dataset = _parsed_split(config, manifest, split, batch_size, seed)
+def _per_replica(batch_size: int, input_context) -> int:
+  if input_context is None:
+    return batch_size
+  return input_context.get_per_replica_batch_size(batch_size)
+
+
+def _pipeline_files(config: config_lib.Config, split: str, input_context
+                    ) -> Tuple[List[str], List[int]]:
+  """This input pipeline's shard files of a split, and their positions."""
+  data_dir = config.data.data_dir
+  files = records.split_files(data_dir, split)
+  pipelines = 1 if input_context is None else input_context.num_input_pipelines
+  if pipelines == 1:
+    return files, list(range(len(files)))
+  if len(files) < pipelines:
+    raise ValueError(
+        f'Split {split!r} in {data_dir!r} has {len(files)} files for '
+        f'{pipelines} input pipelines; prepare it with at least that many '
+        f'shards (--shard_size).')
+  positions = list(range(input_context.input_pipeline_id, len(files),
+                         pipelines))
+  return [files[i] for i in positions], positions
+
+
+def _read(file_names: tf.data.Dataset, num_files: int) -> tf.data.Dataset:
+  """Serialized records of the files, in a deterministic order."""
+  if num_files == 1:
+    return file_names.flat_map(tf.data.TFRecordDataset)
+  return file_names.interleave(
+      tf.data.TFRecordDataset, cycle_length=min(num_files, 16),
+      num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def _stateless_permutation(values: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """`values` in an order that is a pure function of `seed` ([2] int64)."""
+  keys = tf.random.stateless_uniform([tf.shape(values)[0]], seed)
+  return tf.gather(values, tf.argsort(keys))
+
+
+def _endless_records(files: List[str], num_records: int, buffer_size: int,
+                     seed: int, start_record: int) -> tf.data.Dataset:
+  """Records epoch after epoch, each epoch shuffled by its own seed.
+
+  Epoch e holds exactly the split's records: the files in a random order,
+  then the records in chunks of `buffer_size` (the whole split, when it is
+  small), each chunk randomly permuted, every draw seeded by (seed, e) alone.
+  So the stream from record r on is the same whether it starts at 0 or at r,
+  which is how a resumed run continues with the data it would have seen: it
+  starts at epoch r // N and skips r % N serialized records (read, not
+  decoded). tf.data's own shuffle cannot do this: its seed must be a Python
+  value, not a function of the epoch.
+  """
+  first_epoch, skip = divmod(start_record, num_records)
+  base_seed = tf.constant([seed, 0], tf.int64)
+
+  def one_epoch(epoch):
+    file_seed, chunk_seed = tf.unstack(
+        augment.split_seed(augment.fold_seed(base_seed, epoch), 2))
+    names = tf.data.Dataset.from_tensor_slices(
+        _stateless_permutation(tf.constant(files), file_seed))
+    chunks = _read(names, len(files)).batch(buffer_size).enumerate()
+    return chunks.map(lambda index, chunk: _stateless_permutation(
+        chunk, augment.fold_seed(chunk_seed, index))).unbatch()
+
+  epochs = tf.data.Dataset.range(first_epoch, _FOREVER)
+  return epochs.flat_map(one_epoch).skip(skip)
+
+
+def _parsed_split(config: config_lib.Config, manifest: Dict[str, Any],
+                  split: str, input_context=None, shuffle_batch_size: int = 0,
+                  seed: int = 0, start_record: int = 0) -> tf.data.Dataset:
+  """(uint8 image, int32 label) pairs: one pass in file order, or (with
+  `shuffle_batch_size`) an endless shuffled stream from record `start_record`
+  of this input pipeline on.
+
+  Labels outside [0, num_classes) stop the stream with an error naming the
+  split; the training loop then names the file (records.check_split).
+  """
+  data_dir = config.data.data_dir
+  files, positions = _pipeline_files(config, split, input_context)
+  if shuffle_batch_size:
+    count = _split_count(manifest, split)
+    if count == 0:
+      raise ValueError(f'Split {split!r} in {data_dir!r} is empty; a '
+                       f'training stream needs at least one image.')
+    sizes = records.shard_sizes(count, len(records.split_files(data_dir,
+                                                               split)))
+    pipeline_count = sum(sizes[i] for i in positions)
+    dataset = _endless_records(
+        files, pipeline_count,
+        shuffle_buffer_size(pipeline_count, shuffle_batch_size), seed,
+        start_record)
+  else:
+    dataset = _read(tf.data.Dataset.from_tensor_slices(files), len(files))
+  image_size = manifest.get('image_size')
+  num_classes = int(manifest['num_classes'])
+  message = (f'a label outside [0, {num_classes}) in split {split!r} of '
+             f'{data_dir!r}')
+
+  def parse(serialized):
+    image, label = records.parse_example(serialized, image_size, 3)
+    checks = [tf.debugging.assert_non_negative(label, message=message),
+              tf.debugging.assert_less(label, num_classes, message=message)]
+    with tf.control_dependencies(checks):
+      return image, tf.identity(label)
+
+  return dataset.map(parse, num_parallel_calls=AUTOTUNE)
+
+
+def _batches(config: config_lib.Config, manifest: Dict[str, Any], split: str,
+             batch_size: int, stream: int, input_context, start_step: int
+             ) -> tf.data.Dataset:
+  """Endless (batch index, float32 images 0..255 [b, S, S, 3], labels [b]),
+  from batch `start_step` on.
+
+  'inception' data is cropped and resized image by image before batching,
+  with seeds folded from the image's position in the stream.
+  """
+  data = config.data
+  start_record = start_step * batch_size
+  dataset = _parsed_split(config, manifest, split, input_context, batch_size,
+                          data.shuffle_seed + stream, start_record)
+  if data.crop == 'inception':
+    image_seed = tf.constant([data.shuffle_seed, stream + _PER_IMAGE],
+                             tf.int64)
+    dataset = dataset.enumerate(start_record).map(
+        lambda index, pair: (augment.inception_crop(
+            pair[0], data.image_size, augment.fold_seed(image_seed, index),
+            data.eval_crop_fraction), pair[1]),
+        num_parallel_calls=AUTOTUNE)
   dataset = dataset.batch(batch_size, drop_remainder=True)
-  return dataset.map(lambda images, labels: (tf.cast(images, tf.float32),
-                                             labels),
-                     num_parallel_calls=AUTOTUNE)
+  return dataset.enumerate(start_step).map(
+      lambda index, pair: (index, tf.cast(pair[0], tf.float32), pair[1]),
+      num_parallel_calls=AUTOTUNE)
+
+
+def _batch_seed(config: config_lib.Config, stream: int, index,
+                input_context) -> tf.Tensor:
+  pipeline_id = 0 if input_context is None else input_context.input_pipeline_id
+  base = tf.constant([config.data.shuffle_seed, stream], tf.int64)
+  return augment.fold_seed(augment.fold_seed(base, pipeline_id), index)
 
 
 def _labeled_stream(config: config_lib.Config, manifest: Dict[str, Any],
-                    batch_size: int) -> tf.data.Dataset:
+                    batch_size: int, input_context, start_step: int
+                    ) -> tf.data.Dataset:
   data = config.data
   mean, std = manifest['mean'], manifest['std']
 
-  def make_view(images, labels):
-    images = augment.flip_pad_crop(images, pad=data.image_size // 8,
-                                   flip=data.horizontal_flip)
+  def make_view(index, images, labels):
+    seed = _batch_seed(config, _LABELED, index, input_context)
+    if data.crop == 'inception':
+      images = augment.random_flip(images, seed)
+    else:
+      images = augment.flip_pad_crop(images, seed, pad=data.image_size // 8,
+                                     flip=data.horizontal_flip)
     return {'labeled_images': augment.normalize(images, mean, std),
             'labels': labels}
 
-  dataset = _batched_float_stream(config, manifest, 'labeled', batch_size,
-                                  data.shuffle_seed)
+  dataset = _batches(config, manifest, 'labeled', batch_size, _LABELED,
+                     input_context, start_step)
   return dataset.map(make_view, num_parallel_calls=AUTOTUNE)
 
 
 def _unlabeled_stream(config: config_lib.Config, manifest: Dict[str, Any],
-                      batch_size: int) -> tf.data.Dataset:
+                      batch_size: int, input_context, start_step: int
+                      ) -> tf.data.Dataset:
   data = config.data
   mean, std = manifest['mean'], manifest['std']
 
-  def make_views(images, unused_labels):
-    original = augment.flip_pad_crop(images, pad=data.image_size // 8,
-                                     flip=data.horizontal_flip)
-    strong = augment.strong_view(original, data)
+  def make_views(index, images, labels):
+    seed = _batch_seed(config, _UNLABELED, index, input_context)
+    ori_seed, aug_seed, flip_seed, cutout_seed = tf.unstack(
+        augment.split_seed(seed, 4))
+    if data.crop == 'inception':
+      # One crop (made before batching) shared by both views; independent
+      # flips; RandAugment on the augmented view only.
+      original = augment.random_flip(images, ori_seed)
+      strong = augment.rand_augment(augment.random_flip(images, flip_seed),
+                                    data, aug_seed)
+      strong = augment.cutout(strong, cutout_seed, data.cutout_size)
+    else:
+      original = augment.flip_pad_crop(images, ori_seed,
+                                       pad=data.image_size // 8,
+                                       flip=data.horizontal_flip)
+      strong = augment.strong_view(original, data, aug_seed)
+    # The labels of unlabeled images never reach a loss; the loop uses them
+    # only to log the pseudo labels' accuracy where they are real.
     return {'unlabeled_images_ori': augment.normalize(original, mean, std),
-            'unlabeled_images_aug': augment.normalize(strong, mean, std)}
+            'unlabeled_images_aug': augment.normalize(strong, mean, std),
+            'unlabeled_labels': labels}
 
-  dataset = _batched_float_stream(config, manifest, 'unlabeled', batch_size,
-                                  data.shuffle_seed + 1)
+  dataset = _batches(config, manifest, 'unlabeled', batch_size, _UNLABELED,
+                     input_context, start_step)
   return dataset.map(make_views, num_parallel_calls=AUTOTUNE)
 
 
-def train_dataset(config: config_lib.Config,
-                  manifest: Dict[str, Any]) -> tf.data.Dataset:
+def train_dataset(config: config_lib.Config, manifest: Dict[str, Any],
+                  input_context: Optional[tf.distribute.InputContext] = None,
+                  start_step: int = 0) -> tf.data.Dataset:
   """The endless MPL training stream of dicts of static-shape tensors.
 
-  Keys: `labeled_images` float32 [B, S, S, C], `labels` int32 [B],
-  `unlabeled_images_ori` and `unlabeled_images_aug` float32 [B*mu, S, S, C],
-  with B = config.optim.labeled_batch_size and B*mu =
-  config.unlabeled_batch_size. The labels of unlabeled images are not given.
+  Keys: `labeled_images` float32 [b, S, S, 3], `labels` int32 [b],
+  `unlabeled_images_ori` and `unlabeled_images_aug` float32 [b*mu, S, S, 3],
+  with b = config.optim.labeled_batch_size (divided by the replicas when an
+  input context is given) and mu = config.optim.uda_ratio. The labels of
+  unlabeled images come as `unlabeled_labels` int32 [b*mu], for diagnostics
+  only (the pseudo labels' accuracy); no loss reads them. `start_step`: the
+  stream begins with the batch a run that has done that many steps would see
+  next (a resumed run passes its restored step).
   """
-  _check_image_size(config, manifest)
-  labeled = _labeled_stream(config, manifest, config.optim.labeled_batch_size)
-  unlabeled = _unlabeled_stream(config, manifest,
-                                config.unlabeled_batch_size)
+  check_manifest(config, manifest)
+  labeled = _labeled_stream(
+      config, manifest,
+      _per_replica(config.optim.labeled_batch_size, input_context),
+      input_context, start_step)
+  unlabeled = _unlabeled_stream(
+      config, manifest,
+      _per_replica(config.unlabeled_batch_size, input_context), input_context,
+      start_step)
   dataset = tf.data.Dataset.zip((labeled, unlabeled))
   dataset = dataset.map(lambda first, second: {**first, **second})
   return dataset.prefetch(AUTOTUNE)
 
 
 def labeled_dataset(config: config_lib.Config, manifest: Dict[str, Any],
-                    batch_size: int) -> tf.data.Dataset:
-  """The endless labeled stream alone (the supervised baseline's input).
+                    batch_size: int,
+                    input_context: Optional[tf.distribute.InputContext] = None,
+                    start_step: int = 0) -> tf.data.Dataset:
+  """The endless labeled stream alone (supervised training and finetuning).
 
-  Dicts of `labeled_images` float32 [batch_size, S, S, C] (flipped, padded and
-  cropped, normalised) and `labels` int32 [batch_size].
+  Dicts of `labeled_images` float32 [b, S, S, 3] (the labeled training view,
+  normalised) and `labels` int32 [b]; b = batch_size, per replica when an
+  input context is given.
   """
-  _check_image_size(config, manifest)
-  return _labeled_stream(config, manifest, batch_size).prefetch(AUTOTUNE)
-
-
-def _padding_examples(count: int, image_shape) -> tf.data.Dataset:
-  padding = {'images': tf.zeros(image_shape, tf.uint8),
-             'labels': tf.constant(0, tf.int32),
-             'mask': tf.constant(0.0, tf.float32)}
-  return tf.data.Dataset.from_tensors(padding).repeat(count)
+  check_manifest(config, manifest)
+  return _labeled_stream(config, manifest,
+                         _per_replica(batch_size, input_context),
+                         input_context, start_step).prefetch(AUTOTUNE)
 
 
 def eval_dataset(config: config_lib.Config, manifest: Dict[str, Any],
-                 split: str, batch_size: int) -> tf.data.Dataset:
+                 split: str, batch_size: int,
+                 input_context: Optional[tf.distribute.InputContext] = None
+                 ) -> tf.data.Dataset:
   """One pass over a split in whole, equally shaped, padded batches.
 
-  Dicts of `images` float32 [batch_size, S, S, C] (normalised, no
-  augmentation), `labels` int32 [batch_size] and `mask` float32 [batch_size]:
-  1 for a real image, 0 for padding. Padding images are all zeros (after
-  normalisation) with label 0; the last batch is filled up with them, so
-  `sum(mask)` over the pass is the split's size.
+  Dicts of `images` float32 [b, S, S, 3] (normalised; 'inception' data
+  centre-cropped and resized), `labels` int32 [b] and `mask` float32 [b]: 1
+  for a real image, 0 for padding (all-zero images, label 0). `batch_size` is
+  the global batch; b is its share per replica when an input context is
+  given. Each input pipeline reads every P-th record (P pipelines) and pads
+  its share to ceil(N / batch_size) * batch_size / P examples, so every
+  pipeline yields the same number of whole batches and `sum(mask)` over all of
+  them is exactly the split's size N.
   """
-  _check_image_size(config, manifest)
+  check_manifest(config, manifest)
+  data = config.data
   count = _split_count(manifest, split)
-  image_shape = [manifest['image_size'], manifest['image_size'],
-                 manifest['channels']]
-  real = _parsed_split(config, manifest, split).map(
-      lambda image, label: {'images': image, 'labels': label,
-                            'mask': tf.constant(1.0, tf.float32)})
-  dataset = real.concatenate(_padding_examples(-count % batch_size,
-                                               image_shape))
-  dataset = dataset.batch(batch_size, drop_remainder=True)
+  size = data.image_size
+  pipelines = 1 if input_context is None else input_context.num_input_pipelines
+  pipeline_id = 0 if input_context is None else input_context.input_pipeline_id
+  if batch_size % pipelines:
+    raise ValueError(f'eval_batch_size={batch_size} must be a multiple of the '
+                     f'{pipelines} input pipelines.')
+  steps = -(-count // batch_size)
+  examples_per_pipeline = steps * batch_size // pipelines
+  real_per_pipeline = len(range(pipeline_id, count, pipelines))
+
+  def to_example(image, label):
+    if data.crop == 'inception':
+      image = augment.center_crop(image, size, data.eval_crop_fraction)
+    return {'images': tf.cast(image, tf.float32), 'labels': label,
+            'mask': tf.constant(1.0, tf.float32)}
+
+  real = _parsed_split(config, manifest, split)
+  if pipelines > 1:
+    # Every record once: records, not files, are dealt to the pipelines.
+    real = real.shard(pipelines, pipeline_id)
+  real = real.map(to_example, num_parallel_calls=AUTOTUNE)
+  padding = tf.data.Dataset.from_tensors({
+      'images': tf.zeros([size, size, 3], tf.float32),
+      'labels': tf.constant(0, tf.int32),
+      'mask': tf.constant(0.0, tf.float32)}).repeat(
+          examples_per_pipeline - real_per_pipeline)
+  dataset = real.concatenate(padding).batch(
+      _per_replica(batch_size, input_context), drop_remainder=True)
   mean, std = manifest['mean'], manifest['std']
 
   def normalize(batch):
@@ -178,3 +369,20 @@ def eval_dataset(config: config_lib.Config, manifest: Dict[str, Any],
     return {**batch, 'images': images * batch['mask'][:, None, None, None]}
 
   return dataset.map(normalize, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def find_input_problem(config: config_lib.Config, manifest: Dict[str, Any],
+                       splits) -> Optional[ValueError]:
+  """After a stream of these `splits` failed: the error naming the bad record.
+
+  A corrupt record, an undecodable or wrongly sized image or a label out of
+  range surfaces deep in tf.data, without the file's name. This rescans the
+  splits (cheap when they are fine: one parallel pass) and returns the
+  ValueError that names the shard and record, or None when they are fine and
+  the failure came from elsewhere.
+  """
+  try:
+    records.check_dataset(config.data.data_dir, manifest, splits)
+  except ValueError as named:
+    return named
+  return None

@@ -1,27 +1,34 @@
-"""The one TFRecord schema of mpl_tf, written and read in this module only.
+"""The one TFRecord schema of mpl_tf: writer, parser and checker side by side.
 
-Every prepared data set (the offline ones made by `offline.py`, and any larger
-one prepared elsewhere) is a directory of TFRecord shards plus a
-`manifest.json`. Keeping the writer and the parser side by side means the two
-directions cannot drift apart, and the manifest lets the input pipeline size
-its padding and normalise without a pass over the data.
+Every prepared data set (the offline ones made by `offline.py`, and the ones
+made by `python -m mpl_tf.data.prepare`) is a directory of TFRecord shards
+plus a `manifest.json`. Keeping the writer, the parser and the checker in one
+module means they cannot drift apart, and the manifest lets the input
+pipeline size its padding and normalise without a pass over the data.
 
-Each example has two features:
+Each record is a `tf.train.Example` with two features:
 
-* `image/encoded`: PNG bytes of a uint8 image [H, W, C].
-* `image/class/label`: int64, 0-based class index.
+* `image/encoded` (bytes): a JPEG or PNG image with 3 channels. Arrays are
+  encoded as PNG (lossless); files that already are RGB JPEG or PNG (ImageNet,
+  a folder of photos) are stored byte for byte, never re-encoded, so no
+  quality is lost and preparing ImageNet decodes nothing.
+* `image/class/label` (int64): the 0-based class index.
 
-Note: the released Meta Pseudo Labels code writes its ImageNet records with a
-1-based `image/class/label` and subtracts 1 when it parses them. Here labels
-are 0-based on disk, so nothing is subtracted; records converted from the
-released format must have 1 subtracted when they are rewritten.
+Relation to the released code's ImageNet records: the key names are the
+same, but the released records store a 1-based `image/class/label` (1..1000)
+and its parser subtracts 1. Ours are 0-based on disk and nothing is
+subtracted. To reuse records written for the released code, rewrite each
+example with `label = released_label - 1` (the image bytes unchanged); a
+released record whose label is 0 is not a valid class there either.
 
-Shard files are named `{split}-{i:05d}-of-{num_shards:05d}.tfrecord`.
+Shards of a split are `{split}-{i:05d}-of-{num_shards:05d}.tfrecord`. Each
+shard is written under a temporary name and renamed when complete, so a
+crashed writer never leaves a file that looks finished.
 """
 
 import json
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -30,16 +37,31 @@ IMAGE_KEY = 'image/encoded'
 LABEL_KEY = 'image/class/label'
 MANIFEST_NAME = 'manifest.json'
 SPLITS = ('labeled', 'unlabeled', 'validation', 'test')
+# Bumped when the record or manifest layout changes incompatibly.
+SCHEMA_VERSION = 1
 
 _FEATURES = {
     IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
     LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
 }
+_JPEG_MAGIC = b'\xff\xd8\xff'
+_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+_REPREPARE = ('prepare the data set again (python -m mpl_tf.data.prepare, '
+              'or delete manifest.json of an offline set)')
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:
   """The file name of shard `index` of `num_shards` of a split."""
   return f'{split}-{index:05d}-of-{num_shards:05d}.tfrecord'
+
+
+def image_format(encoded: bytes) -> Optional[str]:
+  """'jpeg' or 'png' from the leading magic bytes; None for anything else."""
+  if encoded.startswith(_JPEG_MAGIC):
+    return 'jpeg'
+  if encoded.startswith(_PNG_MAGIC):
+    return 'png'
+  return None
 
 
 def _bytes_feature(value: bytes) -> tf.train.Feature:
@@ -50,81 +72,235 @@ def _int64_feature(value: int) -> tf.train.Feature:
   return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
 
 
-def serialize_example(image: np.ndarray, label: int) -> bytes:
-  """One uint8 [H, W, C] image and its 0-based label as a tf.train.Example."""
-  png = tf.io.encode_png(tf.constant(image, dtype=tf.uint8)).numpy()
+def serialize_encoded(encoded: bytes, label: int) -> bytes:
+  """A tf.train.Example of already encoded JPEG/PNG bytes and a label."""
   example = tf.train.Example(features=tf.train.Features(feature={
-      IMAGE_KEY: _bytes_feature(png),
+      IMAGE_KEY: _bytes_feature(encoded),
       LABEL_KEY: _int64_feature(int(label)),
   }))
   return example.SerializeToString()
 
 
-def _check_split_arrays(images: np.ndarray, labels: np.ndarray) -> None:
-  if images.dtype != np.uint8 or images.ndim != 4:
-    raise ValueError(f'images must be uint8 [N, H, W, C]; got {images.dtype} '
-                     f'with shape {images.shape}.')
+def serialize_example(image: np.ndarray, label: int) -> bytes:
+  """One uint8 [H, W, C] image, PNG-encoded, and its 0-based label."""
+  png = tf.io.encode_png(tf.constant(image, dtype=tf.uint8)).numpy()
+  return serialize_encoded(png, label)
+
+
+def check_label(label: int, num_classes: Optional[int]) -> None:
+  """ValueError unless 0 <= label < num_classes (or >= 0 if unknown)."""
+  if label < 0 or (num_classes is not None and label >= num_classes):
+    bound = '' if num_classes is None else f' and < num_classes={num_classes}'
+    raise ValueError(
+        f'label {label} is out of range: labels are 0-based class indices, '
+        f'>= 0{bound}. Shift 1-based labels down by 1 (the released code\'s '
+        f'ImageNet labels are 1-based), or fix num_classes.')
+
+
+def _check_split_arrays(images: np.ndarray, labels: np.ndarray,
+                        num_classes: Optional[int]) -> None:
+  if images.dtype != np.uint8:
+    raise ValueError(
+        f'images must be uint8 (0..255); got {images.dtype}. Convert with '
+        f'np.clip(np.round(x * 255), 0, 255).astype(np.uint8) for 0..1 '
+        f'floats, or .astype(np.uint8) for integers in 0..255.')
+  if images.ndim != 4:
+    raise ValueError(
+        f'images must have rank 4, [N, H, W, C]; got shape {images.shape}. '
+        f'Add a channel axis to gray images with images[..., None].')
   if images.shape[-1] not in (1, 3):
-    raise ValueError(f'images must have 1 or 3 channels; got {images.shape}.')
+    raise ValueError(f'images must have 1 or 3 channels (last axis); got '
+                     f'shape {images.shape}. Move the channel axis last '
+                     f'(np.moveaxis(images, 1, -1) for NCHW).')
   if labels.shape != (images.shape[0],):
-    raise ValueError(f'labels must have shape ({images.shape[0]},) to match '
-                     f'the images; got {labels.shape}.')
-  if labels.size and labels.min() < 0:
-    raise ValueError('labels must be 0-based class indices (>= 0); '
-                     f'got a minimum of {labels.min()}.')
+    raise ValueError(f'labels must have shape ({images.shape[0]},), one per '
+                     f'image; got {labels.shape}. Pass equally long images '
+                     f'and labels, with integer class indices.')
+  if labels.size:
+    check_label(int(labels.min()), num_classes)
+    check_label(int(labels.max()), num_classes)
 
 
-def _write_shard(path: str, images: np.ndarray, labels: np.ndarray) -> None:
-  """Writes to a temporary name, then renames, so no half file is left."""
-  temporary_path = f'{path}.tmp-{os.getpid()}'
-  try:
-    with tf.io.TFRecordWriter(temporary_path) as writer:
-      for image, label in zip(images, labels):
-        writer.write(serialize_example(image, label))
-    tf.io.gfile.rename(temporary_path, path, overwrite=True)
-  finally:
-    if tf.io.gfile.exists(temporary_path):
-      tf.io.gfile.remove(temporary_path)
+def shard_sizes(num_records: int, num_shards: int) -> List[int]:
+  """Sizes of `num_shards` contiguous, nearly equal pieces (as array_split)."""
+  base, extra = divmod(num_records, num_shards)
+  return [base + (1 if index < extra else 0) for index in range(num_shards)]
+
+
+def num_shards_for(num_records: int, shard_size: Optional[int]) -> int:
+  """Shards needed so none holds more than `shard_size` records (>= 1)."""
+  if shard_size is None:
+    return 1
+  if shard_size < 1:
+    raise ValueError(f'shard_size={shard_size} must be at least 1.')
+  return max(1, -(-num_records // shard_size))
+
+
+class SplitWriter:
+  """Writes one split's records, in order, into its numbered shards.
+
+  The number of records must be known up front, because the shard names
+  carry the shard count. Each shard is written under a temporary name and
+  renamed when it is full; `abort()` (or leaving a `with` block by an
+  exception) removes the unfinished one.
+  """
+
+  def __init__(self, out_dir: str, split: str, num_records: int,
+               num_shards: int = 1, num_classes: Optional[int] = None):
+    if num_shards < 1:
+      raise ValueError(f'num_shards={num_shards} must be at least 1.')
+    if num_records < 0:
+      raise ValueError(f'num_records={num_records} must be >= 0.')
+    tf.io.gfile.makedirs(out_dir)
+    self._out_dir, self._split = out_dir, split
+    self._num_classes = num_classes
+    self._sizes = shard_sizes(num_records, num_shards)
+    self._shard = -1
+    self._left_in_shard = 0
+    self._written = 0
+    self._writer = None
+    self._temporary_path = None
+    self.paths: List[str] = []
+    self._open_next_shard()
+
+  def _final_path(self, index: int) -> str:
+    return os.path.join(self._out_dir,
+                        shard_name(self._split, index, len(self._sizes)))
+
+  def _finish_shard(self) -> None:
+    self._writer.close()
+    self._writer = None
+    path = self._final_path(self._shard)
+    tf.io.gfile.rename(self._temporary_path, path, overwrite=True)
+    self._temporary_path = None
+    self.paths.append(path)
+
+  def _open_next_shard(self) -> None:
+    self._shard += 1
+    self._left_in_shard = self._sizes[self._shard]
+    self._temporary_path = f'{self._final_path(self._shard)}.tmp-{os.getpid()}'
+    self._writer = tf.io.TFRecordWriter(self._temporary_path)
+
+  def write(self, encoded: bytes, label: int) -> None:
+    """Appends one record: JPEG/PNG bytes with 3 channels, 0-based label."""
+    if image_format(encoded) is None:
+      raise ValueError(
+          f'Split {self._split!r}: image/encoded must be JPEG or PNG bytes; '
+          f'got {encoded[:8]!r}... Encode arrays with serialize_example() '
+          f'or tf.io.encode_png.')
+    check_label(int(label), self._num_classes)
+    while self._left_in_shard == 0:
+      if self._shard + 1 == len(self._sizes):
+        raise ValueError(f'Split {self._split!r}: more records than the '
+                         f'{sum(self._sizes)} announced.')
+      self._finish_shard()
+      self._open_next_shard()
+    self._writer.write(serialize_encoded(encoded, label))
+    self._left_in_shard -= 1
+    self._written += 1
+
+  def close(self) -> List[str]:
+    """Finishes every shard (empty ones too); returns the shard paths."""
+    if self._written != sum(self._sizes):
+      self.abort()
+      raise ValueError(f'Split {self._split!r}: {sum(self._sizes)} records '
+                       f'were announced but {self._written} written.')
+    while self._writer is not None:
+      self._finish_shard()
+      if self._shard + 1 < len(self._sizes):
+        self._open_next_shard()
+    return self.paths
+
+  def abort(self) -> None:
+    """Drops the unfinished shard; finished ones stay (no manifest = unused)."""
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+    if self._temporary_path and tf.io.gfile.exists(self._temporary_path):
+      tf.io.gfile.remove(self._temporary_path)
+
+  def __enter__(self) -> 'SplitWriter':
+    return self
+
+  def __exit__(self, exc_type, exc_value, traceback) -> None:
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
+
+
+def write_encoded(out_dir: str, split: str,
+                  examples: Iterable[Tuple[bytes, int]], num_records: int,
+                  shard_size: Optional[int] = None,
+                  num_classes: Optional[int] = None) -> List[str]:
+  """Writes (encoded bytes, label) pairs as one split; returns shard paths."""
+  num_shards = num_shards_for(num_records, shard_size)
+  with SplitWriter(out_dir, split, num_records, num_shards,
+                   num_classes) as writer:
+    for encoded, label in examples:
+      writer.write(encoded, label)
+  return writer.paths
 
 
 def write_split(out_dir: str, split: str, images: np.ndarray,
-                labels: np.ndarray, num_shards: int = 1) -> List[str]:
-  """Writes one split as `num_shards` TFRecord files; returns their paths.
+                labels: np.ndarray, num_shards: int = 1,
+                num_classes: Optional[int] = None) -> List[str]:
+  """Writes one split of uint8 arrays (PNG) as `num_shards` files.
 
   Args:
     out_dir: directory to write into (created if missing).
     split: split name, e.g. 'labeled'.
-    images: uint8 [N, H, W, C].
+    images: uint8 [N, H, W, C] with C in {1, 3}.
     labels: integer [N], 0-based.
     num_shards: number of files; images are cut into contiguous pieces.
+    num_classes: if given, labels must be below it.
+
+  Returns:
+    The shard paths, in order.
   """
   images = np.asarray(images)
-  labels = np.asarray(labels).astype(np.int64)
-  _check_split_arrays(images, labels)
-  if num_shards < 1:
-    raise ValueError(f'num_shards={num_shards} must be at least 1.')
-  tf.io.gfile.makedirs(out_dir)
-  paths = []
-  shards = zip(np.array_split(images, num_shards),
-               np.array_split(labels, num_shards))
-  for index, (shard_images, shard_labels) in enumerate(shards):
-    path = os.path.join(out_dir, shard_name(split, index, num_shards))
-    _write_shard(path, shard_images, shard_labels)
-    paths.append(path)
-  return paths
+  labels = np.asarray(labels)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f'labels must be integer class indices; got '
+                     f'{labels.dtype}. Map class names to 0-based indices.')
+  _check_split_arrays(images, labels.astype(np.int64), num_classes)
+  with SplitWriter(out_dir, split, images.shape[0], num_shards,
+                   num_classes) as writer:
+    for image, label in zip(images, labels):
+      png = tf.io.encode_png(image).numpy()
+      writer.write(png, int(label))
+  return writer.paths
 
 
-def parse_example(serialized: tf.Tensor, image_size: int,
+def decode_image(encoded: tf.Tensor, channels: int = 3) -> tf.Tensor:
+  """JPEG or PNG bytes to uint8 [H, W, channels] (first frame of a GIF)."""
+  return tf.io.decode_image(encoded, channels=channels,
+                            expand_animations=False)
+
+
+def parse_encoded(serialized: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+  """(encoded image bytes, int32 label), for pipelines that decode later.
+
+  ImageNet-style pipelines can then crop while decoding a JPEG
+  (tf.image.decode_and_crop_jpeg) instead of decoding the full image.
+  """
+  features = tf.io.parse_single_example(serialized, _FEATURES)
+  return features[IMAGE_KEY], tf.cast(features[LABEL_KEY], tf.int32)
+
+
+def parse_example(serialized: tf.Tensor, image_size: Optional[int],
                   channels: int = 3) -> Tuple[tf.Tensor, tf.Tensor]:
   """Parses one serialized example into (uint8 [H, W, C], int32 label).
 
-  The image gets the static shape [image_size, image_size, channels] (and a
-  run-time check that the stored image has it).
+  With an integer `image_size`, the image gets the static shape
+  [image_size, image_size, channels] and a run-time check that the stored
+  image has it. With `image_size=None` (ImageNet, folders of mixed sizes) the
+  shape is [None, None, channels].
   """
-  features = tf.io.parse_single_example(serialized, _FEATURES)
-  image = tf.io.decode_png(features[IMAGE_KEY], channels=channels)
-  image = tf.ensure_shape(image, [image_size, image_size, channels])
-  label = tf.cast(features[LABEL_KEY], tf.int32)
+  encoded, label = parse_encoded(serialized)
+  image = decode_image(encoded, channels)
+  if image_size is not None:
+    image = tf.ensure_shape(image, [image_size, image_size, channels])
   return image, label
 
 
@@ -137,9 +313,10 @@ def split_files(data_dir: str, split: str) -> List[str]:
         f'No TFRecord files for split {split!r} in {data_dir!r} (looked for '
         f'{pattern}). Prepare the data set first: for an offline data set '
         f'(mnist5k, digits) run training with --dataset set to it and '
-        f'--data_dir={data_dir}, which prepares it, or call '
-        f'mpl_tf.data.offline.prepare(); otherwise write the splits with '
-        f'mpl_tf.data.records.write_split().')
+        f'--data_dir={data_dir}, which prepares it; for CIFAR-10, SVHN, '
+        f'ImageNet or your own images run `python -m mpl_tf.data.prepare '
+        f'--out_dir={data_dir} ...` (see docs/data.md); from arrays in code, '
+        f'call mpl_tf.data.records.write_split().')
   return files
 
 
@@ -162,9 +339,9 @@ def read_manifest(data_dir: str) -> Dict[str, Any]:
         f'No {MANIFEST_NAME} in {data_dir!r}: the data set there is not '
         f'prepared. For an offline data set (mnist5k, digits) call '
         f'mpl_tf.data.offline.ensure_prepared() or run training with '
-        f'--dataset set to it and --data_dir={data_dir}; otherwise write the '
-        f'splits with records.write_split() and the manifest with '
-        f'records.write_manifest().')
+        f'--dataset set to it and --data_dir={data_dir}; for any other, run '
+        f'`python -m mpl_tf.data.prepare --out_dir={data_dir} ...` (see '
+        f'docs/data.md).')
   with tf.io.gfile.GFile(path, 'r') as f:
     return json.loads(f.read())
 
@@ -174,3 +351,154 @@ def per_channel_mean_std(images: np.ndarray) -> Tuple[List[float],
   """Per-channel mean and std of uint8 images on the 0..255 scale."""
   pixels = np.asarray(images, dtype=np.float64).reshape(-1, images.shape[-1])
   return pixels.mean(axis=0).tolist(), pixels.std(axis=0).tolist()
+
+
+# ---------------------------------------------------------------------------
+# Checking prepared records. The training loop calls `check_dataset` after
+# its input pipeline raised a tf.errors.OpError, to replace an opaque
+# op-level error with the shard file, the record index and the fix.
+
+
+def _describe_problem(serialized: bytes, num_classes: int,
+                      image_size: Optional[int], channels: int
+                      ) -> Optional[str]:
+  """What is wrong with one serialized record, or None if nothing is."""
+  try:
+    example = tf.train.Example.FromString(serialized)
+  except Exception:  # pylint: disable=broad-except
+    return 'is not a tf.train.Example (unparsable bytes)'
+  feature = example.features.feature
+  if IMAGE_KEY not in feature or len(
+      feature[IMAGE_KEY].bytes_list.value) != 1:
+    return f'has no single bytes feature {IMAGE_KEY!r}'
+  if LABEL_KEY not in feature or len(
+      feature[LABEL_KEY].int64_list.value) != 1:
+    return f'has no single int64 feature {LABEL_KEY!r}'
+  label = feature[LABEL_KEY].int64_list.value[0]
+  if not 0 <= label < num_classes:
+    return (f'has label {label}, outside [0, {num_classes}) (labels are '
+            f'0-based; 1-based labels must be shifted down by 1)')
+  encoded = feature[IMAGE_KEY].bytes_list.value[0]
+  try:
+    image = decode_image(tf.constant(encoded), channels=0)
+  except tf.errors.OpError as error:
+    return f'has an undecodable image ({error.message.strip()})'
+  height, width, stored_channels = image.shape
+  if stored_channels != channels:
+    return (f'has an image with {stored_channels} channels, expected '
+            f'{channels}')
+  if image_size is not None and (height, width) != (image_size, image_size):
+    return (f'has a {height}x{width} image, expected {image_size}x'
+            f'{image_size}')
+  return None
+
+
+def _locate_problem(path: str, num_classes: int, image_size: Optional[int],
+                    channels: int, limit: Optional[int]) -> None:
+  """Record by record, raises ValueError naming the first bad record."""
+  records = iter(tf.data.TFRecordDataset(path))
+  index = 0
+  while limit is None or index < limit:
+    try:
+      serialized = next(records)
+    except StopIteration:
+      return
+    except tf.errors.OpError as error:
+      raise ValueError(
+          f'{path}: record {index} is corrupt ({error.message.strip()}); the '
+          f'file is damaged (an interrupted copy or a disk error). Copy it '
+          f'again or {_REPREPARE}.') from None
+    problem = _describe_problem(serialized.numpy(), num_classes, image_size,
+                                channels)
+    if problem:
+      raise ValueError(f'{path}: record {index} {problem}. Fix the source '
+                       f'and {_REPREPARE}.')
+    index += 1
+
+
+def _assert_record(serialized: tf.Tensor, num_classes: int,
+                   image_size: Optional[int], channels: int) -> tf.Tensor:
+  """Graph-side checks of one record, for the fast parallel scan."""
+  encoded, label = parse_encoded(serialized)
+  shape = tf.shape(decode_image(encoded, channels=0))
+  checks = [
+      tf.debugging.assert_equal(shape[2], channels),
+      tf.debugging.assert_greater_equal(label, 0),
+      tf.debugging.assert_less(label, num_classes),
+  ]
+  if image_size is not None:
+    checks.append(tf.debugging.assert_equal(shape[:2],
+                                            [image_size, image_size]))
+  with tf.control_dependencies(checks):
+    return tf.constant(1, tf.int64)
+
+
+def check_split(data_dir: str, split: str, num_classes: int,
+                image_size: Optional[int] = None, channels: int = 3,
+                max_records: Optional[int] = None) -> int:
+  """Scans a split's shards; ValueError naming the first bad record.
+
+  A record is bad if the file around it is corrupt (TFRecord checksum or
+  length), if it is not a tf.train.Example of this schema, if its image
+  cannot be decoded, has other than `channels` channels or (with
+  `image_size`) another size, or if its label is outside [0, num_classes).
+  Each shard is first scanned by a parallel tf.data pass (fast when all is
+  well); only a shard that fails is re-read record by record, to name the
+  record. Scanning stops at the first problem.
+
+  Args:
+    data_dir: directory of the prepared data set.
+    split: split name, e.g. 'unlabeled'.
+    num_classes: labels must be in [0, num_classes).
+    image_size: if given, every image must be image_size x image_size.
+    channels: the channel count images must be stored with.
+    max_records: stop after this many records (None: the whole split).
+
+  Returns:
+    The number of records checked.
+  """
+  checked = 0
+  for path in split_files(data_dir, split):
+    limit = None if max_records is None else max_records - checked
+    if limit is not None and limit <= 0:
+      break
+    dataset = tf.data.TFRecordDataset(path)
+    if limit is not None:
+      dataset = dataset.take(limit)
+    dataset = dataset.map(
+        lambda s: _assert_record(s, num_classes, image_size, channels),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    try:
+      checked += int(dataset.reduce(tf.constant(0, tf.int64),
+                                    lambda count, one: count + one))
+    except tf.errors.OpError as error:
+      _locate_problem(path, num_classes, image_size, channels, limit)
+      raise ValueError(f'{path}: unreadable ({error.message.strip()}); '
+                       f'{_REPREPARE}.') from None
+  return checked
+
+
+def check_dataset(data_dir: str, manifest: Optional[Dict[str, Any]] = None,
+                  splits: Iterable[str] = SPLITS,
+                  max_records: Optional[int] = None) -> Dict[str, int]:
+  """`check_split` on every split, with the manifest's classes and size.
+
+  Also compares each fully scanned split's record count with the manifest,
+  which catches a missing or a foreign shard. Returns {split: records
+  checked}.
+  """
+  manifest = read_manifest(data_dir) if manifest is None else manifest
+  counts = {}
+  for split in splits:
+    counts[split] = check_split(
+        data_dir, split, int(manifest['num_classes']),
+        manifest.get('image_size'), int(manifest.get('channels', 3)),
+        max_records)
+    expected = manifest.get('counts', {}).get(split)
+    if (max_records is None and expected is not None and
+        counts[split] != expected):
+      raise ValueError(
+          f'Split {split!r} in {data_dir!r} has {counts[split]} records but '
+          f'{MANIFEST_NAME} says {expected}: a shard is missing or left over '
+          f'from another preparation; {_REPREPARE}.')
+  return counts

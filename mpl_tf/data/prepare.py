@@ -1,0 +1,517 @@
+"""Prepares a data set for training: `python -m mpl_tf.data.prepare ...`.
+
+Reads a source (a prepared TFDS data set, a folder of class sub-folders, or
+an .npz of arrays; see `sources.py`), draws the labeled, unlabeled,
+validation and test splits by seed from the labels alone (`splits.py`),
+then streams the images once into TFRecord shards (`records.py`) and writes
+`manifest.json` last. Run from the repository root, e.g.:
+
+  python -m mpl_tf.data.prepare --source=tfds --tfds_name=cifar10 \\
+      --tfds_data_dir=~/tensorflow_datasets --split_rule=cifar10_4k \\
+      --out_dir=data/cifar10_4k
+
+The command writes into `<out_dir>.tmp-<pid>` and renames it to `out_dir`
+only when everything is written, so a failed or interrupted run leaves the
+previous `out_dir` (if any) untouched and nothing half-written. Bad flags,
+missing data or bad images end with one message and exit status 2.
+
+`write_prepared` is the shared writer: the offline digit sets
+(`offline.py`) are written by it too.
+"""
+
+import contextlib
+import dataclasses
+import io
+import os
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from mpl_tf.data import records
+from mpl_tf.data import sources
+from mpl_tf.data import splits
+
+SOURCES = ('tfds', 'folder', 'npz')
+NORMALIZATIONS = ('auto', 'computed', 'cifar10', 'imagenet')
+# Per-channel mean and std on the 0..255 scale, as the released code
+# normalises CIFAR-10 and ImageNet (its constants are on the 0..1 scale).
+NORMALIZATION_CONSTANTS = {
+    'cifar10': ([0.491400 * 255, 0.482158 * 255, 0.4465309 * 255],
+                [0.247032 * 255, 0.243485 * 255, 0.26159 * 255]),
+    'imagenet': ([0.485 * 255, 0.456 * 255, 0.406 * 255],
+                 [0.229 * 255, 0.224 * 255, 0.225 * 255]),
+}
+SPLIT_INDICES_NAME = 'split_indices.npz'
+_PROGRESS_EVERY = 50_000
+# What a directory may hold for --overwrite to replace it.
+_PREPARED_SUFFIXES = ('.tfrecord', records.MANIFEST_NAME, SPLIT_INDICES_NAME)
+
+# One split's images: the source split they come from and their indices.
+SplitPlan = Dict[str, Tuple[sources.SourceSplit, np.ndarray]]
+
+
+class PrepareError(ValueError):
+  """A preparation that cannot run as asked; the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+  """Everything one preparation needs; built once from the CLI's flags."""
+  # Source.
+  source: Optional[str] = None          # 'tfds', 'folder' or 'npz'
+  tfds_name: Optional[str] = None
+  tfds_data_dir: str = '~/tensorflow_datasets'
+  tfds_train_split: str = 'train'
+  tfds_test_split: str = 'auto'         # 'auto', 'none' or a TFDS split
+  train_dir: Optional[str] = None
+  test_dir: Optional[str] = None
+  npz_path: Optional[str] = None
+  # Split rule; None keeps the rule's default (see splits.RULE_DEFAULTS).
+  split_rule: str = 'cifar10_4k'
+  variant: str = 'paper'
+  seed: int = 0
+  labeled_per_class: Optional[int] = None
+  labeled_fraction: Optional[float] = None
+  validation_per_class: Optional[int] = None
+  num_validation: Optional[int] = None
+  num_test: Optional[int] = None
+  unlabeled_includes_labeled: Optional[bool] = None
+  # Output.
+  out_dir: Optional[str] = None
+  dataset: Optional[str] = None         # default: the rule's name
+  shard_size: int = 1024
+  normalization: str = 'auto'
+  overwrite: bool = False
+
+  @property
+  def dataset_name(self) -> str:
+    """The name training matches `--dataset` against."""
+    if self.dataset:
+      return self.dataset
+    if self.split_rule != 'custom':
+      return self.split_rule
+    return os.path.basename(os.path.normpath(self.out_dir or 'custom'))
+
+
+_SOURCE_FLAGS = {'tfds': ('tfds_name',), 'folder': ('train_dir', 'test_dir'),
+                 'npz': ('npz_path',)}
+_REQUIRED_FLAGS = {'tfds': 'tfds_name', 'folder': 'train_dir',
+                   'npz': 'npz_path'}
+
+
+def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise PrepareError(f'--{name}={value} is not one of '
+                       f'{", ".join(choices)}; pass one of them.')
+
+
+def validate(config: PrepareConfig) -> PrepareConfig:
+  """PrepareError naming the flag and the fix; returns the config."""
+  if config.source is None:
+    raise PrepareError(f'Pass --source: one of {", ".join(SOURCES)}.')
+  _choice('source', config.source, SOURCES)
+  if not config.out_dir:
+    raise PrepareError('Pass --out_dir, the directory to write the prepared '
+                       'data set to (e.g. data/cifar10_4k).')
+  required = _REQUIRED_FLAGS[config.source]
+  if not getattr(config, required):
+    raise PrepareError(f'--source={config.source} needs --{required}.')
+  for other, names in _SOURCE_FLAGS.items():
+    for name in names:
+      if other != config.source and getattr(config, name):
+        raise PrepareError(f'--{name} is for --source={other}, but '
+                           f'--source={config.source}; drop it.')
+  _choice('split_rule', config.split_rule, splits.SPLIT_RULES)
+  _choice('variant', config.variant, splits.VARIANTS)
+  _choice('normalization', config.normalization, NORMALIZATIONS)
+  if config.variant == 'released_code' and config.split_rule != 'cifar10_4k':
+    raise PrepareError('--variant=released_code exists for '
+                       '--split_rule=cifar10_4k only.')
+  if config.seed < 0:
+    raise PrepareError(f'--seed={config.seed} must be >= 0.')
+  if config.shard_size < 1:
+    raise PrepareError(f'--shard_size={config.shard_size} must be >= 1.')
+  if (config.split_rule == 'custom' and config.labeled_per_class is None and
+      config.labeled_fraction is None):
+    raise PrepareError('--split_rule=custom needs --labeled_per_class (images '
+                       'per class) or --labeled_fraction (of each class).')
+  for first, second in (('labeled_per_class', 'labeled_fraction'),
+                        ('validation_per_class', 'num_validation')):
+    if getattr(config, first) is not None and getattr(config,
+                                                      second) is not None:
+      raise PrepareError(f'Give --{first} or --{second}, not both.')
+  try:
+    splits.check_params(split_params(config))
+  except ValueError as error:
+    # Checked here, before a long first pass over the labels. The messages
+    # start with the parameter, which is also the flag's name.
+    raise PrepareError(f'--{error}') from None
+  return config
+
+
+def split_params(config: PrepareConfig) -> splits.SplitParams:
+  """The rule's default sizes with the config's overrides."""
+  return splits.rule_params(
+      config.split_rule, labeled_per_class=config.labeled_per_class,
+      labeled_fraction=config.labeled_fraction,
+      validation_per_class=config.validation_per_class,
+      num_validation=config.num_validation, num_test=config.num_test,
+      unlabeled_includes_labeled=config.unlabeled_includes_labeled)
+
+
+def resolve_normalization(normalization: str, split_rule: str,
+                          source_name: str) -> str:
+  """'auto' -> the released constants for CIFAR-10/ImageNet, else computed."""
+  if normalization != 'auto':
+    return normalization
+  if split_rule == 'cifar10_4k' or source_name == 'cifar10':
+    return 'cifar10'
+  if split_rule == 'imagenet_10pct' or source_name.startswith('imagenet2012'):
+    return 'imagenet'
+  return 'computed'
+
+
+class _RunningMeanStd:
+  """Per-channel mean and std of uint8 images, in exact integer sums."""
+
+  def __init__(self, channels: int = 3):
+    self._sums = np.zeros(channels, np.int64)
+    self._squares = np.zeros(channels, np.int64)
+    self._count = 0
+
+  def update(self, image: np.ndarray) -> None:
+    pixels = image.reshape(-1, image.shape[-1]).astype(np.int64)
+    self._sums += pixels.sum(axis=0)
+    self._squares += np.square(pixels).sum(axis=0)
+    self._count += pixels.shape[0]
+
+  def result(self) -> Tuple[List[float], List[float]]:
+    if not self._count:
+      raise ValueError('No labeled or unlabeled pixels to compute the mean '
+                       'and std from.')
+    mean = self._sums / self._count
+    variance = np.maximum(self._squares / self._count - np.square(mean), 0.0)
+    return mean.tolist(), np.sqrt(variance).tolist()
+
+
+def _quiet(unused_message: str) -> None:
+  pass
+
+
+def _group_by_source(plan: SplitPlan
+                     ) -> List[Tuple[sources.SourceSplit,
+                                     List[Tuple[str, np.ndarray]]]]:
+  groups = []
+  for split, (source_split, indices) in plan.items():
+    for group_split, entries in groups:
+      if group_split is source_split:
+        entries.append((split, indices))
+        break
+    else:
+      groups.append((source_split, [(split, indices)]))
+  return groups
+
+
+def _image_size(shapes: set, complete: bool) -> Optional[int]:
+  """The common square side, or None for mixed, non-square or unknown."""
+  if complete and len(shapes) == 1:
+    height, width = next(iter(shapes))
+    if height == width:
+      return int(height)
+  return None
+
+
+def write_prepared(out_dir: str, source: sources.Source, plan: SplitPlan, *,
+                   dataset: str, split_rule: str, seed: int,
+                   params: Dict[str, Any], shard_size: Optional[int] = None,
+                   normalization: str = 'computed',
+                   extra: Optional[Dict[str, Any]] = None,
+                   log: Callable[[str], None] = _quiet) -> Dict[str, Any]:
+  """Streams the planned splits into shards of `out_dir`; manifest last.
+
+  Each source split is read once: a sequential (TFDS) source in its own
+  order, routing each record to its splits; a random-access one split by
+  split in the plan's (seeded, class-mixed) order. The mean and std are
+  computed over the labeled and unlabeled images (each image once) unless
+  `normalization` names released constants.
+
+  Args:
+    out_dir: directory to write into; existing shards of the same names are
+      replaced (the caller removes any others).
+    source: where the images come from.
+    plan: {split: (source split, indices)} for every split in records.SPLITS.
+    dataset: the name training matches `--dataset` against.
+    split_rule: the rule's name, recorded in the manifest.
+    seed: the split seed, recorded in the manifest.
+    params: the split parameters, recorded in the manifest.
+    shard_size: records per shard at most (None: one shard per split).
+    normalization: 'computed', 'cifar10' or 'imagenet'.
+    extra: more manifest fields (they override the standard ones).
+    log: called with progress lines.
+
+  Returns:
+    The manifest written.
+  """
+  if set(plan) != set(records.SPLITS):
+    raise ValueError(f'The plan must have the splits {records.SPLITS}; got '
+                     f'{sorted(plan)}.')
+  train = source.train
+  compute = normalization == 'computed'
+  in_stats = np.zeros(len(train), bool)
+  for split in ('labeled', 'unlabeled'):
+    if plan[split][0] is train:
+      in_stats[plan[split][1]] = True
+  counted = np.zeros(len(train), bool)
+  stats = _RunningMeanStd()
+  shapes, complete = set(), True
+  counts = {split: int(len(indices)) for split, (_, indices) in plan.items()}
+
+  with contextlib.ExitStack() as stack:
+    writers = {
+        split: stack.enter_context(records.SplitWriter(
+            out_dir, split, count, records.num_shards_for(count, shard_size),
+            source.num_classes))
+        for split, count in counts.items()}
+    written = dict.fromkeys(counts, 0)
+
+    def write(split, source_split, record):
+      nonlocal complete
+      writers[split].write(record.encoded, record.label)
+      written[split] += 1
+      if written[split] % _PROGRESS_EVERY == 0:
+        log(f'  {split}: {written[split]:,} of {counts[split]:,}')
+      if record.image is not None:
+        shapes.add(record.image.shape[:2])
+      elif source_split.image_shape is None:
+        complete = False
+      if (compute and source_split is train and in_stats[record.index] and
+          not counted[record.index]):
+        stats.update(record.image)
+        counted[record.index] = True
+
+    for source_split, entries in _group_by_source(plan):
+      if source_split.image_shape is not None:
+        shapes.add(tuple(source_split.image_shape))
+      log(f'Writing {", ".join(s for s, _ in entries)} from '
+          f'{source_split.description}')
+      if source_split.sequential:
+        masks = []
+        for split, indices in entries:
+          mask = np.zeros(len(source_split), bool)
+          mask[indices] = True
+          masks.append((split, mask))
+        wanted = np.flatnonzero(np.any([m for _, m in masks], axis=0))
+        for record in source_split.read(wanted, decode=compute):
+          for split, mask in masks:
+            if mask[record.index]:
+              write(split, source_split, record)
+      else:
+        for split, indices in entries:
+          for record in source_split.read(indices, decode=compute):
+            write(split, source_split, record)
+
+  if compute:
+    mean, std = stats.result()
+  else:
+    mean, std = NORMALIZATION_CONSTANTS[normalization]
+  class_counts = {
+      split: np.bincount(source_split.labels[indices],
+                         minlength=source.num_classes).tolist()
+      for split, (source_split, indices) in plan.items()}
+  manifest = {
+      'schema_version': records.SCHEMA_VERSION,
+      'dataset': dataset,
+      'source': source.description,
+      'source_details': source.details,
+      'num_classes': source.num_classes,
+      'image_size': _image_size(shapes, complete),
+      'channels': 3,
+      'counts': counts,
+      'class_counts': class_counts,
+      'mean': [float(value) for value in mean],
+      'std': [float(value) for value in std],
+      'normalization': normalization,
+      'split_rule': split_rule,
+      'seed': seed,
+      'split_params': params,
+      'split_sources': {
+          split: 'train' if source_split is train else 'test'
+          for split, (source_split, _) in plan.items()},
+      'shard_size': shard_size,
+  }
+  if source.class_names:
+    manifest['class_names'] = source.class_names
+  manifest.update(extra or {})
+  records.write_manifest(out_dir, manifest)
+  return manifest
+
+
+def _open_source(config: PrepareConfig) -> sources.Source:
+  if config.source == 'tfds':
+    return sources.open_tfds(config.tfds_name, config.tfds_data_dir,
+                             config.tfds_train_split, config.tfds_test_split)
+  if config.source == 'folder':
+    return sources.open_folder(config.train_dir, config.test_dir)
+  return sources.open_npz(config.npz_path)
+
+
+def plan_splits(config: PrepareConfig, source: sources.Source
+                ) -> Tuple[SplitPlan, Dict[str, Any]]:
+  """Draws the splits from the source's labels; returns (plan, params)."""
+  params = split_params(config)
+  train, test = source.train, source.test
+  if test is not None and params.num_test:
+    raise PrepareError(
+        f'The source has a test split ({test.description}) and --num_test='
+        f'{params.num_test} asks to hold one out of train; drop --num_test, '
+        f'or drop the test split (--tfds_test_split=none, no --test_dir, no '
+        f'test arrays).')
+  if test is None and not params.num_test:
+    raise PrepareError(
+        'The source has no test split: give one (--test_dir, test arrays in '
+        'the .npz, --tfds_test_split) or hold one out of train with '
+        '--num_test=N.')
+  if test is not None:
+    bad = (test.labels < 0) | (test.labels >= source.num_classes)
+    if bad.any():
+      raise PrepareError(
+          f'{test.description} has labels outside [0, {source.num_classes}) '
+          f'(e.g. {test.labels[bad][0]}): it is not a labeled test split. '
+          f'For imagenet2012 use --tfds_test_split=validation.')
+  try:
+    indices = splits.make(config.split_rule, train.labels, config.seed,
+                          params, config.variant, train.positions,
+                          source.num_classes)
+  except ValueError as error:
+    raise PrepareError(f'{config.split_rule} split of {train.description}: '
+                       f'{error}') from None
+  plan = {split: (train, indices[split]) for split in records.SPLITS}
+  if test is not None:
+    plan['test'] = (test, np.arange(len(test), dtype=np.int64))
+  recorded = dataclasses.asdict(params)
+  recorded['variant'] = config.variant
+  if config.variant == 'released_code':
+    recorded['file_order'] = ('tfds id' if train.positions is not None else
+                              'source order')
+  return plan, recorded
+
+
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+  if not tf.io.gfile.exists(out_dir):
+    return
+  if not tf.io.gfile.isdir(out_dir):
+    raise PrepareError(f'--out_dir={out_dir} is a file; choose a directory.')
+  entries = tf.io.gfile.listdir(out_dir)
+  if not entries:
+    return
+  if not overwrite:
+    raise PrepareError(f'--out_dir={out_dir} already exists and is not '
+                       f'empty; pass --overwrite to replace the data set '
+                       f'there, or choose another directory.')
+  foreign = [entry for entry in entries
+             if not entry.endswith(_PREPARED_SUFFIXES) and '.tmp-' not in entry]
+  if foreign:
+    raise PrepareError(f'--out_dir={out_dir} holds files that are not part '
+                       f'of a prepared data set ({sorted(foreign)[:5]}); '
+                       f'refusing to replace it. Choose another directory.')
+
+
+def _write_split_indices(out_dir: str, plan: SplitPlan) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, **{split: indices for split, (_, indices) in plan.items()})
+  with tf.io.gfile.GFile(os.path.join(out_dir, SPLIT_INDICES_NAME),
+                         'wb') as f:
+    f.write(buffer.getvalue())
+
+
+def prepare(config: PrepareConfig,
+            log: Callable[[str], None] = _quiet) -> Dict[str, Any]:
+  """Runs one preparation; returns the manifest written to config.out_dir."""
+  validate(config)
+  out_dir = os.path.abspath(os.path.expanduser(config.out_dir))
+  _check_out_dir(out_dir, config.overwrite)
+  log(f'Reading labels of the {config.source} source...')
+  source = _open_source(config)
+  plan, params = plan_splits(config, source)
+  log('Splits: ' + ', '.join(f'{split} {len(indices):,}'
+                             for split, (_, indices) in plan.items()))
+  normalization = resolve_normalization(config.normalization,
+                                        config.split_rule, source.name)
+  temporary_dir = f'{out_dir}.tmp-{os.getpid()}'
+  if tf.io.gfile.exists(temporary_dir):
+    tf.io.gfile.rmtree(temporary_dir)
+  try:
+    tf.io.gfile.makedirs(temporary_dir)
+    _write_split_indices(temporary_dir, plan)
+    manifest = write_prepared(
+        temporary_dir, source, plan, dataset=config.dataset_name,
+        split_rule=config.split_rule, seed=config.seed, params=params,
+        shard_size=config.shard_size, normalization=normalization,
+        extra={'split_indices_file': SPLIT_INDICES_NAME}, log=log)
+  except BaseException:
+    if tf.io.gfile.exists(temporary_dir):
+      tf.io.gfile.rmtree(temporary_dir)
+    raise
+  if tf.io.gfile.exists(out_dir):
+    old_dir = f'{out_dir}.old-{os.getpid()}'
+    tf.io.gfile.rename(out_dir, old_dir)
+    tf.io.gfile.rename(temporary_dir, out_dir)
+    tf.io.gfile.rmtree(old_dir)
+  else:
+    tf.io.gfile.rename(temporary_dir, out_dir)
+  log(f'Wrote {out_dir}: ' + ', '.join(
+      f'{split} {count:,}' for split, count in manifest['counts'].items()) +
+      f'; image_size {manifest["image_size"]}; train with '
+      f'--dataset={manifest["dataset"]} --data_dir={out_dir}')
+  return manifest
+
+
+_USAGE = """\
+Prepares a data set for mpl_tf training (see docs/data.md).
+
+  python -m mpl_tf.data.prepare --source=tfds --tfds_name=cifar10 \\
+      --tfds_data_dir=~/tensorflow_datasets --split_rule=cifar10_4k \\
+      --out_dir=data/cifar10_4k
+  python -m mpl_tf.data.prepare --source=folder --train_dir=photos/train \\
+      --test_dir=photos/test --split_rule=custom --labeled_per_class=20 \\
+      --validation_per_class=10 --out_dir=data/photos
+"""
+
+
+def run_cli(argv: Sequence[str]) -> int:
+  """The command line: parses argv, prepares; returns the exit status.
+
+  0 on success; 2, with one message on stderr and no traceback, for bad
+  flags, missing data or bad images.
+  """
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  from flags import prepare_flags  # pylint: disable=g-import-not-at-top
+  flag_values = absl_flags.FlagValues()
+  prepare_flags.define(flag_values)
+  if any(arg in ('-h', '--help', '-help', '--helpfull') for arg in argv[1:]):
+    print(_USAGE + '\n' + flag_values.get_help())
+    return 0
+  try:
+    leftover = flag_values(list(argv))
+    if len(leftover) > 1:
+      raise absl_flags.Error(f'unexpected arguments: {" ".join(leftover[1:])}')
+  except absl_flags.Error as error:
+    print(f'error: {error}\nRun with --help to list the flags.',
+          file=sys.stderr)
+    return 2
+  try:
+    prepare(prepare_flags.to_config(flag_values), log=print)
+  except (ValueError, FileNotFoundError, ImportError) as error:
+    # Source readers, split rules and writers raise these naming the fix.
+    print(f'error: {error}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  # Run the importable copy of this module, so its classes are the ones
+  # flags/prepare_flags.py builds (not a second copy named __main__).
+  from mpl_tf.data import prepare as _prepare  # pylint: disable=import-self,g-import-not-at-top
+  sys.exit(_prepare.run_cli(sys.argv))
