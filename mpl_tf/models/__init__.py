@@ -1,34 +1,85 @@
-"""One builder by name for teacher and student (they share an architecture)."""
+"""One builder by name for teacher and student (they share an architecture).
+
+Names (docs/models.md has the layouts, sources and parameter counts):
+  wrn-<depth>-<k>       WideResNet as the released code (wrn-28-2, wrn-28-10).
+  wrn-28-large          the released code's Wrn28k(k=135): widths 135/270/540.
+  resnet-50             ResNet-50 v1.5 (stride on the 3x3 conv).
+  efficientnet-<v>      v in bs, b0..b8, l2, b5-mpl, b6-mpl: Keras's
+                        EfficientNet edited to the released layout.
+
+Every network maps float32 images [N, size, size, 3], already normalised by
+the input pipeline, to float32 logits [N, num_classes]; takes its batch-norm
+momentum, epsilon and cross-replica synchronisation, its dropout, stochastic
+depth and dtype policy from ModelConfig; and never changes Keras's global
+dtype policy.
+"""
 
 import re
-from typing import List
+from typing import List, Tuple
 
 import keras
+import numpy as np
 
 from mpl_tf.config import ConfigError, ModelConfig
-from mpl_tf.models.wide_resnet import wide_resnet
+from mpl_tf.models import common
+from mpl_tf.models import efficientnet
+from mpl_tf.models import resnet
+from mpl_tf.models import wide_resnet
 
 _WRN = re.compile(r'^wrn-(\d+)-(\d+)$')
+KNOWN_NAMES = ('wrn-<depth>-<width> (e.g. wrn-28-2, wrn-28-10)',
+               'wrn-28-large', 'resnet-50') + tuple(efficientnet.VARIANTS)
+
+without_weights = common.without_weights
 
 
 def build_model(model_config: ModelConfig, num_classes: int, image_size: int,
                 name: str) -> keras.Model:
-  """Builds the network named by `model_config.name` (e.g. 'wrn-28-2')."""
-  match = _WRN.match(model_config.name)
-  if not match:
-    raise ConfigError(f'model={model_config.name!r} is unknown; this version '
-                      f'builds WideResNets named wrn-<depth>-<width>, e.g. '
-                      f'wrn-28-2.')
-  depth, width = int(match.group(1)), int(match.group(2))
-  if (depth - 4) % 6:
-    raise ConfigError(f'model={model_config.name!r}: WRN depth must be 6n+4 '
-                      f'(10, 16, 22, 28, ...).')
-  return wide_resnet(depth=depth, width=width, num_classes=num_classes,
-                     image_size=image_size,
-                     dropout_rate=model_config.dropout_rate,
-                     batch_norm_momentum=model_config.batch_norm_momentum,
-                     batch_norm_epsilon=model_config.batch_norm_epsilon,
-                     name=name)
+  """Builds the network named by `model_config.name` (e.g. 'wrn-28-2').
+
+  Raises:
+    ConfigError: the name is unknown, or a WRN depth is not 6n+4.
+  """
+  model_name = model_config.name
+  args = dict(num_classes=num_classes, image_size=image_size, name=name)
+  if model_name == 'wrn-28-large':
+    return wide_resnet.wide_resnet(
+        model_config, depth=28, stem_filters=wide_resnet.LARGE_STEM_FILTERS,
+        widths=wide_resnet.LARGE_WIDTHS, **args)
+  match = _WRN.match(model_name)
+  if match:
+    depth, width = int(match.group(1)), int(match.group(2))
+    if (depth - 4) % 6 or depth < 10:
+      raise ConfigError(f'model={model_name!r}: WRN depth must be 6n+4 '
+                        f'(10, 16, 22, 28, ...).')
+    return wide_resnet.wide_resnet(
+        model_config, depth=depth, stem_filters=16 * width,
+        widths=(16 * width, 32 * width, 64 * width), **args)
+  if model_name == 'resnet-50':
+    return resnet.resnet_v15(model_config, **args)
+  if model_name in efficientnet.VARIANTS:
+    return efficientnet.efficientnet(model_config, model_name, **args)
+  raise ConfigError(f'model={model_name!r} is unknown; known models: '
+                    f'{", ".join(KNOWN_NAMES)}.')
+
+
+def count_parameters(model_config: ModelConfig, num_classes: int,
+                     image_size: int) -> Tuple[int, int]:
+  """(trainable, batch-norm statistics) of a network, without its weights.
+
+  Builds the network inside `without_weights`, so even efficientnet-l2 costs
+  a few seconds and no memory for weights; the counts come from the same
+  code path as `build_model`.
+  """
+  with without_weights():
+    model = build_model(model_config, num_classes, image_size, 'count')
+    trainable = _size(model.trainable_weights)
+    total = _size(model.weights)
+  return trainable, total - trainable
+
+
+def _size(variables) -> int:
+  return sum(int(np.prod(v.shape)) for v in variables)
 
 
 def batch_norm_statistics(model: keras.Model) -> List[keras.Variable]:
