@@ -1,8 +1,9 @@
 """Runs Meta Pseudo Labels from absl flags: `python main.py --flagfile=...`.
 
-Kept thin on purpose: flags -> one frozen Config -> mpl_tf.train.run. User
-errors (bad flags, missing or inconsistent data) end with one message and
-exit status 2, without a traceback.
+Kept thin on purpose: flags -> one frozen Config -> mpl_tf.app.run, which
+trains (`--mode=train`, resuming from --model_dir), evaluates, exports or
+predicts. User errors (bad flags, missing or inconsistent data, a missing
+checkpoint) end with one message and exit status 2, without a traceback.
 """
 
 import os
@@ -20,12 +21,12 @@ definitions.define()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from mpl_tf import train  # pylint: disable=g-import-not-at-top
+  from mpl_tf import app as mpl_app  # pylint: disable=g-import-not-at-top
   from mpl_tf.config import ConfigError  # pylint: disable=g-import-not-at-top
   try:
     config = definitions.to_config()
     print(config.to_json())
-    train.run(config)
+    mpl_app.run(config)
   except (ConfigError, FileNotFoundError, ValueError) as error:
     # Data and config modules raise these with a message naming the fix.
     print(f'error: {error}', file=sys.stderr)

@@ -20,7 +20,13 @@ def update(ema_model: keras.Model, model: keras.Model, decay: tf.Tensor):
   `model.weights` holds trainable weights and batch-norm statistics (but not
   dropout seed states); both models come from the same builder, so the
   lists pair up object by object.
+
+  In a MirroredStrategy replica context each replica updates its own copy
+  (the weights' aggregation is 'none'); the copies stay identical because
+  every replica reads identical student weights and the same decay
+  (tests/test_optim.py checks it).
   """
   for ema_weight, weight in zip(ema_model.weights, model.weights):
     rate = tf.cast(1.0 - decay, ema_weight.dtype)
-    ema_weight.assign_sub(rate * (ema_weight - tf.cast(weight, ema_weight.dtype)))
+    ema_weight.assign_sub(
+        rate * (ema_weight - tf.cast(weight, ema_weight.dtype)))

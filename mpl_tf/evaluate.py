@@ -1,16 +1,22 @@
 """Top-1/top-5 accuracy and loss of a model over a padded, masked eval set.
 
 Eval batches are padded to a fixed shape (static shapes for TPU); the mask
-marks the real examples, and every count is mask-weighted.
+marks the real examples, and every count is mask-weighted. Under a strategy
+each replica counts its own batches and the counts are summed across
+replicas on the host side of the call (`strategy.reduce(SUM)`).
 """
 
-from typing import Dict
+import statistics
+from typing import Dict, List, Optional
 
 import keras
 import tensorflow as tf
 
+SUM = tf.distribute.ReduceOp.SUM
 
-def _batch_counts(model: keras.Model, batch: Dict[str, tf.Tensor]):
+
+def batch_counts(model: keras.Model, batch: Dict[str, tf.Tensor]) -> tf.Tensor:
+  """[top-1 hits, top-5 hits, summed loss, real examples] of one batch."""
   logits = tf.cast(model(batch['images'], training=False), tf.float32)
   labels = tf.cast(batch['labels'], tf.int32)
   mask = tf.cast(batch['mask'], tf.float32)
@@ -22,22 +28,67 @@ def _batch_counts(model: keras.Model, batch: Dict[str, tf.Tensor]):
                    tf.reduce_sum(loss * mask), tf.reduce_sum(mask)])
 
 
-class Evaluator:
-  """Evaluates any model of the same input shape; traces once per model."""
+def _as_result(totals) -> Dict[str, float]:
+  top1, top5, loss, count = [float(x) for x in totals]
+  if count == 0:
+    raise ValueError('the evaluation set is empty.')
+  return {'top1': top1 / count, 'top5': top5 / count, 'loss': loss / count,
+          'count': int(round(count))}
 
-  def __init__(self):
+
+class Evaluator:
+  """Evaluates any model on a (distributed) eval dataset; traces once per model.
+
+  Without a strategy, `dataset` is a plain tf.data.Dataset; with one, it is
+  what `strategy.distribute_datasets_from_function` returned.
+  """
+
+  def __init__(self, strategy: Optional[tf.distribute.Strategy] = None):
+    self.strategy = strategy
     self._functions = {}
 
-  def __call__(self, model: keras.Model, dataset) -> Dict[str, float]:
+  def _count_fn(self, model: keras.Model):
     if id(model) not in self._functions:
-      self._functions[id(model)] = tf.function(
-          lambda batch: _batch_counts(model, batch))
-    count_fn = self._functions[id(model)]
+      if self.strategy is None:
+        function = tf.function(lambda batch: batch_counts(model, batch))
+      else:
+        strategy = self.strategy
+
+        @tf.function
+        def function(batch):
+          per_replica = strategy.run(lambda b: batch_counts(model, b),
+                                     args=(batch,))
+          return strategy.reduce(SUM, per_replica, axis=None)
+      self._functions[id(model)] = (model, function)
+    return self._functions[id(model)][1]
+
+  def __call__(self, model: keras.Model, dataset) -> Dict[str, float]:
+    count_fn = self._count_fn(model)
     totals = tf.zeros([4])
     for batch in dataset:
       totals += count_fn(batch)
-    top1, top5, loss, count = totals.numpy().tolist()
-    if count == 0:
-      raise ValueError('the evaluation set is empty.')
-    return {'top1': top1 / count, 'top5': top5 / count, 'loss': loss / count,
-            'count': int(count)}
+    return _as_result(totals.numpy().tolist())
+
+
+def summarize(history: List[Dict], median_last: int) -> Dict:
+  """Final, best-on-validation and median-of-last-k of an eval history.
+
+  `history` holds one entry per evaluation, in order: {'step', 'validation':
+  {...}, 'test': {...}}. The best entry is chosen on validation top-1 only
+  (the first of ties); its test accuracy is what is reported for it, so the
+  test set never selects anything.
+  """
+  if not history:
+    return {}
+  best = max(history, key=lambda entry: entry['validation']['top1'])
+  last = history[-median_last:]
+  median = lambda split, key: statistics.median(e[split][key] for e in last)
+  return {
+      'final': history[-1],
+      'best_on_validation': best,
+      'median_last': {
+          'k': len(last),
+          'validation': {key: median('validation', key)
+                         for key in ('top1', 'top5')},
+          'test': {key: median('test', key) for key in ('top1', 'top5')}},
+  }

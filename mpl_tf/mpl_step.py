@@ -204,7 +204,8 @@ class MplStep:
     student_lr = tf.cast(self.student_optimizer.learning_rate, tf.float32)
     student_update, student_grad_norm = optim.decay_and_clip(
         student_grads, student_vars, self._student_no_decay,
-        self.optim_config.weight_decay, self.optim_config.grad_clip_norm)
+        optim.coupled_weight_decay(self.optim_config),
+        self.optim_config.grad_clip_norm)
     self.student_optimizer.apply_gradients(zip(student_update, student_vars))
     if self.ema_student is not None:
       ema.update(self.ema_student, self.student,
@@ -253,7 +254,8 @@ class MplStep:
     teacher_lr = tf.cast(self.teacher_optimizer.learning_rate, tf.float32)
     teacher_update, teacher_grad_norm = optim.decay_and_clip(
         teacher_grads, teacher_vars, self._teacher_no_decay,
-        self.optim_config.weight_decay, self.optim_config.grad_clip_norm)
+        optim.coupled_weight_decay(self.optim_config),
+        self.optim_config.grad_clip_norm)
     self.teacher_optimizer.apply_gradients(zip(teacher_update, teacher_vars))
     self.step.assign_add(1)
 

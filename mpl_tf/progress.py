@@ -18,22 +18,25 @@ def _duration(seconds: float) -> str:
 
 class Progress:
 
-  def __init__(self, label: str, total: int, log_every: int, stream=None):
+  def __init__(self, label: str, total: int, log_every: int, stream=None,
+               start_step: int = 0):
     self.label, self.total, self.log_every = label, total, log_every
     self.stream = stream or sys.stdout
     self.interactive = self.stream.isatty()
     self.start = time.time()
+    self.start_step = start_step
     self._first_step_time = None
+    self._first_step = None
 
   def update(self, step: int, scalars: Dict[str, float]) -> None:
     now = time.time()
     if self._first_step_time is None:
-      # The first step includes tracing; rates are measured after it.
-      self._first_step_time = now
-    if not (self.interactive or step % self.log_every == 0 or step == 1
-            or step == self.total):
+      # The first update includes tracing; rates are measured after it.
+      self._first_step_time, self._first_step = now, step
+    if not (self.interactive or step % self.log_every == 0
+            or step == self.start_step + 1 or step == self.total):
       return
-    measured = step - 1
+    measured = step - self._first_step
     rate = measured / (now - self._first_step_time) if measured else 0.0
     eta = (self.total - step) / rate if rate else 0.0
     values = ' '.join(f'{k.split("/")[-1]}={v:.4g}' for k, v in scalars.items())
@@ -48,5 +51,6 @@ class Progress:
   def close(self) -> None:
     elapsed = time.time() - self.start
     self.stream.write(('\n' if self.interactive else '') +
-                      f'{self.label}: {self.total} steps in {_duration(elapsed)}\n')
+                      f'{self.label}: steps {self.start_step}-{self.total} in '
+                      f'{_duration(elapsed)}\n')
     self.stream.flush()

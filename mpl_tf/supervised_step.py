@@ -41,7 +41,8 @@ class SupervisedStep:
                                   self.global_batch, self.label_smoothing)
     grads = replica_context.all_reduce(SUM, tape.gradient(loss, variables))
     update, grad_norm = optim.decay_and_clip(
-        grads, variables, self._no_decay, self.optim_config.weight_decay,
+        grads, variables, self._no_decay,
+        optim.coupled_weight_decay(self.optim_config),
         self.optim_config.grad_clip_norm)
     learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
     self.optimizer.apply_gradients(zip(update, variables))

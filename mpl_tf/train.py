@@ -1,136 +1,460 @@
-"""The training loop: owns time, progress, evaluation, checkpoints and results.
+"""The training loop: owns time, checkpoints, summaries, evaluation, results.
 
-`run(config)` trains MPL (teacher + student) for `num_steps`, then, if asked,
-a supervised-only model on the same labeled images with the same seed, and
-evaluates every network on the validation split (model selection) and the
-test split (the report). This first version runs on one device; the
-distributed loop comes with the training-system issue.
+`run(config)` lives through a whole experiment in `model_dir`:
+
+1. MPL (teacher + student + EMA student) for `optim.num_steps` steps, in
+   device loops of `steps_per_loop` steps (one `tf.function` running
+   `tf.range` over `strategy.run`), with a checkpoint every `checkpoint_every`
+   steps and an evaluation every `eval_every` steps: validation (which selects
+   the best EMA student) and test (which is only reported).
+2. Optionally, finetuning of the EMA student on the labeled images
+   (`finetune.steps`), reported beside the un-finetuned student.
+3. Optionally, a supervised-only baseline on the same labeled images with the
+   same seed, schedule and step count (`run.supervised_baseline`).
+
+Every phase resumes by itself from its latest checkpoint in `model_dir`: one
+tf.train.Checkpoint holds the networks, the optimizers (slots and step
+counters), the step, the h baseline and the dropout RNG states; the input
+streams and pseudo-label draws are pure functions of (seed, step), so they
+are rebuilt at the restored step, and a resumed run continues as if it had
+never stopped. A model_dir holding a
+run of another configuration is refused.
 """
 
+import dataclasses
 import json
 import os
 import time
-from typing import Callable, Dict
+from typing import Any, Callable, Dict, List, Optional
 
 import keras
 import tensorflow as tf
 
+from mpl_tf import distribute
 from mpl_tf import optim
-from mpl_tf.config import Config
-from mpl_tf.data import offline, pipeline
-from mpl_tf.evaluate import Evaluator
+from mpl_tf.config import Config, ConfigError
+from mpl_tf.data import augment
+from mpl_tf.data import offline
+from mpl_tf.data import pipeline
+from mpl_tf.evaluate import Evaluator, summarize
 from mpl_tf.models import build_model
 from mpl_tf.mpl_step import MplStep
 from mpl_tf.progress import Progress
 from mpl_tf.supervised_step import SupervisedStep
 
-# Scalars shown on the progress line (all are written to the log).
+MEAN = tf.distribute.ReduceOp.MEAN
+# Scalars shown on the progress line (TensorBoard gets all of them).
 _SHOWN = ('teacher/supervised_loss', 'teacher/uda_loss',
           'teacher/uda_mask_rate', 'student/pseudo_label_loss',
-          'student/labeled_loss_new', 'mpl/h')
+          'student/labeled_loss_new', 'mpl/h', 'supervised/loss')
+# Run fields that may change between a run and its resumption.
+_RESUMABLE_RUN_FIELDS = (
+    'mode', 'model_dir', 'strategy', 'tpu', 'steps_per_loop',
+    'checkpoint_every', 'keep_checkpoints', 'jit_compile', 'eval_every', 'eval_batch_size', 'eval_median_last',
+    'export_dir', 'checkpoint', 'predict_files')
+_HISTORY_FILE = 'eval_history.json'
+_IMAGES_SHOWN = 4
 
 
-def _write_json(model_dir: str, name: str, payload) -> None:
-  path = os.path.join(model_dir, name)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
+def write_json(path: str, payload) -> None:
+  """Writes JSON to a temporary name, then renames: never half a file."""
+  with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
+    f.write(json.dumps(payload, indent=2, sort_keys=True))
+  tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
 
 
-def _train(step_fn: Callable, iterator, num_steps: int, label: str,
-           log_every: int, on_eval: Callable = None, eval_every: int = 0):
-  """Runs `num_steps` calls of `step_fn`, showing progress; returns last metrics."""
-  progress = Progress(label, num_steps, log_every)
-  metrics = {}
-  for step in range(1, num_steps + 1):
-    metrics = {k: float(v) for k, v in step_fn(next(iterator)).items()}
-    progress.update(step, {k: v for k, v in metrics.items() if k in _SHOWN
-                           or k.startswith('supervised/loss')})
-    if on_eval and eval_every and step % eval_every == 0 and step < num_steps:
-      on_eval(step)
-  progress.close()
-  return metrics
+def _read_json(path: str):
+  with tf.io.gfile.GFile(path) as f:
+    return json.loads(f.read())
 
 
-def run(config: Config) -> Dict[str, Dict[str, float]]:
-  """Trains and evaluates; writes config.json and results.json to model_dir."""
+def _comparable(config_dict: Dict[str, Any]) -> Dict[str, Any]:
+  run = {k: v for k, v in config_dict.get('run', {}).items()
+         if k not in _RESUMABLE_RUN_FIELDS}
+  return {**config_dict, 'run': run}
+
+
+def check_model_dir(config: Config) -> None:
+  """Refuses a model_dir that holds a run of a different configuration."""
+  path = os.path.join(config.run.model_dir, 'config.json')
+  if not tf.io.gfile.exists(path):
+    return
+  saved, wanted = _comparable(_read_json(path)), _comparable(config.to_dict())
+  differences = []
+  for group in sorted(set(saved) | set(wanted)):
+    for field in sorted(set(saved.get(group, {})) | set(wanted.get(group, {}))):
+      before = saved.get(group, {}).get(field)
+      now = wanted.get(group, {}).get(field)
+      if before != now:
+        differences.append(f'{group}.{field}: {before!r} -> {now!r}')
+  if differences:
+    raise ConfigError(
+        f'model_dir {config.run.model_dir!r} holds a run of a different '
+        f'configuration ({"; ".join(differences[:5])}'
+        f'{"; ..." if len(differences) > 5 else ""}). Pass another '
+        f'--model_dir, or delete that directory to start over.')
+
+
+def random_states(*models: keras.Model) -> List[keras.Variable]:
+  """The seed-generator states of the models' random layers, by object.
+
+  Dropout (and stochastic depth) draw their masks from these states; Keras
+  does not put them in a tf.train.Checkpoint of the model, so the loop saves
+  them itself, or a resumed run would draw different masks.
+  """
+  states, seen = [], set()
+  for model in models:
+    for layer in model._flatten_layers(include_self=True):  # pylint: disable=protected-access
+      for value in vars(layer).values():
+        if (isinstance(value, keras.random.SeedGenerator) and
+            id(value.state) not in seen):
+          seen.add(id(value.state))
+          states.append(value.state)
+  return states
+
+
+def make_train_loop(strategy: tf.distribute.Strategy,
+                    replica_step: Callable, jit_compile: bool) -> Callable:
+  """loop(iterator, num_steps) -> mean of every metric over those steps.
+
+  One host call runs `num_steps` steps on the device. Each step's metrics are
+  averaged across replicas (most are already global on every replica; the
+  local ones, like the UDA mask rate, become global means) and then over the
+  steps.
+  """
+
+  def one_step(iterator):
+    per_replica = strategy.run(replica_step, args=(next(iterator),))
+    return {name: strategy.reduce(MEAN, value, axis=None)
+            for name, value in per_replica.items()}
+
+  @tf.function(jit_compile=jit_compile)
+  def loop(iterator, num_steps):
+    totals = one_step(iterator)
+    for _ in tf.range(num_steps - 1):
+      totals = {name: total + value
+                for (name, total), value in zip(
+                    totals.items(), one_step(iterator).values())}
+    return {name: total / tf.cast(num_steps, total.dtype)
+            for name, total in totals.items()}
+
+  return loop
+
+
+def mpl_replica_step(mpl_step: MplStep) -> Callable:
+  """The MPL step plus the diagnostics the loop logs."""
+
+  def replica_step(batch):
+    metrics, outputs = mpl_step(batch)
+    metrics = dict(metrics)
+    metrics['mpl/h_positive'] = tf.cast(metrics['mpl/h'] > 0, tf.float32)
+    if 'unlabeled_labels' in batch:
+      correct = tf.equal(outputs['pseudo_label_ids'],
+                         tf.cast(batch['unlabeled_labels'], tf.int32))
+      metrics['student/pseudo_label_accuracy'] = tf.reduce_mean(
+          tf.cast(correct, tf.float32))
+    return metrics
+
+  return replica_step
+
+
+class _Phase:
+  """One training phase: its step, state, checkpoints and summaries."""
+
+  def __init__(self, name: str, config: Config, strategy, manifest,
+               replica_step: Callable, step_counter: tf.Variable,
+               checkpoint_items: Dict[str, Any], dataset_fn: Callable,
+               num_steps: int, splits, directory: str, models):
+    self.name, self.config, self.strategy = name, config, strategy
+    self.manifest, self.num_steps, self.splits = manifest, num_steps, splits
+    self.step_counter = step_counter
+    self.directory = directory
+    # dataset_fn(input_context, start_step): the stream from that step on.
+    # The streams are pure functions of (seed, step), so a resumed run
+    # rebuilds its input where it stopped instead of saving the iterators.
+    self.dataset_fn = dataset_fn
+    self.checkpoint = tf.train.Checkpoint(
+        **checkpoint_items, random_states=random_states(*models))
+    self.manager = tf.train.CheckpointManager(
+        self.checkpoint, os.path.join(directory, 'checkpoints'),
+        max_to_keep=config.run.keep_checkpoints, step_counter=step_counter)
+    self.loop = make_train_loop(strategy, replica_step,
+                                config.run.jit_compile)
+    self.writer = tf.summary.create_file_writer(
+        os.path.join(directory, 'logs', 'train'))
+    self._restored = False
+
+  def restore(self) -> int:
+    """Restores the latest checkpoint (once), if any; returns the step."""
+    latest = self.manager.latest_checkpoint
+    if latest and not self._restored:
+      self._restored = True
+      self.checkpoint.restore(latest).assert_existing_objects_matched()
+      print(f'{self.name}: resumed from {latest} at step '
+            f'{int(self.step_counter)}')
+    return int(self.step_counter)
+
+  def _write_images(self) -> None:
+    """A few training images of every view, as the networks see them."""
+    batch = next(iter(self.dataset_fn(None, 0)))
+    mean = tf.constant(self.manifest['mean'], tf.float32)
+    std = tf.constant(self.manifest['std'], tf.float32)
+    with self.writer.as_default():
+      for key in ('labeled_images', 'unlabeled_images_ori',
+                  'unlabeled_images_aug'):
+        if key in batch:
+          images = batch[key][:_IMAGES_SHOWN] * std + mean
+          tf.summary.image(f'inputs/{key}', images / augment.MAX_PIXEL,
+                           step=0, max_outputs=_IMAGES_SHOWN)
+
+  def train(self, on_eval: Optional[Callable] = None) -> Dict[str, float]:
+    """Runs the remaining steps; returns the last loop's mean metrics."""
+    run = self.config.run
+    step = self.restore()
+    if step == 0:
+      self._write_images()
+    progress = Progress(self.name, self.num_steps, run.steps_per_loop,
+                        start_step=step)
+    iterator = iter(self.strategy.distribute_datasets_from_function(
+        lambda context: self.dataset_fn(context, step)))
+    metrics = {}
+    while step < self.num_steps:
+      count = min(run.steps_per_loop, self.num_steps - step)
+      try:
+        metrics = {k: float(v) for k, v in
+                   self.loop(iterator, tf.constant(count)).items()}
+      except tf.errors.OpError as error:
+        problem = pipeline.find_input_problem(self.config, self.manifest,
+                                              self.splits)
+        if problem is None:
+          raise
+        raise problem from error
+      step = int(self.step_counter)
+      with self.writer.as_default():
+        for name, value in metrics.items():
+          tf.summary.scalar(name, value, step=step)
+      progress.update(step, {k: v for k, v in metrics.items() if k in _SHOWN})
+      if step % run.checkpoint_every == 0 or step == self.num_steps:
+        self.manager.save(checkpoint_number=step)
+      if on_eval and run.eval_every and step % run.eval_every == 0:
+        on_eval(step)
+    progress.close()
+    self.writer.flush()
+    return metrics
+
+
+class _Evaluations:
+  """Validation and test evaluations of the networks, and their history.
+
+  The history (of the selected network: the EMA student) survives restarts
+  in model_dir/eval_history.json; the best-on-validation network is kept in
+  model_dir/checkpoints/best by its own CheckpointManager.
+  """
+
+  def __init__(self, config: Config, strategy, manifest, selected, directory):
+    self.config, self.strategy, self.manifest = config, strategy, manifest
+    self.evaluator = Evaluator(strategy)
+    self.selected = selected
+    self.history_path = os.path.join(directory, _HISTORY_FILE)
+    self.history = []
+    self.best = tf.train.CheckpointManager(
+        tf.train.Checkpoint(ema_student=selected),
+        os.path.join(directory, 'checkpoints', 'best'), max_to_keep=1,
+        checkpoint_name='best')
+    self.writer = tf.summary.create_file_writer(
+        os.path.join(directory, 'logs', 'eval'))
+
+  def load_history(self, restored_step: int) -> None:
+    if tf.io.gfile.exists(self.history_path):
+      self.history = [entry for entry in _read_json(self.history_path)
+                      if entry['step'] <= restored_step]
+
+  def evaluate(self, model: keras.Model, split: str) -> Dict[str, float]:
+    run = self.config.run
+    dataset = self.strategy.distribute_datasets_from_function(
+        lambda context: pipeline.eval_dataset(
+            self.config, self.manifest, split, run.eval_batch_size, context))
+    try:
+      return self.evaluator(model, dataset)
+    except tf.errors.OpError as error:
+      problem = pipeline.find_input_problem(self.config, self.manifest,
+                                            (split,))
+      if problem is None:
+        raise
+      raise problem from error
+
+  def record(self, step: int) -> Dict[str, Any]:
+    """Evaluates the selected network on both splits; keeps the best."""
+    entry = {'step': step,
+             'validation': self.evaluate(self.selected, 'validation'),
+             'test': self.evaluate(self.selected, 'test')}
+    best_so_far = max((e['validation']['top1'] for e in self.history),
+                      default=-1.0)
+    self.history = [e for e in self.history if e['step'] != step] + [entry]
+    if entry['validation']['top1'] > best_so_far:
+      self.best.save(checkpoint_number=step)
+    write_json(self.history_path, self.history)
+    with self.writer.as_default():
+      for split in ('validation', 'test'):
+        for key in ('top1', 'top5', 'loss'):
+          tf.summary.scalar(f'{split}/{key}', entry[split][key], step=step)
+    print(f'  step {step}: EMA student top-1 validation '
+          f'{entry["validation"]["top1"]:.4f}, test {entry["test"]["top1"]:.4f}')
+    return entry
+
+
+def _dataset_fn(config: Config, manifest, kind: str, batch_size: int = 0):
+  if kind == 'mpl':
+    return lambda context, step: pipeline.train_dataset(config, manifest,
+                                                        context, step)
+  return lambda context, step: pipeline.labeled_dataset(
+      config, manifest, batch_size, context, step)
+
+
+def _check_batches(config: Config, strategy) -> None:
+  distribute.check_batch_divides(strategy, 'labeled_batch_size',
+                                 config.optim.labeled_batch_size)
+  distribute.check_batch_divides(strategy, 'eval_batch_size',
+                                 config.run.eval_batch_size)
+  if config.finetune.steps:
+    distribute.check_batch_divides(
+        strategy, 'finetune_batch_size',
+        config.finetune.batch_size or config.optim.labeled_batch_size)
+
+
+def _supervised_phase(name: str, config: Config, strategy, manifest,
+                      model: keras.Model, optimizer, num_steps: int,
+                      batch_size: int, weight_decay_config, directory: str,
+                      model_key: str = 'model'):
+  step = SupervisedStep(model, optimizer, weight_decay_config,
+                        config.mpl.label_smoothing, batch_size)
+  return _Phase(
+      name, config, strategy, manifest, step, optimizer.iterations,
+      {model_key: model, 'optimizer': optimizer},
+      _dataset_fn(config, manifest, 'supervised', batch_size), num_steps,
+      ('labeled',), directory, [model])
+
+
+def run(config: Config) -> Dict[str, Any]:
+  """Trains, finetunes and evaluates; writes config.json and results.json."""
   run_cfg, optim_cfg = config.run, config.optim
-  # Data first: a missing data set fails before anything is written.
+  model_dir = run_cfg.model_dir
+  # Data and config first: a wrong setting fails before anything is written.
   manifest = offline.ensure_prepared(config.data)
-  os.makedirs(run_cfg.model_dir, exist_ok=True)
-  _write_json(run_cfg.model_dir, 'config.json', config.to_dict())
+  strategy = distribute.get_strategy(run_cfg)
+  _check_batches(config, strategy)
+  check_model_dir(config)
+  tf.io.gfile.makedirs(model_dir)
+  write_json(os.path.join(model_dir, 'config.json'), config.to_dict())
   num_classes, image_size = manifest['num_classes'], config.data.image_size
   print(f'data: {config.data.dataset} in {config.data.data_dir}: ' +
         ', '.join(f'{split} {manifest["counts"][split]}'
                   for split in ('labeled', 'unlabeled', 'validation', 'test')))
+  print(f'strategy: {type(strategy).__name__} with '
+        f'{strategy.num_replicas_in_sync} replica(s)')
 
   keras.utils.set_random_seed(run_cfg.seed)
   build = lambda name: build_model(config.model, num_classes, image_size, name)
-  teacher, student, ema_student = build('teacher'), build('student'), build(
-      'ema_student')
-  ema_student.set_weights(student.get_weights())
-  teacher_lr, student_lr = optim.learning_rates(optim_cfg)
-  mpl_step = MplStep(
-      config.mpl, optim_cfg, teacher, student,
-      optim.make_optimizer(teacher_lr, optim_cfg, 'teacher_optimizer'),
-      optim.make_optimizer(student_lr, optim_cfg, 'student_optimizer'),
-      global_labeled_batch=optim_cfg.labeled_batch_size,
-      global_unlabeled_batch=config.unlabeled_batch_size,
-      ema_student=ema_student, seed=run_cfg.seed)
+  with strategy.scope():
+    teacher, student, ema_student = (build('teacher'), build('student'),
+                                     build('ema_student'))
+    ema_student.set_weights(student.get_weights())
+    teacher_lr, student_lr = optim.learning_rates(optim_cfg)
+    mpl_step = MplStep(
+        config.mpl, optim_cfg, teacher, student,
+        optim.make_optimizer(teacher_lr, optim_cfg, 'teacher_optimizer',
+                             teacher),
+        optim.make_optimizer(student_lr, optim_cfg, 'student_optimizer',
+                             student),
+        global_labeled_batch=optim_cfg.labeled_batch_size,
+        global_unlabeled_batch=config.unlabeled_batch_size,
+        ema_student=ema_student, seed=run_cfg.seed)
+    mpl_phase = _Phase(
+        'MPL', config, strategy, manifest, mpl_replica_step(mpl_step),
+        mpl_step.step, mpl_step.checkpoint_items(),
+        _dataset_fn(config, manifest, 'mpl'), optim_cfg.num_steps,
+        ('labeled', 'unlabeled'), model_dir, [teacher, student, ema_student])
   print(f'networks: {config.model.name}, {student.count_params():,} '
         f'parameters each; MPL: {config.mpl}')
 
-  evaluator = Evaluator()
-  eval_split = lambda split: pipeline.eval_dataset(
-      config, manifest, split, run_cfg.eval_batch_size)
-  validation_history = []
-
-  def evaluate_during_training(step):
-    result = evaluator(ema_student, eval_split('validation'))
-    validation_history.append({'step': step, **result})
-    print(f'\n  step {step}: EMA student validation top-1 {result["top1"]:.4f}')
-
-  train_iterator = iter(pipeline.train_dataset(config, manifest))
-  mpl_fn = tf.function(lambda batch: mpl_step(batch)[0])
+  evaluations = _Evaluations(config, strategy, manifest, ema_student,
+                             model_dir)
+  evaluations.load_history(mpl_phase.restore())
   start = time.time()
-  _train(mpl_fn, train_iterator, optim_cfg.num_steps, 'MPL', run_cfg.log_every,
-         evaluate_during_training, run_cfg.eval_every)
-  mpl_seconds = time.time() - start
-  checkpoint = tf.train.Checkpoint(**mpl_step.checkpoint_items())
-  checkpoint.write(os.path.join(run_cfg.model_dir, 'checkpoints', 'final'))
+  mpl_phase.train(evaluations.record)
+  timings = {'mpl_seconds': time.time() - start}
+  if not evaluations.history or evaluations.history[-1]['step'] != int(
+      mpl_step.step):
+    evaluations.record(int(mpl_step.step))
 
   models = {'mpl_ema_student': ema_student, 'mpl_student': student,
             'mpl_teacher': teacher}
-  timings = {'mpl_seconds': mpl_seconds}
+  results: Dict[str, Any] = {}
+  if config.finetune.steps:
+    finetuned, seconds = _finetune(config, strategy, manifest, ema_student,
+                                   build)
+    models['mpl_ema_student_finetuned'] = finetuned
+    timings['finetune_seconds'] = seconds
   if run_cfg.supervised_baseline:
     keras.utils.set_random_seed(run_cfg.seed)
-    supervised = build('supervised')
-    supervised_lr, _ = optim.learning_rates(optim_cfg)
-    supervised_step = SupervisedStep(
-        supervised, optim.make_optimizer(supervised_lr, optim_cfg,
-                                         'supervised_optimizer'),
-        optim_cfg, config.mpl.label_smoothing, optim_cfg.labeled_batch_size)
-    labeled_iterator = iter(pipeline.labeled_dataset(
-        config, manifest, optim_cfg.labeled_batch_size))
+    with strategy.scope():
+      supervised = build('supervised')
+      supervised_lr, _ = optim.learning_rates(optim_cfg)
+      phase = _supervised_phase(
+          'supervised', config, strategy, manifest, supervised,
+          optim.make_optimizer(supervised_lr, optim_cfg,
+                               'supervised_optimizer', supervised),
+          run_cfg.supervised_steps or optim_cfg.num_steps,
+          optim_cfg.labeled_batch_size, optim_cfg,
+          os.path.join(model_dir, 'supervised'))
     start = time.time()
-    _train(tf.function(supervised_step), labeled_iterator,
-           run_cfg.supervised_steps or optim_cfg.num_steps, 'supervised',
-           run_cfg.log_every)
+    phase.train()
     timings['supervised_seconds'] = time.time() - start
     models['supervised'] = supervised
 
-  results = {name: {split: evaluator(model, eval_split(split))
-                    for split in ('validation', 'test')}
-             for name, model in models.items()}
-  results['validation_history'] = validation_history
+  for name, model in models.items():
+    results[name] = {split: evaluations.evaluate(model, split)
+                     for split in ('validation', 'test')}
+  results['ema_student_history'] = summarize(evaluations.history,
+                                             run_cfg.eval_median_last)
   results['timings'] = timings
-  _write_json(run_cfg.model_dir, 'results.json', results)
+  write_json(os.path.join(model_dir, 'results.json'), results)
   _print_results(results, models)
   return results
 
 
+def _finetune(config: Config, strategy, manifest, ema_student, build):
+  """Trains a copy of the EMA student on the labeled images alone."""
+  finetune = config.finetune
+  batch_size = finetune.batch_size or config.optim.labeled_batch_size
+  decay_config = dataclasses.replace(config.optim,
+                                     weight_decay=finetune.weight_decay)
+  with strategy.scope():
+    finetuned = build('finetuned_student')
+    finetuned.set_weights(ema_student.get_weights())
+    schedule = optim.WarmupCosine(finetune.learning_rate, finetune.steps)
+    phase = _supervised_phase(
+        'finetune', config, strategy, manifest, finetuned,
+        optim.make_optimizer(schedule, decay_config, 'finetune_optimizer',
+                             finetuned),
+        finetune.steps, batch_size, decay_config,
+        os.path.join(config.run.model_dir, 'finetune'),
+        # The key export.py serves: the finetuned student replaces the EMA one.
+        model_key='ema_student')
+  start = time.time()
+  phase.train()
+  return finetuned, time.time() - start
+
+
 def _print_results(results, models) -> None:
-  print('\n{:<22}{:>16}{:>12}'.format('model', 'validation top-1', 'test top-1'))
+  print('\n{:<28}{:>16}{:>12}'.format('model', 'validation top-1',
+                                      'test top-1'))
   for name in models:
-    print('{:<22}{:>16.4f}{:>12.4f}'.format(
+    print('{:<28}{:>16.4f}{:>12.4f}'.format(
         name, results[name]['validation']['top1'], results[name]['test']['top1']))
+  history = results['ema_student_history']
+  if history:
+    best, median = history['best_on_validation'], history['median_last']
+    print(f'EMA student, best on validation (step {best["step"]}): test top-1 '
+          f'{best["test"]["top1"]:.4f}; median of the last {median["k"]} '
+          f'evaluations: test top-1 {median["test"]["top1"]:.4f}')

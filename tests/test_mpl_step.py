@@ -11,14 +11,14 @@ with the pseudo labels y_hat the step reports it sampled.
 
 import os
 
-import numpy as np
 import tensorflow as tf
 from absl import flags as absl_flags
 
 from flags import definitions
+from mpl_tf import distribute
 from mpl_tf import losses
 from mpl_tf import optim
-from mpl_tf.config import MplConfig, OptimConfig
+from mpl_tf.config import MplConfig, OptimConfig, RunConfig
 from mpl_tf.mpl_step import MplStep
 from tests.tiny_models import keras_mlp, mlp_apply, random_batch, snapshot
 
@@ -259,7 +259,7 @@ class MirroredStrategyTest(tf.test.TestCase):
     single = self._step_with_ema(config)
     single_metrics, _ = tf.function(single)(batch)
 
-    strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+    strategy = distribute.get_strategy(RunConfig(strategy='mirrored'))
     self.assertEqual(strategy.num_replicas_in_sync, 2)
     with strategy.scope():
       mirrored = self._step_with_ema(config)

@@ -1,9 +1,10 @@
-"""End to end: flags -> config -> a few MPL and supervised steps -> results.
+"""End to end: flags -> config -> MPL, finetuning, baseline -> results; resume.
 
 Uses scikit-learn's digits and a one-block-per-stage WRN so it runs in
 seconds; the README's demo runs the same code at full size.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -11,11 +12,14 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import tensorflow as tf
 from absl import flags as absl_flags
 
 from flags import definitions
+from mpl_tf import app
 from mpl_tf import train
+from mpl_tf.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,29 +37,118 @@ def _config(model_dir, data_dir, *extra):
                '--dataset=digits', f'--data_dir={data_dir}',
                f'--model_dir={model_dir}', '--model=wrn-10-1',
                '--labeled_batch_size=4', '--uda_ratio=2', '--num_steps=3',
-               '--supervised_steps=2', '--eval_every=2', '--log_every=1',
-               '--num_validation=100', '--num_test=100',
-               '--labeled_per_class=2', *extra])
+               '--supervised_steps=2', '--eval_every=2', '--steps_per_loop=1',
+               '--checkpoint_every=1', '--num_validation=100',
+               '--num_test=100', '--labeled_per_class=2', *extra])
   return definitions.to_config(flag_values)
+
+
+def _variables(checkpoint_prefix, prefix):
+  reader = tf.train.load_checkpoint(checkpoint_prefix)
+  return {name: reader.get_tensor(name)
+          for name, _ in tf.train.list_variables(checkpoint_prefix)
+          if name.startswith(prefix) and 'OPTIMIZER_SLOT' not in name}
 
 
 class TrainEndToEndTest(tf.test.TestCase):
 
-  def test_demo_preset_runs_and_reports(self):
-    model_dir, data_dir = _tempdir(self), _tempdir(self)
-    config = _config(model_dir, data_dir)
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.data_dir = tempfile.mkdtemp()
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.data_dir, ignore_errors=True)
+    super().tearDownClass()
+
+  def test_demo_preset_runs_finetunes_and_reports(self):
+    model_dir = _tempdir(self)
+    config = _config(model_dir, self.data_dir, '--finetune_steps=2')
     results = train.run(config)
-    for name in ('mpl_ema_student', 'mpl_student', 'mpl_teacher', 'supervised'):
+    for name in ('mpl_ema_student', 'mpl_student', 'mpl_teacher',
+                 'mpl_ema_student_finetuned', 'supervised'):
       self.assertEqual(results[name]['test']['count'], 100)
       self.assertEqual(results[name]['validation']['count'], 100)
       self.assertBetween(results[name]['test']['top1'], 0.0, 1.0)
-    self.assertLen(results['validation_history'], 1)
+    history = results['ema_student_history']
+    self.assertEqual(history['final']['step'], 3)
+    self.assertIn(history['best_on_validation']['step'], (2, 3))
+    self.assertEqual(history['median_last']['k'], 2)
     with open(os.path.join(model_dir, 'config.json')) as f:
       self.assertEqual(json.load(f), config.to_dict())
     with open(os.path.join(model_dir, 'results.json')) as f:
       self.assertIn('supervised', json.load(f))
-    self.assertTrue(tf.train.list_variables(
-        os.path.join(model_dir, 'checkpoints', 'final')))
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, 'checkpoints'))
+    self.assertTrue(latest.endswith('ckpt-3'))
+    names = [name for name, _ in tf.train.list_variables(latest)]
+    for key in ('teacher/', 'student/', 'ema_student/', 'teacher_optimizer/',
+                'student_optimizer/', 'step/', 'h_baseline/',
+                'random_states/'):
+      self.assertTrue(any(n.startswith(key) for n in names), key)
+    self.assertTrue(tf.train.latest_checkpoint(
+        os.path.join(model_dir, 'checkpoints', 'best')))
+    self.assertTrue(tf.io.gfile.glob(
+        os.path.join(model_dir, 'logs', 'train', 'events.*')))
+
+    # The other modes on this run: export serves the finetuned student and
+    # evaluating the export reproduces the loop's evaluation of it.
+    exported = app.run(dataclasses.replace(
+        config, run=dataclasses.replace(config.run, mode='export')))
+    self.assertIn(os.path.join('finetune', 'checkpoints'),
+                  exported['checkpoint'])
+    evaluated = app.run(dataclasses.replace(config, run=dataclasses.replace(
+        config.run, mode='eval', checkpoint=exported['export_dir'])))
+    self.assertAllClose(evaluated['test']['top1'],
+                        results['mpl_ema_student_finetuned']['test']['top1'])
+    image_path = os.path.join(model_dir, 'digit.png')
+    digit = np.zeros([32, 32, 3], np.uint8)
+    digit[8:24, 14:18] = 255
+    tf.io.write_file(image_path, tf.io.encode_png(digit))
+    predicted = app.run(dataclasses.replace(config, run=dataclasses.replace(
+        config.run, mode='predict', predict_files=image_path)))
+    self.assertLen(predicted['predictions'], 1)
+    self.assertBetween(predicted['predictions'][0]['class'], 0, 9)
+
+  def test_resume_continues_at_the_checkpoint_with_every_network(self):
+    # A 3-step run; then its last checkpoint is taken away, as if the run
+    # had been killed after step 2, and the run is started again.
+    model_dir = _tempdir(self)
+    config = _config(model_dir, self.data_dir, '--nosupervised_baseline',
+                     '--eval_every=0')
+    train.run(config)
+    directory = os.path.join(model_dir, 'checkpoints')
+    straight = _variables_of_every_network(tf.train.latest_checkpoint(
+        directory))
+    self.assertTrue(tf.train.latest_checkpoint(directory).endswith('ckpt-3'))
+    for path in tf.io.gfile.glob(os.path.join(directory, 'ckpt-3*')):
+      os.remove(path)
+    tf.compat.v1.train.update_checkpoint_state(
+        directory, os.path.join(directory, 'ckpt-2'),
+        [os.path.join(directory, f'ckpt-{i}') for i in (1, 2)])
+
+    with self.assertRaisesRegex(ConfigError, 'num_steps: 3 -> 4'):
+      # The same model_dir with another configuration is refused.
+      train.run(dataclasses.replace(
+          config, optim=dataclasses.replace(config.optim, num_steps=4)))
+    train.run(config)
+    resumed = _variables_of_every_network(tf.train.latest_checkpoint(
+        directory))
+    self.assertEqual(set(resumed), set(straight))
+    for name, value in straight.items():
+      self.assertAllClose(resumed[name], value, rtol=1e-5, atol=1e-6,
+                          msg=name)
+
+
+def _variables_of_every_network(checkpoint_prefix):
+  values = {}
+  for prefix in ('teacher/', 'student/', 'ema_student/', 'teacher_optimizer/',
+                 'student_optimizer/', 'step/', 'h_baseline/',
+                 'random_states/'):
+    found = _variables(checkpoint_prefix, prefix)
+    assert found, prefix
+    values.update(found)
+  return values
 
 
 def _main(*args):
@@ -68,7 +161,7 @@ class MainErrorsTest(tf.test.TestCase):
   def test_missing_data_is_one_clear_message(self):
     missing = os.path.join(_tempdir(self), 'nowhere')
     model_dir = _tempdir(self)
-    result = _main('--dataset=cifar10', f'--data_dir={missing}',
+    result = _main('--dataset=cifar10_4k', f'--data_dir={missing}',
                    f'--model_dir={model_dir}')
     self.assertEqual(result.returncode, 2, result.stderr)
     self.assertIn('error:', result.stderr)
@@ -81,3 +174,7 @@ class MainErrorsTest(tf.test.TestCase):
     self.assertNotEqual(result.returncode, 0)
     self.assertIn('pseudo_label', result.stderr)
     self.assertNotIn('Traceback', result.stderr)
+
+
+if __name__ == '__main__':
+  tf.test.main()
