@@ -21,8 +21,12 @@ definitions.define()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mpl_tf import app as mpl_app  # pylint: disable=g-import-not-at-top
   from mpl_tf.config import ConfigError  # pylint: disable=g-import-not-at-top
+  # TensorFlow's INFO/WARNING chatter (e.g. keras-cv's vectorisation notes)
+  # would bury the progress lines; errors still show.
+  tf.get_logger().setLevel('ERROR')
   try:
     config = definitions.to_config()
     print(config.to_json())

@@ -106,7 +106,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--mu', type=int, default=7)
-  parser.add_argument('--num_batches', type=int, default=20)
+  parser.add_argument('--num_batches', type=int, default=100)
   parser.add_argument('--num_steps', type=int, default=2)
   parser.add_argument('--skip_step', action='store_true',
                       help='Do not time the MPL step; use --step_seconds.')

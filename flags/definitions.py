@@ -127,6 +127,10 @@ _ENUMS = {
                       'train (resuming from model_dir), eval (validation and '
                       'test of a checkpoint or SavedModel), export (SavedModel '
                       'of the EMA student) or predict (--predict_files).'),
+    ('run', 'algorithm'): (config_lib.ALGORITHMS,
+                           'What --mode=train trains: mpl, pseudo_labels (MPL '
+                           'without feedback or UDA; needs --mpl_weight=0 '
+                           '--uda_weight=0), uda (one network) or supervised.'),
     ('run', 'strategy'): (config_lib.STRATEGIES,
                           'Distribution strategy: one_device, mirrored (all '
                           'local GPUs or CPUs), multi_worker (TF_CONFIG) or '

@@ -20,6 +20,7 @@ VIEWS = ('aug', 'ori')
 RANDAUGMENT_OPS = ('paper', 'svhn', 'released_code')
 CROPS = ('pad_crop', 'inception')
 MODES = ('train', 'eval', 'export', 'predict')
+ALGORITHMS = ('mpl', 'pseudo_labels', 'uda', 'supervised')
 STRATEGIES = ('one_device', 'mirrored', 'multi_worker', 'tpu')
 PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
 OFFLINE_DATASETS = ('mnist5k', 'digits')
@@ -154,6 +155,11 @@ class RunConfig:
   # 'train' (resumes from model_dir), 'eval' (a checkpoint or SavedModel),
   # 'export' (SavedModel of the EMA student), 'predict' (image files).
   mode: str = 'train'
+  # What 'train' trains: 'mpl' (teacher, student and EMA student),
+  # 'pseudo_labels' (the same step without feedback or UDA: needs
+  # mpl_weight=0 and uda_weight=0), 'uda' (one network with UDA) or
+  # 'supervised' (the labeled images alone); all share data, schedules, seed.
+  algorithm: str = 'mpl'
   model_dir: str = 'runs/demo'
   seed: int = 0
   # 'one_device', 'mirrored', 'multi_worker' or 'tpu' (see distribute.py).
@@ -274,6 +280,12 @@ def validate(config: Config) -> Config:
   run = config.run
   _check_choice('mode', run.mode, MODES)
   _check_choice('strategy', run.strategy, STRATEGIES)
+  _check_choice('algorithm', run.algorithm, ALGORITHMS)
+  if run.algorithm == 'pseudo_labels' and (mpl.mpl_weight or mpl.uda_weight):
+    raise ConfigError(
+        f'algorithm=pseudo_labels is the MPL step without feedback or UDA, '
+        f'but mpl_weight={mpl.mpl_weight} and uda_weight={mpl.uda_weight}; '
+        f'pass --mpl_weight=0 --uda_weight=0.')
   for name in ('steps_per_loop', 'checkpoint_every', 'keep_checkpoints',
                'eval_median_last'):
     _check_positive(name, getattr(run, name))

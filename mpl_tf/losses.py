@@ -10,6 +10,9 @@ import tensorflow as tf
 
 from mpl_tf import config as config_lib
 
+# Keeps log(-log(u)) finite for the Gumbel noise of sampled pseudo labels.
+_TINY = 1e-20
+
 
 def smooth_labels(target_probs: tf.Tensor, smoothing: float) -> tf.Tensor:
   """(1 - s) * p + s / K; also applied to soft targets, as tf.losses does."""
@@ -38,15 +41,24 @@ def one_hot(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
   return tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
 
 
-def pseudo_labels(teacher_logits: tf.Tensor, mode: str, seed: tf.Tensor):
+def pseudo_labels(teacher_logits: tf.Tensor, mode: str, seed: tf.Tensor,
+                  first_row=0, global_rows=None):
   """Draws the pseudo label y_hat from the teacher's distribution P(.|x_u).
 
+  Sampling uses the Gumbel-max trick, argmax(logits + Gumbel noise), which
+  draws exactly from softmax(logits). The noise is drawn for the whole global
+  batch from one stateless seed and each replica takes its own rows, so an
+  example's label depends on (seed, step, its row in the global batch) only:
+  one device and any number of replicas draw the same labels, and a resumed
+  run draws the labels it would have drawn.
+
   Args:
-    teacher_logits: [N, K] teacher logits on the unlabeled view.
+    teacher_logits: [N, K] teacher logits on this replica's unlabeled view.
     mode: 'sampled' (y_hat ~ P, Algorithm 1), 'argmax' (the mode of P) or
       'soft' (P itself, the released code).
-    seed: int32 [2] seed of the stateless sampler, so the draw is a function
-      of (run seed, step, replica) and survives a resume.
+    seed: int64 [2] seed of the stateless sampler (run seed and step).
+    first_row: this replica's first row in the global unlabeled batch.
+    global_rows: rows of the global unlabeled batch (None: N, one replica).
 
   Returns:
     (target_probs [N, K], label_ids [N] int32). Both carry no gradient. For
@@ -55,8 +67,16 @@ def pseudo_labels(teacher_logits: tf.Tensor, mode: str, seed: tf.Tensor):
   config_lib._check_choice('pseudo_label', mode, config_lib.PSEUDO_LABELS)
   teacher_logits = tf.stop_gradient(teacher_logits)
   if mode == 'sampled':
-    label_ids = tf.random.stateless_categorical(
-        tf.cast(teacher_logits, tf.float32), 1, seed, dtype=tf.int32)[:, 0]
+    rows = tf.shape(teacher_logits)[0]
+    classes = tf.shape(teacher_logits)[1]
+    total = rows if global_rows is None else global_rows
+    uniform = tf.random.stateless_uniform(
+        tf.stack([total, classes]), seed, minval=_TINY, maxval=1.0)
+    gumbel = -tf.math.log(-tf.math.log(uniform))
+    gumbel = tf.slice(gumbel, tf.stack([first_row, 0]),
+                      tf.stack([rows, classes]))
+    label_ids = tf.argmax(tf.cast(teacher_logits, tf.float32) + gumbel,
+                          axis=-1, output_type=tf.int32)
   else:
     label_ids = tf.argmax(teacher_logits, axis=-1, output_type=tf.int32)
   if mode == 'soft':

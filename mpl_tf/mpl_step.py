@@ -179,10 +179,12 @@ class MplStep:
       uda_weight = losses.uda_weight(self.step, cfg.uda_weight, cfg.uda_steps)
 
     # Algorithm 1: Sample a pseudo label y_hat_u ~ P(. | x_u; theta_T)
-    replica_id = tf.cast(replica_context.replica_id_in_sync_group, tf.int64)
-    sample_seed = tf.stack([self.step, self.seed * 1_000_003 + replica_id])
+    # (drawn for the global batch, so any replica layout draws the same).
+    replica_id = replica_context.replica_id_in_sync_group
+    sample_seed = tf.stack([self.step, tf.constant(self.seed, tf.int64)])
     pseudo_targets, pseudo_label_ids = losses.pseudo_labels(
-        teacher_logits_unlabeled, cfg.pseudo_label, sample_seed)
+        teacher_logits_unlabeled, cfg.pseudo_label, sample_seed,
+        first_row=replica_id * local_unlabeled, global_rows=n_unlabeled)
 
     # Algorithm 1: Update the student using the pseudo label y_hat_u:
     # Algorithm 1:   theta_S(t+1) = theta_S(t) - eta_S grad_S CE(y_hat_u, S(x_u; theta_S))|theta_S(t)
@@ -267,6 +269,10 @@ class MplStep:
         'teacher/uda_mask_rate': f32(uda_mask_rate),
         'teacher/uda_weight': f32(uda_weight),
         'teacher/mpl_term': replica_context.all_reduce(SUM, f32(teacher_mpl_term)),
+        # Mean entropy of P_T(.|x_u): the soft label's CE with itself.
+        'teacher/entropy': replica_context.all_reduce(SUM, f32(
+            losses.cross_entropy(tf.nn.softmax(teacher_logits_unlabeled),
+                                 teacher_logits_unlabeled, n_unlabeled))),
         'teacher/grad_norm': f32(teacher_grad_norm),
         'teacher/learning_rate': teacher_lr,
         'student/pseudo_label_loss': replica_context.all_reduce(

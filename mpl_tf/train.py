@@ -41,6 +41,7 @@ from mpl_tf.models import build_model
 from mpl_tf.mpl_step import MplStep
 from mpl_tf.progress import Progress
 from mpl_tf.supervised_step import SupervisedStep
+from mpl_tf.uda_step import UdaStep
 
 MEAN = tf.distribute.ReduceOp.MEAN
 # Scalars shown on the progress line (TensorBoard gets all of them).
@@ -93,6 +94,11 @@ def check_model_dir(config: Config) -> None:
         f'configuration ({"; ".join(differences[:5])}'
         f'{"; ..." if len(differences) > 5 else ""}). Pass another '
         f'--model_dir, or delete that directory to start over.')
+
+
+def read_step(counter: tf.Variable) -> int:
+  """A step counter's value on the host (also a mirrored variable's)."""
+  return int(tf.convert_to_tensor(counter).numpy())
 
 
 def random_states(*models: keras.Model) -> List[keras.Variable]:
@@ -158,6 +164,25 @@ def mpl_replica_step(mpl_step: MplStep) -> Callable:
   return replica_step
 
 
+def preemption_handler(strategy: tf.distribute.Strategy,
+                       manager: tf.train.CheckpointManager):
+  """tf.distribute's PreemptionCheckpointHandler where preemption is announced.
+
+  On Cloud TPU and under MultiWorkerMirroredStrategy the platform warns of a
+  preemption; the handler then saves a checkpoint through `manager` at the
+  next call of `save_checkpoint_if_preempted` and ends the program, which
+  restarts and resumes from it. Elsewhere (one device, mirrored) there is
+  nothing to listen to, and regular checkpoints are the protection.
+  """
+  resolver = getattr(strategy, 'cluster_resolver', None)
+  announced = (tf.distribute.TPUStrategy,
+               tf.distribute.MultiWorkerMirroredStrategy)
+  if resolver is None or not isinstance(strategy, announced):
+    return None
+  return tf.distribute.experimental.PreemptionCheckpointHandler(
+      resolver, manager)
+
+
 class _Phase:
   """One training phase: its step, state, checkpoints and summaries."""
 
@@ -191,8 +216,8 @@ class _Phase:
       self._restored = True
       self.checkpoint.restore(latest).assert_existing_objects_matched()
       print(f'{self.name}: resumed from {latest} at step '
-            f'{int(self.step_counter)}')
-    return int(self.step_counter)
+            f'{read_step(self.step_counter)}')
+    return read_step(self.step_counter)
 
   def _write_images(self) -> None:
     """A few training images of every view, as the networks see them."""
@@ -217,6 +242,7 @@ class _Phase:
                         start_step=step)
     iterator = iter(self.strategy.distribute_datasets_from_function(
         lambda context: self.dataset_fn(context, step)))
+    preemption = preemption_handler(self.strategy, self.manager)
     metrics = {}
     while step < self.num_steps:
       count = min(run.steps_per_loop, self.num_steps - step)
@@ -229,13 +255,15 @@ class _Phase:
         if problem is None:
           raise
         raise problem from error
-      step = int(self.step_counter)
+      step = read_step(self.step_counter)
       with self.writer.as_default():
         for name, value in metrics.items():
           tf.summary.scalar(name, value, step=step)
       progress.update(step, {k: v for k, v in metrics.items() if k in _SHOWN})
       if step % run.checkpoint_every == 0 or step == self.num_steps:
         self.manager.save(checkpoint_number=step)
+      elif preemption is not None:
+        preemption.save_checkpoint_if_preempted()
       if on_eval and run.eval_every and step % run.eval_every == 0:
         on_eval(step)
     progress.close()
@@ -246,7 +274,7 @@ class _Phase:
 class _Evaluations:
   """Validation and test evaluations of the networks, and their history.
 
-  The history (of the selected network: the EMA student) survives restarts
+  The history (of the selected network, e.g. the EMA student) survives restarts
   in model_dir/eval_history.json; the best-on-validation network is kept in
   model_dir/checkpoints/best by its own CheckpointManager.
   """
@@ -298,7 +326,7 @@ class _Evaluations:
       for split in ('validation', 'test'):
         for key in ('top1', 'top5', 'loss'):
           tf.summary.scalar(f'{split}/{key}', entry[split][key], step=step)
-    print(f'  step {step}: EMA student top-1 validation '
+    print(f'  step {step}: {self.selected.name} top-1 validation '
           f'{entry["validation"]["top1"]:.4f}, test {entry["test"]["top1"]:.4f}')
     return entry
 
@@ -335,6 +363,71 @@ def _supervised_phase(name: str, config: Config, strategy, manifest,
       ('labeled',), directory, [model])
 
 
+@dataclasses.dataclass
+class _Training:
+  """What run() trains: its phase, step counter and networks to report."""
+  phase: _Phase
+  step_counter: tf.Variable
+  networks: Dict[str, keras.Model]   # reported at the end, by name
+  selected: keras.Model              # selected on validation, finetuned, served
+
+
+def _build_training(config: Config, strategy, manifest, build) -> _Training:
+  """The phase of `run.algorithm`, built in the strategy's scope."""
+  algorithm, optim_cfg = config.run.algorithm, config.optim
+  model_dir = config.run.model_dir
+  batches = dict(global_labeled_batch=optim_cfg.labeled_batch_size,
+                 global_unlabeled_batch=config.unlabeled_batch_size)
+  teacher_lr, student_lr = optim.learning_rates(optim_cfg)
+  if algorithm in ('mpl', 'pseudo_labels'):
+    # pseudo_labels is the MPL step with mpl_weight = uda_weight = 0
+    # (config.validate checks): a teacher trained on the labels alone.
+    teacher, student, ema_student = (build('teacher'), build('student'),
+                                     build('ema_student'))
+    ema_student.set_weights(student.get_weights())
+    step = MplStep(
+        config.mpl, optim_cfg, teacher, student,
+        optim.make_optimizer(teacher_lr, optim_cfg, 'teacher_optimizer',
+                             teacher),
+        optim.make_optimizer(student_lr, optim_cfg, 'student_optimizer',
+                             student),
+        ema_student=ema_student, seed=config.run.seed, **batches)
+    phase = _Phase(
+        algorithm, config, strategy, manifest, mpl_replica_step(step),
+        step.step, step.checkpoint_items(), _dataset_fn(config, manifest, 'mpl'),
+        optim_cfg.num_steps, ('labeled', 'unlabeled'), model_dir,
+        [teacher, student, ema_student])
+    networks = {f'{algorithm}_ema_student': ema_student,
+                f'{algorithm}_student': student,
+                f'{algorithm}_teacher': teacher}
+    return _Training(phase, step.step, networks, ema_student)
+  if algorithm == 'uda':
+    model, ema_model = build('uda'), build('uda_ema')
+    ema_model.set_weights(model.get_weights())
+    step = UdaStep(config.mpl, optim_cfg, model,
+                   optim.make_optimizer(teacher_lr, optim_cfg, 'optimizer',
+                                        model),
+                   ema_model=ema_model, **batches)
+    phase = _Phase(
+        'uda', config, strategy, manifest, step, step.step,
+        step.checkpoint_items(), _dataset_fn(config, manifest, 'mpl'),
+        optim_cfg.num_steps, ('labeled', 'unlabeled'), model_dir,
+        [model, ema_model])
+    return _Training(phase, step.step, {'uda_ema': ema_model, 'uda': model},
+                     ema_model)
+  if algorithm == 'supervised':
+    model = build('supervised')
+    optimizer = optim.make_optimizer(teacher_lr, optim_cfg, 'optimizer', model)
+    phase = _supervised_phase(
+        'supervised', config, strategy, manifest, model, optimizer,
+        optim_cfg.num_steps, optim_cfg.labeled_batch_size, optim_cfg,
+        model_dir, model_key='ema_student')
+    return _Training(phase, optimizer.iterations, {'supervised': model},
+                     model)
+  raise ConfigError(f'algorithm={algorithm!r} is not mpl, pseudo_labels, uda '
+                    f'or supervised.')
+
+
 def run(config: Config) -> Dict[str, Any]:
   """Trains, finetunes and evaluates; writes config.json and results.json."""
   run_cfg, optim_cfg = config.run, config.optim
@@ -356,46 +449,29 @@ def run(config: Config) -> Dict[str, Any]:
   keras.utils.set_random_seed(run_cfg.seed)
   build = lambda name: build_model(config.model, num_classes, image_size, name)
   with strategy.scope():
-    teacher, student, ema_student = (build('teacher'), build('student'),
-                                     build('ema_student'))
-    ema_student.set_weights(student.get_weights())
-    teacher_lr, student_lr = optim.learning_rates(optim_cfg)
-    mpl_step = MplStep(
-        config.mpl, optim_cfg, teacher, student,
-        optim.make_optimizer(teacher_lr, optim_cfg, 'teacher_optimizer',
-                             teacher),
-        optim.make_optimizer(student_lr, optim_cfg, 'student_optimizer',
-                             student),
-        global_labeled_batch=optim_cfg.labeled_batch_size,
-        global_unlabeled_batch=config.unlabeled_batch_size,
-        ema_student=ema_student, seed=run_cfg.seed)
-    mpl_phase = _Phase(
-        'MPL', config, strategy, manifest, mpl_replica_step(mpl_step),
-        mpl_step.step, mpl_step.checkpoint_items(),
-        _dataset_fn(config, manifest, 'mpl'), optim_cfg.num_steps,
-        ('labeled', 'unlabeled'), model_dir, [teacher, student, ema_student])
-  print(f'networks: {config.model.name}, {student.count_params():,} '
-        f'parameters each; MPL: {config.mpl}')
+    training = _build_training(config, strategy, manifest, build)
+  print(f'{run_cfg.algorithm}: {config.model.name}, '
+        f'{training.selected.count_params():,} parameters per network; '
+        f'{config.mpl}')
 
-  evaluations = _Evaluations(config, strategy, manifest, ema_student,
+  evaluations = _Evaluations(config, strategy, manifest, training.selected,
                              model_dir)
-  evaluations.load_history(mpl_phase.restore())
+  evaluations.load_history(training.phase.restore())
   start = time.time()
-  mpl_phase.train(evaluations.record)
-  timings = {'mpl_seconds': time.time() - start}
-  if not evaluations.history or evaluations.history[-1]['step'] != int(
-      mpl_step.step):
-    evaluations.record(int(mpl_step.step))
+  training.phase.train(evaluations.record)
+  timings = {'train_seconds': time.time() - start}
+  final_step = read_step(training.step_counter)
+  if not evaluations.history or evaluations.history[-1]['step'] != final_step:
+    evaluations.record(final_step)
 
-  models = {'mpl_ema_student': ema_student, 'mpl_student': student,
-            'mpl_teacher': teacher}
+  models = dict(training.networks)
   results: Dict[str, Any] = {}
   if config.finetune.steps:
-    finetuned, seconds = _finetune(config, strategy, manifest, ema_student,
-                                   build)
-    models['mpl_ema_student_finetuned'] = finetuned
+    finetuned, seconds = _finetune(config, strategy, manifest,
+                                   training.selected, build)
+    models[f'{next(iter(training.networks))}_finetuned'] = finetuned
     timings['finetune_seconds'] = seconds
-  if run_cfg.supervised_baseline:
+  if run_cfg.supervised_baseline and run_cfg.algorithm != 'supervised':
     keras.utils.set_random_seed(run_cfg.seed)
     with strategy.scope():
       supervised = build('supervised')
@@ -415,8 +491,8 @@ def run(config: Config) -> Dict[str, Any]:
   for name, model in models.items():
     results[name] = {split: evaluations.evaluate(model, split)
                      for split in ('validation', 'test')}
-  results['ema_student_history'] = summarize(evaluations.history,
-                                             run_cfg.eval_median_last)
+  results['selected_history'] = summarize(evaluations.history,
+                                          run_cfg.eval_median_last)
   results['timings'] = timings
   write_json(os.path.join(model_dir, 'results.json'), results)
   _print_results(results, models)
@@ -452,9 +528,9 @@ def _print_results(results, models) -> None:
   for name in models:
     print('{:<28}{:>16.4f}{:>12.4f}'.format(
         name, results[name]['validation']['top1'], results[name]['test']['top1']))
-  history = results['ema_student_history']
+  history = results['selected_history']
   if history:
     best, median = history['best_on_validation'], history['median_last']
-    print(f'EMA student, best on validation (step {best["step"]}): test top-1 '
+    print(f'{next(iter(models))}, best on validation (step {best["step"]}): test top-1 '
           f'{best["test"]["top1"]:.4f}; median of the last {median["k"]} '
           f'evaluations: test top-1 {median["test"]["top1"]:.4f}')

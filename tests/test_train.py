@@ -71,7 +71,7 @@ class TrainEndToEndTest(tf.test.TestCase):
       self.assertEqual(results[name]['test']['count'], 100)
       self.assertEqual(results[name]['validation']['count'], 100)
       self.assertBetween(results[name]['test']['top1'], 0.0, 1.0)
-    history = results['ema_student_history']
+    history = results['selected_history']
     self.assertEqual(history['final']['step'], 3)
     self.assertIn(history['best_on_validation']['step'], (2, 3))
     self.assertEqual(history['median_last']['k'], 2)
@@ -138,6 +138,29 @@ class TrainEndToEndTest(tf.test.TestCase):
     for name, value in straight.items():
       self.assertAllClose(resumed[name], value, rtol=1e-5, atol=1e-6,
                           msg=name)
+
+
+  def test_uda_and_supervised_algorithms_train_and_report(self):
+    for algorithm, networks in (('uda', {'uda_ema', 'uda'}),
+                                ('supervised', {'supervised'})):
+      model_dir = _tempdir(self)
+      results = train.run(_config(
+          model_dir, self.data_dir, f'--algorithm={algorithm}',
+          '--num_steps=2', '--eval_every=0', '--nosupervised_baseline'))
+      self.assertEqual(set(results) - {'selected_history', 'timings'},
+                       networks)
+      latest = tf.train.latest_checkpoint(os.path.join(model_dir,
+                                                       'checkpoints'))
+      self.assertTrue(latest.endswith('-2'))
+      # The network export.py serves is in the checkpoint under its key.
+      self.assertNotEmpty(_variables(latest, 'ema_student/'))
+
+  def test_pseudo_labels_is_mpl_without_feedback_or_uda(self):
+    with self.assertRaisesRegex(ConfigError, '--mpl_weight=0 --uda_weight=0'):
+      _config('unused', self.data_dir, '--algorithm=pseudo_labels')
+    config = _config('unused', self.data_dir, '--algorithm=pseudo_labels',
+                     '--mpl_weight=0', '--uda_weight=0')
+    self.assertEqual(config.run.algorithm, 'pseudo_labels')
 
 
 def _variables_of_every_network(checkpoint_prefix):

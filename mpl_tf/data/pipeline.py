@@ -81,6 +81,37 @@ def _per_replica(batch_size: int, input_context) -> int:
   return input_context.get_per_replica_batch_size(batch_size)
 
 
+def _per_pipeline(batch_size: int, input_context) -> int:
+  if input_context is None:
+    return batch_size
+  return batch_size // input_context.num_input_pipelines
+
+
+def _between_replicas(dataset: tf.data.Dataset,
+                      input_context) -> tf.data.Dataset:
+  """Cuts each batch of this pipeline into its replicas' consecutive shares.
+
+  The strategy hands a pipeline's consecutive elements to its replicas in
+  order, so replica r of a single pipeline gets rows [r*b, (r+1)*b) of the
+  global batch that one device would get: the same images, augmented with the
+  same seeds, whatever the number of replicas (the MPL step draws pseudo
+  labels by global row to match).
+  """
+  if input_context is None:
+    return dataset
+  shares = (input_context.num_replicas_in_sync //
+            input_context.num_input_pipelines)
+  if shares == 1:
+    return dataset
+
+  def cut(batch):
+    return {key: tf.reshape(value, [shares, value.shape[0] // shares,
+                                    *value.shape[1:]])
+            for key, value in batch.items()}
+
+  return dataset.map(cut).unbatch()
+
+
 def _pipeline_files(config: config_lib.Config, split: str, input_context
                     ) -> Tuple[List[str], List[int]]:
   """This input pipeline's shard files of a split, and their positions."""
@@ -280,7 +311,8 @@ def train_dataset(config: config_lib.Config, manifest: Dict[str, Any],
   Keys: `labeled_images` float32 [b, S, S, 3], `labels` int32 [b],
   `unlabeled_images_ori` and `unlabeled_images_aug` float32 [b*mu, S, S, 3],
   with b = config.optim.labeled_batch_size (divided by the replicas when an
-  input context is given) and mu = config.optim.uda_ratio. The labels of
+  input context is given: see _between_replicas) and mu =
+  config.optim.uda_ratio. The labels of
   unlabeled images come as `unlabeled_labels` int32 [b*mu], for diagnostics
   only (the pseudo labels' accuracy); no loss reads them. `start_step`: the
   stream begins with the batch a run that has done that many steps would see
@@ -289,15 +321,15 @@ def train_dataset(config: config_lib.Config, manifest: Dict[str, Any],
   check_manifest(config, manifest)
   labeled = _labeled_stream(
       config, manifest,
-      _per_replica(config.optim.labeled_batch_size, input_context),
+      _per_pipeline(config.optim.labeled_batch_size, input_context),
       input_context, start_step)
   unlabeled = _unlabeled_stream(
       config, manifest,
-      _per_replica(config.unlabeled_batch_size, input_context), input_context,
-      start_step)
+      _per_pipeline(config.unlabeled_batch_size, input_context),
+      input_context, start_step)
   dataset = tf.data.Dataset.zip((labeled, unlabeled))
   dataset = dataset.map(lambda first, second: {**first, **second})
-  return dataset.prefetch(AUTOTUNE)
+  return _between_replicas(dataset, input_context).prefetch(AUTOTUNE)
 
 
 def labeled_dataset(config: config_lib.Config, manifest: Dict[str, Any],
@@ -311,9 +343,10 @@ def labeled_dataset(config: config_lib.Config, manifest: Dict[str, Any],
   input context is given.
   """
   check_manifest(config, manifest)
-  return _labeled_stream(config, manifest,
-                         _per_replica(batch_size, input_context),
-                         input_context, start_step).prefetch(AUTOTUNE)
+  dataset = _labeled_stream(config, manifest,
+                            _per_pipeline(batch_size, input_context),
+                            input_context, start_step)
+  return _between_replicas(dataset, input_context).prefetch(AUTOTUNE)
 
 
 def eval_dataset(config: config_lib.Config, manifest: Dict[str, Any],
