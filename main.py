@@ -12,6 +12,7 @@ import sys
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top
+from absl import logging  # pylint: disable=g-import-not-at-top
 
 from flags import definitions  # pylint: disable=g-import-not-at-top
 
@@ -24,9 +25,10 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mpl_tf import app as mpl_app  # pylint: disable=g-import-not-at-top
   from mpl_tf.config import ConfigError  # pylint: disable=g-import-not-at-top
-  # TensorFlow's INFO/WARNING chatter (e.g. keras-cv's vectorisation notes)
-  # would bury the progress lines; errors still show.
+  # TensorFlow's INFO/WARNING chatter (e.g. keras-cv's vectorisation notes,
+  # checkpoint timings) would bury the progress lines; errors still show.
   tf.get_logger().setLevel('ERROR')
+  logging.set_verbosity(logging.ERROR)
   try:
     config = definitions.to_config()
     print(config.to_json())
