@@ -2,8 +2,10 @@
 
 Kept thin on purpose: flags -> one frozen Config -> mpl_tf.app.run, which
 trains (`--mode=train`, resuming from --model_dir), evaluates, exports or
-predicts. User errors (bad flags, missing or inconsistent data, a missing
-checkpoint) end with one message and exit status 2, without a traceback.
+predicts. User errors (unknown or bad flags, missing or inconsistent data, an
+unwritable model_dir, a missing checkpoint, a non-finite loss under
+--nonfinite=stop) end with one message and exit status 2, without a
+traceback.
 """
 
 import os
@@ -12,6 +14,7 @@ import sys
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
 from absl import logging  # pylint: disable=g-import-not-at-top
 
 from flags import definitions  # pylint: disable=g-import-not-at-top
@@ -19,12 +22,27 @@ from flags import definitions  # pylint: disable=g-import-not-at-top
 definitions.define()
 
 
+def _user_error(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's parsing, but an unknown or malformed flag is one line, status 2."""
+  try:
+    return absl_flags.FLAGS(argv)
+  except absl_flags.Error as error:
+    _user_error(f'{error}. Run `python main.py --helpfull` for every flag.')
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    _user_error(f'unexpected arguments: {" ".join(argv[1:])}; every setting '
+                f'is a --flag (python main.py --helpfull).')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mpl_tf import app as mpl_app  # pylint: disable=g-import-not-at-top
   from mpl_tf.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from mpl_tf.train import NonFiniteError  # pylint: disable=g-import-not-at-top
   # TensorFlow's INFO/WARNING chatter (e.g. keras-cv's vectorisation notes,
   # checkpoint timings) would bury the progress lines; errors still show.
   tf.get_logger().setLevel('ERROR')
@@ -33,11 +51,11 @@ def main(argv):
     config = definitions.to_config()
     print(config.to_json())
     mpl_app.run(config)
-  except (ConfigError, FileNotFoundError, ValueError) as error:
-    # Data and config modules raise these with a message naming the fix.
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
+  except (ConfigError, FileNotFoundError, ValueError, NonFiniteError) as error:
+    # Data and config modules raise these with a message naming the fix;
+    # NonFiniteError names the step and the term (--nonfinite=stop).
+    _user_error(str(error))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

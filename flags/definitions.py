@@ -112,6 +112,8 @@ _HELP = {
                       'EMA student in model_dir, else its latest checkpoint.',
         'predict_files': 'For --mode=predict: comma-separated image files or '
                          'globs.',
+        'deterministic': 'Enable TensorFlow op determinism: bitwise-'
+                         'reproducible runs and resumes on CPU (slower).',
     },
     'finetune': {
         'steps': 'Finetuning steps of the student on the labeled images after '
@@ -135,6 +137,11 @@ _ENUMS = {
                           'Distribution strategy: one_device, mirrored (all '
                           'local GPUs or CPUs), multi_worker (TF_CONFIG) or '
                           'tpu (--tpu).'),
+    ('run', 'nonfinite'): (config_lib.NONFINITE_POLICIES,
+                           'A NaN/Inf loss or gradient: stop (end the run '
+                           'naming the step and term, exit status 2; the last '
+                           'checkpoint stays finite) or skip (leave that '
+                           'step\'s updates out and count it).'),
     ('mpl', 'pseudo_label'): (config_lib.PSEUDO_LABELS,
                               'How y_hat is drawn from the teacher: sampled '
                               '(Algorithm 1), argmax, or soft (released code; '

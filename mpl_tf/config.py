@@ -25,6 +25,7 @@ STRATEGIES = ('one_device', 'mirrored', 'multi_worker', 'tpu')
 PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
 OFFLINE_DATASETS = ('mnist5k', 'digits')
 OPTIMIZERS = ('tf1_momentum', 'keras_sgd')
+NONFINITE_POLICIES = ('stop', 'skip')
 
 
 class ConfigError(ValueError):
@@ -182,6 +183,14 @@ class RunConfig:
   # best-on-validation EMA student of model_dir, else its latest checkpoint.
   checkpoint: str = ''
   predict_files: str = ''        # predict: comma-separated files or globs
+  # A NaN or Inf in a loss or gradient norm: 'stop' ends the run naming the
+  # step and the term, keeping the last (finite) checkpoint; 'skip' leaves
+  # every network and optimizer slot as before that step, counts it
+  # (health/skipped_steps) and goes on. See docs/reliability.md.
+  nonfinite: str = 'stop'
+  # tf.config.experimental.enable_op_determinism(): bitwise-reproducible
+  # runs and resumes on CPU, at some speed (docs/reliability.md).
+  deterministic: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,6 +290,7 @@ def validate(config: Config) -> Config:
   _check_choice('mode', run.mode, MODES)
   _check_choice('strategy', run.strategy, STRATEGIES)
   _check_choice('algorithm', run.algorithm, ALGORITHMS)
+  _check_choice('nonfinite', run.nonfinite, NONFINITE_POLICIES)
   if run.algorithm == 'pseudo_labels' and (mpl.mpl_weight or mpl.uda_weight):
     raise ConfigError(
         f'algorithm=pseudo_labels is the MPL step without feedback or UDA, '

@@ -38,7 +38,7 @@ Unlike the released graph, the teacher's moving statistics are updated by its
 forward pass; they only matter for evaluating the teacher, for diagnosis.
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -51,6 +51,118 @@ from mpl_tf.config import MplConfig, OptimConfig
 from mpl_tf.models import batch_norm_statistics, normalization_weights
 
 SUM = tf.distribute.ReduceOp.SUM
+_FIRST = tf.VariableAggregation.ONLY_FIRST_REPLICA
+
+
+class NonFiniteGuard:
+  """Checks a step's losses and gradient norms; skips or records the step.
+
+  Everything happens on the device, with no host round trip inside the
+  device loop: the step passes its global (all-reduced) losses and gradient
+  norms to `check`, which returns one boolean `ok` that is identical on
+  every replica. A NaN or Inf anywhere in a gradient makes its global norm
+  non-finite, so checking the norms covers every gradient at the price of a
+  handful of scalars.
+
+  policy='skip': `snapshot` copies the mutable float state (weights,
+  batch-norm statistics, optimizer slots, EMA weights, the h baseline)
+  before the step and `restore_unless(ok, ...)` puts it back with tf.where
+  when the step was non-finite: the whole step is undone, not just one
+  network's update, because in MPL the teacher's feedback h is measured on
+  the student's new weights and means nothing if the student's update was
+  not finite (and a student update cannot otherwise be undone after the
+  teacher's terms turn out non-finite). The step counter and the optimizers'
+  iteration counts still advance, so the learning-rate schedules, the input
+  stream and the pseudo-label draws stay functions of the step. The copy
+  costs transient memory of one more set of that state, only in 'skip' mode.
+
+  policy='stop': nothing is copied; the first non-finite step and its terms
+  are recorded in variables the loop reads after each device loop, and it
+  then ends the run without saving the non-finite state.
+
+  The counters are checkpointed (`checkpoint_item`), so a resumed run keeps
+  counting.
+  """
+
+  def __init__(self, policy: str, state: Sequence[tf.Variable]):
+    if policy not in ('stop', 'skip'):
+      raise ValueError(f'nonfinite={policy!r} is not stop or skip.')
+    self.policy = policy
+    self._state = [v for v in state if tf.as_dtype(v.dtype).is_floating] if (
+        policy == 'skip') else []
+    make = lambda value, name: tf.Variable(
+        value, dtype=tf.int64, trainable=False, name=name, aggregation=_FIRST)
+    self.skipped_steps = make(0, 'skipped_steps')
+    # The first step with a non-finite term (-1: none yet), and which terms
+    # were non-finite then, as bits in the order of `term_names`.
+    self.first_step = make(-1, 'first_nonfinite_step')
+    self.first_terms = make(0, 'first_nonfinite_terms')
+    self.term_names: List[str] = []
+
+  def checkpoint_item(self) -> tf.train.Checkpoint:
+    return tf.train.Checkpoint(skipped_steps=self.skipped_steps,
+                               first_nonfinite_step=self.first_step,
+                               first_nonfinite_terms=self.first_terms)
+
+  def snapshot(self) -> List[tf.Tensor]:
+    return [tf.identity(v) for v in self._state]
+
+  def check(self, step, terms: Dict[str, tf.Tensor]) -> tf.Tensor:
+    """ok (a scalar bool) iff every term is finite; records the step if not.
+
+    `terms` must be global values (the same on every replica).
+    """
+    self.term_names = list(terms)
+    finite = tf.stack([tf.reduce_all(tf.math.is_finite(tf.cast(t, tf.float32)))
+                       for t in terms.values()])
+    ok = tf.reduce_all(finite)
+    bits = tf.reduce_sum(tf.where(
+        finite, tf.constant(0, tf.int64),
+        tf.bitwise.left_shift(tf.constant(1, tf.int64),
+                              tf.range(len(terms), dtype=tf.int64))))
+    first = tf.logical_and(tf.logical_not(ok), self.first_step < 0)
+    step = tf.cast(step, tf.int64)
+    self.first_terms.assign(tf.where(first, bits, self.first_terms))
+    self.first_step.assign(tf.where(first, step, self.first_step))
+    self.skipped_steps.assign_add(tf.cast(tf.logical_not(ok), tf.int64))
+    return ok
+
+  def restore_unless(self, ok: tf.Tensor, snapshot: List[tf.Tensor]) -> None:
+    """policy='skip': puts the state of before the step back unless ok."""
+    for variable, saved in zip(self._state, snapshot):
+      variable.assign(tf.where(ok, tf.convert_to_tensor(variable), saved))
+
+  def describe(self) -> Optional[str]:
+    """On the host: 'step S: a, b' for the first non-finite step, or None."""
+    step = int(tf.convert_to_tensor(self.first_step).numpy())
+    if step < 0:
+      return None
+    bits = int(tf.convert_to_tensor(self.first_terms).numpy())
+    names = [name for i, name in enumerate(self.term_names) if bits >> i & 1]
+    return f'step {step + 1} ({", ".join(names) or "unknown term"})'
+
+
+def float_state(*items) -> List[tf.Variable]:
+  """The variables of models and optimizers that a skipped step restores.
+
+  Optimizer iteration counts are left out on purpose: they keep counting
+  steps, skipped or not, like the step counter.
+  """
+  state, seen = [], set()
+  for item in items:
+    if item is None:
+      continue
+    if isinstance(item, keras.optimizers.Optimizer):
+      variables = [v for v in item.variables if v is not item.iterations]
+    elif isinstance(item, keras.Model):
+      variables = item.variables
+    else:
+      variables = [item]
+    for variable in variables:
+      if id(variable) not in seen:
+        seen.add(id(variable))
+        state.append(variable)
+  return state
 
 
 def feedback_coefficient(feedback: str, sign: str, student_lr,
@@ -101,7 +213,8 @@ class MplStep:
                teacher_optimizer: keras.optimizers.Optimizer,
                student_optimizer: keras.optimizers.Optimizer, *,
                global_labeled_batch: int, global_unlabeled_batch: int,
-               ema_student: Optional[keras.Model] = None, seed: int = 0):
+               ema_student: Optional[keras.Model] = None, seed: int = 0,
+               nonfinite: str = 'stop'):
     self.config = mpl_config
     self.optim_config = optim_config
     self.teacher = teacher
@@ -125,13 +238,17 @@ class MplStep:
     self._teacher_no_decay = normalization_weights(teacher)
     self._student_no_decay = normalization_weights(student)
     self._student_bn_statistics = batch_norm_statistics(student)
+    self.guard = NonFiniteGuard(nonfinite, float_state(
+        teacher, student, ema_student, teacher_optimizer, student_optimizer,
+        self.baseline))
 
   def checkpoint_items(self) -> Dict[str, tf.Module]:
     """Everything the step changes, for one tf.train.Checkpoint."""
     items = dict(teacher=self.teacher, student=self.student,
                  teacher_optimizer=self.teacher_optimizer,
                  student_optimizer=self.student_optimizer,
-                 step=self.step, h_baseline=self.baseline)
+                 step=self.step, h_baseline=self.baseline,
+                 health=self.guard.checkpoint_item())
     if self.ema_student is not None:
       items['ema_student'] = self.ema_student
     return items
@@ -157,6 +274,7 @@ class MplStep:
     images_student = images_aug if cfg.student_view == 'aug' else images_ori
     local_labeled = tf.shape(images_labeled)[0]
     local_unlabeled = tf.shape(images_ori)[0]
+    before_step = self.guard.snapshot()
 
     # The teacher's one forward pass on [x_l; x_u_ori; x_u_aug]; its tape is
     # re-entered below to add the feedback term once h is known.
@@ -259,13 +377,31 @@ class MplStep:
         optim.coupled_weight_decay(self.optim_config),
         self.optim_config.grad_clip_norm)
     self.teacher_optimizer.apply_gradients(zip(teacher_update, teacher_vars))
-    self.step.assign_add(1)
 
     f32 = lambda x: tf.cast(x, tf.float32)
+    global_supervised_loss = replica_context.all_reduce(
+        SUM, f32(teacher_supervised_loss))
+    global_uda_loss = replica_context.all_reduce(SUM, f32(teacher_uda_loss))
+    global_pseudo_label_loss = replica_context.all_reduce(
+        SUM, f32(student_pseudo_label_loss))
+    # The terms whose finiteness decides the step, in the order a NaN would
+    # spread: the teacher's forward, the student's update, then the feedback
+    # and the teacher's update.
+    finite = self.guard.check(self.step, {
+        'teacher/supervised_loss': global_supervised_loss,
+        'teacher/uda_loss': global_uda_loss,
+        'student/pseudo_label_loss': global_pseudo_label_loss,
+        'student/grad_norm': student_grad_norm,
+        'student/labeled_loss_new': student_labeled_loss_new,
+        'mpl/h': h,
+        'teacher/grad_norm': teacher_grad_norm,
+    })
+    self.guard.restore_unless(finite, before_step)
+    self.step.assign_add(1)
+
     metrics = {
-        'teacher/supervised_loss': replica_context.all_reduce(
-            SUM, f32(teacher_supervised_loss)),
-        'teacher/uda_loss': replica_context.all_reduce(SUM, f32(teacher_uda_loss)),
+        'teacher/supervised_loss': global_supervised_loss,
+        'teacher/uda_loss': global_uda_loss,
         'teacher/uda_mask_rate': f32(uda_mask_rate),
         'teacher/uda_weight': f32(uda_weight),
         'teacher/mpl_term': replica_context.all_reduce(SUM, f32(teacher_mpl_term)),
@@ -275,8 +411,7 @@ class MplStep:
                                  teacher_logits_unlabeled, n_unlabeled))),
         'teacher/grad_norm': f32(teacher_grad_norm),
         'teacher/learning_rate': teacher_lr,
-        'student/pseudo_label_loss': replica_context.all_reduce(
-            SUM, f32(student_pseudo_label_loss)),
+        'student/pseudo_label_loss': global_pseudo_label_loss,
         'student/labeled_loss_old': f32(student_labeled_loss_old),
         'student/labeled_loss_new': f32(student_labeled_loss_new),
         'student/grad_norm': f32(student_grad_norm),
@@ -284,6 +419,8 @@ class MplStep:
         'mpl/h_raw': f32(h_raw),
         'mpl/h': f32(h),
         'mpl/baseline': tf.identity(self.baseline),
+        # The fraction of the loop's steps that were non-finite.
+        'health/nonfinite': 1.0 - f32(finite),
     }
     return metrics, {'pseudo_label_ids': pseudo_label_ids}
 

@@ -14,27 +14,35 @@ from mpl_tf import losses
 from mpl_tf import optim
 from mpl_tf.config import OptimConfig
 from mpl_tf.models import normalization_weights
+from mpl_tf.mpl_step import NonFiniteGuard, float_state
 
 SUM = tf.distribute.ReduceOp.SUM
 
 
 class SupervisedStep:
-  """Owns nothing but references; call it with {labeled_images, labels}."""
+  """Owns the non-finite guard; call it with {labeled_images, labels}.
+
+  Its step counter is the optimizer's iteration count.
+  """
 
   def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer,
                optim_config: OptimConfig, label_smoothing: float,
-               global_batch: int):
+               global_batch: int, nonfinite: str = 'stop'):
     self.model = model
     self.optimizer = optimizer
     self.optim_config = optim_config
     self.label_smoothing = label_smoothing
     self.global_batch = global_batch
     self._no_decay = normalization_weights(model)
+    # A non-finite step is skipped whole or stops the run (mpl_step.py).
+    self.guard = NonFiniteGuard(nonfinite, float_state(model, optimizer))
 
   def __call__(self, batch: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     replica_context = tf.distribute.get_replica_context()
     labels = tf.cast(batch['labels'], tf.int32)
     variables = self.model.trainable_variables
+    step = tf.identity(self.optimizer.iterations)
+    before_step = self.guard.snapshot()
     with tf.GradientTape() as tape:
       logits = self.model(batch['labeled_images'], training=True)
       loss = losses.cross_entropy(losses.one_hot(labels, logits), logits,
@@ -46,6 +54,11 @@ class SupervisedStep:
         self.optim_config.grad_clip_norm)
     learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
     self.optimizer.apply_gradients(zip(update, variables))
-    return {'supervised/loss': replica_context.all_reduce(SUM, loss),
+    global_loss = replica_context.all_reduce(SUM, loss)
+    finite = self.guard.check(step, {'supervised/loss': global_loss,
+                                     'supervised/grad_norm': grad_norm})
+    self.guard.restore_unless(finite, before_step)
+    return {'supervised/loss': global_loss,
             'supervised/grad_norm': grad_norm,
-            'supervised/learning_rate': learning_rate}
+            'supervised/learning_rate': learning_rate,
+            'health/nonfinite': 1.0 - tf.cast(finite, tf.float32)}

@@ -19,6 +19,14 @@ streams and pseudo-label draws are pure functions of (seed, step), so they
 are rebuilt at the restored step, and a resumed run continues as if it had
 never stopped. A model_dir holding a
 run of another configuration is refused.
+
+Before anything is written to model_dir, the data (manifest, records, labels
+of every class), the strategy's batch split, the model_dir's config and its
+writability are checked, so a wrong setting ends with one message and an
+empty (or untouched) model_dir. A non-finite loss or gradient norm is caught
+inside the step (mpl_step.NonFiniteGuard); the loop then stops or goes on as
+`run.nonfinite` says, and never saves a checkpoint holding a NaN or Inf
+(docs/reliability.md).
 """
 
 import dataclasses
@@ -36,9 +44,10 @@ from mpl_tf.config import Config, ConfigError
 from mpl_tf.data import augment
 from mpl_tf.data import offline
 from mpl_tf.data import pipeline
+from mpl_tf.data import records
 from mpl_tf.evaluate import Evaluator, summarize
 from mpl_tf.models import build_model
-from mpl_tf.mpl_step import MplStep
+from mpl_tf.mpl_step import MplStep, NonFiniteGuard
 from mpl_tf.progress import Progress
 from mpl_tf.supervised_step import SupervisedStep
 from mpl_tf.uda_step import UdaStep
@@ -52,9 +61,19 @@ _SHOWN = ('teacher/supervised_loss', 'teacher/uda_loss',
 _RESUMABLE_RUN_FIELDS = (
     'mode', 'model_dir', 'strategy', 'tpu', 'steps_per_loop',
     'checkpoint_every', 'keep_checkpoints', 'jit_compile', 'eval_every', 'eval_batch_size', 'eval_median_last',
-    'export_dir', 'checkpoint', 'predict_files')
+    'export_dir', 'checkpoint', 'predict_files', 'nonfinite', 'deterministic')
 _HISTORY_FILE = 'eval_history.json'
 _IMAGES_SHOWN = 4
+# Data sets with at most this many records in all are scanned whole before a
+# run starts (a parallel pass: about a second per 10,000 small images); larger
+# ones get the first records of every split, and the loop names any later bad
+# record when the stream reaches it.
+_FULL_SCAN_LIMIT = 100_000
+_SAMPLED_RECORDS = 1_000
+
+
+class NonFiniteError(RuntimeError):
+  """A loss or gradient became NaN or Inf under run.nonfinite='stop'."""
 
 
 def write_json(path: str, payload) -> None:
@@ -94,6 +113,106 @@ def check_model_dir(config: Config) -> None:
         f'configuration ({"; ".join(differences[:5])}'
         f'{"; ..." if len(differences) > 5 else ""}). Pass another '
         f'--model_dir, or delete that directory to start over.')
+
+
+def check_data(config: Config, manifest: Dict[str, Any]) -> None:
+  """Raises ValueError naming the bad split, record or class, and the fix.
+
+  Runs before anything is written to model_dir: the manifest must fit the
+  config, every class needs a labeled example (the supervised loss and the
+  teacher's knowledge of it come from nowhere else), and the records must be
+  readable, of the manifest's size and channels, with labels in range.
+  """
+  pipeline.check_manifest(config, manifest)
+  data_dir = config.data.data_dir
+  total = sum(int(count) for count in manifest.get('counts', {}).values())
+  if total <= _FULL_SCAN_LIMIT:
+    records.check_dataset(data_dir, manifest)
+  else:
+    # Decoding all of ImageNet (or a 1.3M-image labeled split) at every
+    # start would cost minutes; the first records of each split catch a
+    # wrong size, format or label range, which affect whole preparations.
+    records.check_dataset(data_dir, manifest, max_records=_SAMPLED_RECORDS)
+  # Read from the records (labels only, no decoding), not the manifest, which
+  # a hand-edited split would not update.
+  num_classes = int(manifest['num_classes'])
+  labels = tf.data.TFRecordDataset(records.split_files(data_dir, 'labeled'))
+  counts = labels.map(lambda s: tf.one_hot(records.parse_encoded(s)[1],
+                                           num_classes, dtype=tf.int64)
+                      ).reduce(tf.zeros([num_classes], tf.int64),
+                               lambda total, one: total + one).numpy()
+  empty = [index for index, count in enumerate(counts) if not count]
+  if empty:
+    names = manifest.get('class_names') or []
+    shown = [f'{i} ({names[i]})' if i < len(names) else str(i)
+             for i in empty[:10]]
+    raise ValueError(
+        f'The labeled split in {data_dir!r} has no example of class(es) '
+        f'{", ".join(shown)}{", ..." if len(empty) > 10 else ""}; prepare the '
+        f'data again with labeled examples of every class (e.g. a larger '
+        f'--labeled_per_class), or drop the class from the data set.')
+
+
+def check_writable(model_dir: str) -> None:
+  """Raises ConfigError unless model_dir can be created and written to.
+
+  A local path is checked without writing: its nearest existing ancestor
+  must be a directory this process may write to. Remote paths (gs://) are
+  left to the first write, which `_start_model_dir` turns into the same
+  message.
+  """
+  if '://' in model_dir:
+    return
+  path = os.path.abspath(model_dir)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise ConfigError(f'model_dir {model_dir!r} cannot be created: {path!r} '
+                      f'is a file. Pass a --model_dir in a directory.')
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise ConfigError(f'model_dir {model_dir!r} is not writable ({path!r} '
+                      f'does not allow this user to write). Pass a '
+                      f'--model_dir you can write to.')
+
+
+def _start_model_dir(config: Config) -> None:
+  """Creates model_dir and writes config.json: the run's first write."""
+  model_dir = config.run.model_dir
+  try:
+    tf.io.gfile.makedirs(model_dir)
+    write_json(os.path.join(model_dir, 'config.json'), config.to_dict())
+  except (OSError, tf.errors.OpError) as error:
+    message = getattr(error, 'message', None) or str(error)
+    raise ConfigError(f'model_dir {model_dir!r} is not writable '
+                      f'({message.strip()}). Pass a --model_dir you can '
+                      f'write to.') from None
+
+
+def all_finite(variables: List[tf.Variable]) -> bool:
+  """Whether every float variable is finite: checked before every save."""
+  floats = [v for v in variables if tf.as_dtype(v.dtype).is_floating]
+  if not floats:
+    return True
+  return bool(tf.reduce_all(tf.stack([
+      tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v)))
+      for v in floats])).numpy())
+
+
+def _variables_of(items) -> List[tf.Variable]:
+  """The variables of checkpoint items (networks, optimizers, variables)."""
+  found, seen = [], set()
+  for item in items:
+    if isinstance(item, (keras.Model, keras.optimizers.Optimizer)):
+      variables = item.variables
+    elif isinstance(item, (tf.Variable, keras.Variable)):
+      variables = [item]
+    else:
+      continue
+    for variable in variables:
+      if id(variable) not in seen:
+        seen.add(id(variable))
+        found.append(variable)
+  return found
 
 
 def read_step(counter: tf.Variable) -> int:
@@ -189,8 +308,11 @@ class _Phase:
   def __init__(self, name: str, config: Config, strategy, manifest,
                replica_step: Callable, step_counter: tf.Variable,
                checkpoint_items: Dict[str, Any], dataset_fn: Callable,
-               num_steps: int, splits, directory: str, models):
+               num_steps: int, splits, directory: str, models,
+               guard: NonFiniteGuard):
     self.name, self.config, self.strategy = name, config, strategy
+    self.guard = guard
+    self._saved_variables = _variables_of(checkpoint_items.values())
     self.manifest, self.num_steps, self.splits = manifest, num_steps, splits
     self.step_counter = step_counter
     self.directory = directory
@@ -256,11 +378,19 @@ class _Phase:
           raise
         raise problem from error
       step = read_step(self.step_counter)
+      skipped = read_step(self.guard.skipped_steps)
       with self.writer.as_default():
         for name, value in metrics.items():
           tf.summary.scalar(name, value, step=step)
+        tf.summary.scalar('health/skipped_steps', skipped, step=step)
       progress.update(step, {k: v for k, v in metrics.items() if k in _SHOWN})
+      self._check_finite(step, skipped, metrics)
       if step % run.checkpoint_every == 0 or step == self.num_steps:
+        if not all_finite(self._saved_variables):
+          raise NonFiniteError(
+              f'{self.name}: the state at step {step} holds a NaN or Inf '
+              f'although every checked loss and gradient norm was finite; '
+              f'nothing was saved, {self._last_checkpoint()}.')
         self.manager.save(checkpoint_number=step)
       elif preemption is not None:
         preemption.save_checkpoint_if_preempted()
@@ -269,6 +399,27 @@ class _Phase:
     progress.close()
     self.writer.flush()
     return metrics
+
+  def _last_checkpoint(self) -> str:
+    latest = self.manager.latest_checkpoint
+    return (f'the last checkpoint is {latest}' if latest else
+            'and there is no checkpoint yet')
+
+  def _check_finite(self, step: int, skipped: int,
+                    metrics: Dict[str, float]) -> None:
+    """After a device loop: stops, or reports skipped steps, per policy."""
+    if not metrics.get('health/nonfinite'):
+      return
+    if self.guard.policy == 'stop':
+      self.writer.flush()
+      raise NonFiniteError(
+          f'{self.name}: non-finite value (NaN or Inf) at '
+          f'{self.guard.describe()}; the run stopped without saving it, '
+          f'{self._last_checkpoint()}. Lower the learning rates or '
+          f'--grad_clip_norm, check the data, or pass --nonfinite=skip to '
+          f'leave such steps out.')
+    print(f'{self.name}: {skipped} non-finite step(s) skipped so far '
+          f'(the first at {self.guard.describe()}).')
 
 
 class _Evaluations:
@@ -355,12 +506,14 @@ def _supervised_phase(name: str, config: Config, strategy, manifest,
                       batch_size: int, weight_decay_config, directory: str,
                       model_key: str = 'model'):
   step = SupervisedStep(model, optimizer, weight_decay_config,
-                        config.mpl.label_smoothing, batch_size)
+                        config.mpl.label_smoothing, batch_size,
+                        nonfinite=config.run.nonfinite)
   return _Phase(
       name, config, strategy, manifest, step, optimizer.iterations,
-      {model_key: model, 'optimizer': optimizer},
+      {model_key: model, 'optimizer': optimizer,
+       'health': step.guard.checkpoint_item()},
       _dataset_fn(config, manifest, 'supervised', batch_size), num_steps,
-      ('labeled',), directory, [model])
+      ('labeled',), directory, [model], step.guard)
 
 
 @dataclasses.dataclass
@@ -391,12 +544,13 @@ def _build_training(config: Config, strategy, manifest, build) -> _Training:
                              teacher),
         optim.make_optimizer(student_lr, optim_cfg, 'student_optimizer',
                              student),
-        ema_student=ema_student, seed=config.run.seed, **batches)
+        ema_student=ema_student, seed=config.run.seed,
+        nonfinite=config.run.nonfinite, **batches)
     phase = _Phase(
         algorithm, config, strategy, manifest, mpl_replica_step(step),
         step.step, step.checkpoint_items(), _dataset_fn(config, manifest, 'mpl'),
         optim_cfg.num_steps, ('labeled', 'unlabeled'), model_dir,
-        [teacher, student, ema_student])
+        [teacher, student, ema_student], step.guard)
     networks = {f'{algorithm}_ema_student': ema_student,
                 f'{algorithm}_student': student,
                 f'{algorithm}_teacher': teacher}
@@ -407,12 +561,13 @@ def _build_training(config: Config, strategy, manifest, build) -> _Training:
     step = UdaStep(config.mpl, optim_cfg, model,
                    optim.make_optimizer(teacher_lr, optim_cfg, 'optimizer',
                                         model),
-                   ema_model=ema_model, **batches)
+                   ema_model=ema_model, nonfinite=config.run.nonfinite,
+                   **batches)
     phase = _Phase(
         'uda', config, strategy, manifest, step, step.step,
         step.checkpoint_items(), _dataset_fn(config, manifest, 'mpl'),
         optim_cfg.num_steps, ('labeled', 'unlabeled'), model_dir,
-        [model, ema_model])
+        [model, ema_model], step.guard)
     return _Training(phase, step.step, {'uda_ema': ema_model, 'uda': model},
                      ema_model)
   if algorithm == 'supervised':
@@ -432,13 +587,21 @@ def run(config: Config) -> Dict[str, Any]:
   """Trains, finetunes and evaluates; writes config.json and results.json."""
   run_cfg, optim_cfg = config.run, config.optim
   model_dir = run_cfg.model_dir
+  if run_cfg.deterministic:
+    tf.config.experimental.enable_op_determinism()
+    # keras-cv's augmentation layers ask for the global generator when they
+    # are built (they draw from stateless seeds afterwards); under op
+    # determinism it must be set explicitly first.
+    tf.random.set_global_generator(
+        tf.random.Generator.from_seed(run_cfg.seed))
   # Data and config first: a wrong setting fails before anything is written.
+  check_writable(model_dir)
   manifest = offline.ensure_prepared(config.data)
+  check_data(config, manifest)
   strategy = distribute.get_strategy(run_cfg)
   _check_batches(config, strategy)
   check_model_dir(config)
-  tf.io.gfile.makedirs(model_dir)
-  write_json(os.path.join(model_dir, 'config.json'), config.to_dict())
+  _start_model_dir(config)
   num_classes, image_size = manifest['num_classes'], config.data.image_size
   print(f'data: {config.data.dataset} in {config.data.data_dir}: ' +
         ', '.join(f'{split} {manifest["counts"][split]}'

@@ -17,6 +17,7 @@ from mpl_tf import losses
 from mpl_tf import optim
 from mpl_tf.config import MplConfig, OptimConfig
 from mpl_tf.models import normalization_weights
+from mpl_tf.mpl_step import NonFiniteGuard, float_state
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -27,7 +28,8 @@ class UdaStep:
   def __init__(self, mpl_config: MplConfig, optim_config: OptimConfig,
                model: keras.Model, optimizer: keras.optimizers.Optimizer, *,
                global_labeled_batch: int, global_unlabeled_batch: int,
-               ema_model: Optional[keras.Model] = None):
+               ema_model: Optional[keras.Model] = None,
+               nonfinite: str = 'stop'):
     self.config = mpl_config
     self.optim_config = optim_config
     self.model = model
@@ -37,9 +39,13 @@ class UdaStep:
     self.global_unlabeled_batch = global_unlabeled_batch
     self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
     self._no_decay = normalization_weights(model)
+    # A non-finite step is skipped whole or stops the run (mpl_step.py).
+    self.guard = NonFiniteGuard(nonfinite,
+                                float_state(model, ema_model, optimizer))
 
   def checkpoint_items(self) -> Dict[str, tf.Module]:
-    items = dict(model=self.model, optimizer=self.optimizer, step=self.step)
+    items = dict(model=self.model, optimizer=self.optimizer, step=self.step,
+                 health=self.guard.checkpoint_item())
     if self.ema_model is not None:
       # The key export.py serves.
       items['ema_student'] = self.ema_model
@@ -55,6 +61,7 @@ class UdaStep:
     local_labeled = tf.shape(images_labeled)[0]
     local_unlabeled = tf.shape(images_ori)[0]
     variables = self.model.trainable_variables
+    before_step = self.guard.snapshot()
     with tf.GradientTape() as tape:
       logits = self.model(
           tf.concat([images_labeled, images_ori, images_aug], axis=0),
@@ -80,15 +87,23 @@ class UdaStep:
     if self.ema_model is not None:
       ema.update(self.ema_model, self.model,
                  ema.decay_at(self.step, self.optim_config.ema_decay))
-    self.step.assign_add(1)
     f32 = lambda x: tf.cast(x, tf.float32)
+    global_supervised_loss = replica_context.all_reduce(
+        SUM, f32(supervised_loss))
+    global_consistency_loss = replica_context.all_reduce(
+        SUM, f32(consistency_loss))
+    finite = self.guard.check(self.step, {
+        'uda/supervised_loss': global_supervised_loss,
+        'uda/consistency_loss': global_consistency_loss,
+        'uda/grad_norm': grad_norm})
+    self.guard.restore_unless(finite, before_step)
+    self.step.assign_add(1)
     return {
-        'uda/supervised_loss': replica_context.all_reduce(
-            SUM, f32(supervised_loss)),
-        'uda/consistency_loss': replica_context.all_reduce(
-            SUM, f32(consistency_loss)),
+        'uda/supervised_loss': global_supervised_loss,
+        'uda/consistency_loss': global_consistency_loss,
         'uda/mask_rate': f32(mask_rate),
         'uda/weight': f32(weight),
         'uda/grad_norm': f32(grad_norm),
         'uda/learning_rate': learning_rate,
+        'health/nonfinite': 1.0 - f32(finite),
     }
