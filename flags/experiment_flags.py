@@ -1,0 +1,129 @@
+"""Flags of the experiment commands (mpl_tf/experiments), and their one reader.
+
+    python -m mpl_tf.experiments.two_moon --output_dir=docs
+    python -m mpl_tf.experiments.ablation --output_dir=docs
+
+`define_two_moon` / `define_ablation` declare the flags; `two_moon_config` /
+`ablation_config` read them once into the experiments' frozen dataclasses.
+Defaults come from those dataclasses, so a flag and its field cannot
+disagree. The ablation command also takes every TwoMoon flag, because its
+two_moon task runs that setup.
+"""
+
+import dataclasses
+from typing import Optional, Tuple
+
+from absl import flags as absl_flags
+
+from mpl_tf import config as config_lib
+from mpl_tf.experiments import ablation
+from mpl_tf.experiments import two_moon
+
+_TWO_MOON = two_moon.TwoMoonConfig()
+_ABLATION = ablation.AblationConfig()
+
+_TWO_MOON_HELP = {
+    'noise': 'Std of the Gaussian noise of sklearn make_moons.',
+    'labeled_per_class': 'Labeled points per class (paper: 3).',
+    'unlabeled_per_class': 'Unlabeled points per class (paper: 997).',
+    'test_points': 'Held-out test points (drawn like the training points).',
+    'hidden_units': 'Units of each of the two sigmoid layers (paper: 8).',
+    'num_steps': 'Training steps of every method.',
+    'mpl_weight': 'Weight of the MPL term h * CE(y_hat, T(x_u)) of the MPL '
+                  'run (Algorithm 1: 1).',
+    'teacher_lr': 'Peak rate (cosine decay) of the teacher and of the '
+                  'supervised model.',
+    'student_lr': 'Peak rate (cosine decay) of the student.',
+    'momentum': 'Nesterov momentum of every optimizer (0 = plain SGD).',
+    'unlabeled_batch': 'Unlabeled points per step (0 = all of them).',
+    'num_seeds': 'Seeds (data draw, labeled points, initial weights).',
+    'first_seed': 'First seed.',
+    'figure_seed': 'The seed whose decision boundaries are drawn.',
+}
+_TWO_MOON_ENUMS = {
+    'pseudo_label': (config_lib.PSEUDO_LABELS, 'Pseudo labels of the MPL run.'),
+    'feedback': (config_lib.FEEDBACKS, 'Feedback h of the MPL run.'),
+    'feedback_sign': (config_lib.FEEDBACK_SIGNS, 'Sign of h of the MPL run.'),
+}
+_ABLATION_HELP = {
+    'two_moon_seeds': 'Seeds per variant of the two_moon task.',
+    'image_seeds': 'Seeds per variant of the digits task.',
+    'image_steps': 'Training steps of every digits run.',
+    'image_model': 'Network of the digits runs (teacher and student).',
+    'image_data_dir': 'Where the digits splits are prepared (automatically).',
+}
+
+
+def _define_field(name, default, help_text, flag_values):
+  define_fn = {bool: absl_flags.DEFINE_bool, int: absl_flags.DEFINE_integer,
+               float: absl_flags.DEFINE_float,
+               str: absl_flags.DEFINE_string}[type(default)]
+  define_fn(name, default, help_text, flag_values=flag_values)
+
+
+def _define_output_dir(flag_values) -> None:
+  if 'output_dir' not in flag_values:
+    absl_flags.DEFINE_string(
+        'output_dir', 'docs', 'Writes results/*.json (and figures/) under '
+        'this directory; empty = write nothing.', flag_values=flag_values)
+
+
+def define_two_moon(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
+                    ) -> None:
+  """Declares the TwoMoon flags (prefixed two_moon_ where ambiguous)."""
+  _define_output_dir(flag_values)
+  for field, help_text in _TWO_MOON_HELP.items():
+    _define_field(field, getattr(_TWO_MOON, field), f'[two_moon] {help_text}',
+                  flag_values)
+  for field, (choices, help_text) in _TWO_MOON_ENUMS.items():
+    absl_flags.DEFINE_enum(field, getattr(_TWO_MOON, field), list(choices),
+                           f'[two_moon] {help_text}', flag_values=flag_values)
+
+
+def two_moon_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
+                    ) -> Tuple[two_moon.TwoMoonConfig, Optional[str]]:
+  """(TwoMoonConfig, output_dir or None) from the parsed flags."""
+  fields = {field.name: flag_values[field.name].value
+            for field in dataclasses.fields(two_moon.TwoMoonConfig)}
+  return (two_moon.TwoMoonConfig(**fields),
+          flag_values['output_dir'].value or None)
+
+
+def define_ablation(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
+                    ) -> None:
+  """Declares the ablation flags and, for its two_moon task, TwoMoon's."""
+  define_two_moon(flag_values)
+  absl_flags.DEFINE_list('ablation_tasks', list(_ABLATION.tasks),
+                         f'Tasks to run: {", ".join(ablation.TASKS)}.',
+                         flag_values=flag_values)
+  absl_flags.DEFINE_list('variants', list(_ABLATION.variants),
+                         'Variants to run, each the base with one MplConfig '
+                         f'field changed: {", ".join(ablation.VARIANTS)}.',
+                         flag_values=flag_values)
+  absl_flags.DEFINE_list('image_flags', list(_ABLATION.image_flags),
+                         'Extra training flags of the digits runs '
+                         '(flags/definitions.py), e.g. --num_test=300.',
+                         flag_values=flag_values)
+  for field, help_text in _ABLATION_HELP.items():
+    _define_field(field, getattr(_ABLATION, field), f'[ablation] {help_text}',
+                  flag_values)
+
+
+def ablation_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
+                    ) -> Tuple[ablation.AblationConfig, Optional[str]]:
+  """(AblationConfig, output_dir or None) from the parsed flags."""
+  two_moon_cfg, output_dir = two_moon_config(flag_values)
+  for name in ('ablation_tasks', 'variants'):
+    known = ablation.TASKS if name == 'ablation_tasks' else ablation.VARIANTS
+    unknown = [v for v in flag_values[name].value if v not in known]
+    if unknown:
+      raise config_lib.ConfigError(
+          f'--{name}: unknown {", ".join(unknown)}; choose from '
+          f'{", ".join(known)}.')
+  config = ablation.AblationConfig(
+      tasks=tuple(flag_values['ablation_tasks'].value),
+      variants=tuple(flag_values['variants'].value),
+      two_moon=two_moon_cfg,
+      image_flags=tuple(flag_values['image_flags'].value),
+      **{field: flag_values[field].value for field in _ABLATION_HELP})
+  return config, output_dir

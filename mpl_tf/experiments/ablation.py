@@ -1,0 +1,229 @@
+"""The disputed choices of Meta Pseudo Labels, each varied alone, over seeds.
+
+    python -m mpl_tf.experiments.ablation --output_dir=docs \
+        --ablation_tasks=two_moon,digits
+
+Every variant is the base (Algorithm 1: sampled labels, exact h, paper sign,
+no baseline, mpl_weight 1) with exactly one MplConfig field changed:
+
+  algorithm_1     the base itself
+  argmax          pseudo_label=argmax
+  soft            pseudo_label=soft (released code; zero MPL gradient)
+  taylor          feedback=taylor (released code's h)
+  released_sign   feedback_sign=released_code (h = new - old)
+  baseline_0.99   baseline_decay=0.99 (released code)
+  mpl_weight_0    mpl_weight=0 (no feedback at all)
+
+The base sets baseline_init=uniform_sqrt3 (the released code's), which is
+inert while baseline_decay=0, so baseline_0.99 differs from it in the decay
+alone and starts its baseline where the released code does.
+
+Tasks:
+  two_moon  the TwoMoon setup of two_moon.py (no UDA), many seeds; reports
+            the student's and the teacher's test accuracy.
+  digits    scikit-learn's 1,797 digits through `mpl_tf.train.run` (the
+            whole product path: pipeline, UDA teacher, EMA student), a small
+            WRN, few steps, few seeds; reports the test top-1 of the EMA
+            student, the student and the teacher. Configs are built by
+            flags/definitions.py's define()/to_config() on a fresh FlagValues
+            from IMAGE_ARGS, then each variant by dataclasses.replace; every
+            run gets its own temporary model_dir.
+
+Writes `<output_dir>/results/ablation_<task>.json` after every run, so an
+interrupted grid keeps what it measured.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from mpl_tf.config import Config, MplConfig
+from mpl_tf.experiments import two_moon as two_moon_lib
+
+TASKS = ('two_moon', 'digits')
+# The base every variant departs from: Algorithm 1.
+BASE_FIELDS = dict(pseudo_label='sampled', feedback='exact',
+                   feedback_sign='paper', baseline_decay=0.0,
+                   baseline_init='uniform_sqrt3', mpl_weight=1.0)
+VARIANTS = {
+    'algorithm_1': {},
+    'argmax': {'pseudo_label': 'argmax'},
+    'soft': {'pseudo_label': 'soft'},
+    'taylor': {'feedback': 'taylor'},
+    'released_sign': {'feedback_sign': 'released_code'},
+    'baseline_0.99': {'baseline_decay': 0.99},
+    'mpl_weight_0': {'mpl_weight': 0.0},
+}
+# The digits runs: the README demo's recipe (flags/demo.cfg) made small:
+# WRN-10-1, 10 labels per class, B=8, mu=3, UDA teacher, EMA student, no
+# supervised baseline, one device loop, evaluated once at the end.
+IMAGE_ARGS = (
+    '--dataset=digits', '--labeled_per_class=10', '--num_validation=200',
+    '--num_test=500', '--horizontal_flip=false', '--randaugment_magnitude=5',
+    '--cutout_size=8', '--dropout_rate=0.2', '--labeled_batch_size=8',
+    '--uda_ratio=3', '--teacher_lr=0.05', '--student_lr=0.05',
+    '--weight_decay=0.0005', '--teacher_warmup_steps=30',
+    '--student_warmup_steps=30', '--label_smoothing=0.1', '--uda_weight=2.0',
+    '--uda_temperature=0.7', '--uda_threshold=0.6', '--uda_steps=100',
+    '--ema_decay=0.95', '--eval_every=0', '--eval_median_last=1',
+    '--nosupervised_baseline')
+IMAGE_NETWORKS = {'ema_student': 'mpl_ema_student', 'student': 'mpl_student',
+                  'teacher': 'mpl_teacher'}
+
+
+@dataclasses.dataclass(frozen=True)
+class AblationConfig:
+  """What the ablation command runs; flags/experiment_flags.py fills it."""
+  tasks: Tuple[str, ...] = TASKS
+  variants: Tuple[str, ...] = tuple(VARIANTS)
+  two_moon: two_moon_lib.TwoMoonConfig = two_moon_lib.TwoMoonConfig()
+  two_moon_seeds: int = 10
+  image_seeds: int = 2
+  image_steps: int = 300
+  image_model: str = 'wrn-10-1'
+  image_data_dir: str = 'data/digits'
+  # Extra training flags for the digits runs, after IMAGE_ARGS (they win).
+  image_flags: Tuple[str, ...] = ()
+
+
+def variant_config(base: MplConfig, variant: str) -> MplConfig:
+  """`base` with BASE_FIELDS, then the variant's one change."""
+  if variant not in VARIANTS:
+    raise ValueError(f'Unknown variant {variant!r}; choose from '
+                     f'{", ".join(VARIANTS)}.')
+  return dataclasses.replace(base, **{**BASE_FIELDS, **VARIANTS[variant]})
+
+
+def grid(base: MplConfig, variants: Sequence[str] = tuple(VARIANTS)
+         ) -> Dict[str, MplConfig]:
+  """{variant: its MplConfig} for the given variants, in order."""
+  return {variant: variant_config(base, variant) for variant in variants}
+
+
+def image_base_config(config: AblationConfig, model_dir: str,
+                      extra: Sequence[str] = ()) -> Config:
+  """The digits run's Config, read from flags like `main.py` reads them."""
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  from flags import definitions  # pylint: disable=g-import-not-at-top
+  flag_values = absl_flags.FlagValues()
+  definitions.define(flag_values)
+  steps = config.image_steps
+  flag_values(['ablation', *IMAGE_ARGS, f'--model={config.image_model}',
+               f'--data_dir={config.image_data_dir}', f'--num_steps={steps}',
+               f'--steps_per_loop={steps}', f'--checkpoint_every={steps}',
+               f'--model_dir={model_dir}', *config.image_flags, *extra])
+  return definitions.to_config(flag_values)
+
+
+def _summary(values: List[float]) -> Dict[str, float]:
+  return two_moon_lib.mean_std(values)
+
+
+def run_two_moon_variant(config: AblationConfig, mpl: MplConfig,
+                         seed: int) -> Dict[str, Any]:
+  """One TwoMoon MPL run: the student's and the teacher's test accuracy."""
+  data = two_moon_lib.make_data(config.two_moon, seed)
+  student, teacher, diagnostics = two_moon_lib.train_mpl(config.two_moon, data,
+                                                     seed, mpl)
+  return {'seed': seed,
+          'student': two_moon_lib.accuracy(student, data.x_test, data.y_test),
+          'teacher': two_moon_lib.accuracy(teacher, data.x_test, data.y_test),
+          **diagnostics}
+
+
+def run_image_variant(config: AblationConfig, mpl: MplConfig, seed: int,
+                      extra: Sequence[str] = ()) -> Dict[str, Any]:
+  """One digits MPL run through train.run in a temporary model_dir."""
+  from mpl_tf import train  # pylint: disable=g-import-not-at-top
+  model_dir = tempfile.mkdtemp(prefix='mpl_ablation_')
+  try:
+    base = image_base_config(config, model_dir, extra)
+    run_config = dataclasses.replace(
+        base, mpl=mpl, run=dataclasses.replace(base.run, seed=seed))
+    results = train.run(run_config)
+  finally:
+    shutil.rmtree(model_dir, ignore_errors=True)
+  row = {'seed': seed, 'train_seconds': results['timings']['train_seconds']}
+  for network, key in IMAGE_NETWORKS.items():
+    row[network] = results[key]['test']['top1']
+  return row
+
+
+def _base_mpl(config: AblationConfig, task: str) -> MplConfig:
+  """The non-disputed MplConfig fields of a task (UDA settings and so on)."""
+  if task == 'two_moon':
+    return two_moon_lib.mpl_config(config.two_moon)
+  return image_base_config(config, tempfile.gettempdir()).mpl
+
+
+def run_task(config: AblationConfig, task: str, output_dir: Optional[str],
+             command: str = '', log: Callable[[str], None] = print
+             ) -> Dict[str, Any]:
+  """Every variant of `config.variants` over the task's seeds."""
+  start = time.time()
+  configs = grid(_base_mpl(config, task), config.variants)
+  if task == 'two_moon':
+    seeds, networks = config.two_moon_seeds, ('student', 'teacher')
+    run_one = lambda mpl, seed: run_two_moon_variant(config, mpl, seed)
+    setup = dataclasses.asdict(config.two_moon)
+  elif task == 'digits':
+    seeds, networks = config.image_seeds, tuple(IMAGE_NETWORKS)
+    run_one = lambda mpl, seed: run_image_variant(config, mpl, seed)
+    setup = image_base_config(config, '<temporary>').to_dict()
+  else:
+    raise ValueError(f'Unknown task {task!r}; choose from {", ".join(TASKS)}.')
+  payload = {'task': task, 'command': command, 'setup': setup,
+             'base_fields': BASE_FIELDS, 'variants': {}}
+  path = (os.path.join(output_dir, 'results', f'ablation_{task}.json')
+          if output_dir else None)
+  for variant, mpl in configs.items():
+    rows = []
+    for seed in range(seeds):
+      run_start = time.time()
+      rows.append(run_one(mpl, seed))
+      log(f'{task} {variant} seed {seed}: ' + ', '.join(
+          f'{n} {rows[-1][n]:.4f}' for n in networks) +
+          f' ({time.time() - run_start:.1f} s)')
+    payload['variants'][variant] = {
+        'changed': VARIANTS[variant], 'mpl_config': dataclasses.asdict(mpl),
+        'test_accuracy': {n: _summary([r[n] for r in rows])
+                          for n in networks},
+        'runs': rows}
+    payload['seconds'] = time.time() - start
+    if path:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, 'w') as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+  log(f'{task}: {len(configs)} variants x {seeds} seeds in '
+      f'{payload["seconds"]:.0f} s' + (f'; wrote {path}' if path else ''))
+  for variant, entry in payload['variants'].items():
+    log(f'  {variant:<14}' + '  '.join(
+        f'{n} {entry["test_accuracy"][n]["mean"]:.4f} +- '
+        f'{entry["test_accuracy"][n]["std"]:.4f}' for n in networks))
+  return payload
+
+
+def run(config: AblationConfig, output_dir: Optional[str],
+        command: str = '') -> Dict[str, Dict[str, Any]]:
+  return {task: run_task(config, task, output_dir, command)
+          for task in config.tasks}
+
+
+def main(argv):
+  import sys  # pylint: disable=g-import-not-at-top
+  from flags import experiment_flags  # pylint: disable=g-import-not-at-top
+  del argv
+  config, output_dir = experiment_flags.ablation_config()
+  run(config, output_dir, command=' '.join(['python -m mpl_tf.experiments.'
+                                            'ablation', *sys.argv[1:]]))
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from flags import experiment_flags  # pylint: disable=g-import-not-at-top
+  experiment_flags.define_ablation()
+  app.run(main)

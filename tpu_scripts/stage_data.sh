@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Copies a prepared data set (a directory with manifest.json, made by
+# `python -m mpl_tf.data.prepare`, docs/data.md) to gs://$BUCKET/data/<name>,
+# where <name> is the directory's last component, the name the presets'
+# --data_dir ends with. Usage: tpu_scripts/stage_data.sh data/cifar10_4k
+set -euo pipefail
+# shellcheck source=tpu_scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+require_env PROJECT BUCKET
+
+(($# == 1)) || error "usage: $(basename "$0") PREPARED_DATA_DIR"
+data_dir="${1%/}"
+[[ -f "${data_dir}/manifest.json" ]] || error "${data_dir} has no" \
+  "manifest.json; prepare it first (docs/data.md)"
+gsutil -m cp -r "${data_dir}" "gs://${BUCKET}/data/"
