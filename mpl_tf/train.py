@@ -330,6 +330,9 @@ class _Phase:
     self.writer = tf.summary.create_file_writer(
         os.path.join(directory, 'logs', 'train'))
     self._restored = False
+    # The first batch's views go to TensorBoard once per run, from the main
+    # phase; finetuning and the baseline only repeat the labeled view.
+    self.write_images = True
 
   def restore(self) -> int:
     """Restores the latest checkpoint (once), if any; returns the step."""
@@ -358,7 +361,7 @@ class _Phase:
     """Runs the remaining steps; returns the last loop's mean metrics."""
     run = self.config.run
     step = self.restore()
-    if step == 0:
+    if step == 0 and self.write_images:
       self._write_images()
     progress = Progress(self.name, self.num_steps, run.steps_per_loop,
                         start_step=step)
@@ -646,14 +649,20 @@ def run(config: Config) -> Dict[str, Any]:
           run_cfg.supervised_steps or optim_cfg.num_steps,
           optim_cfg.labeled_batch_size, optim_cfg,
           os.path.join(model_dir, 'supervised'))
+      phase.write_images = False
     start = time.time()
     phase.train()
     timings['supervised_seconds'] = time.time() - start
     models['supervised'] = supervised
 
   for name, model in models.items():
-    results[name] = {split: evaluations.evaluate(model, split)
-                     for split in ('validation', 'test')}
+    if model is training.selected:
+      # Just evaluated at the final step: the last history entry.
+      last = evaluations.history[-1]
+      results[name] = {split: last[split] for split in ('validation', 'test')}
+    else:
+      results[name] = {split: evaluations.evaluate(model, split)
+                       for split in ('validation', 'test')}
   results['selected_history'] = summarize(evaluations.history,
                                           run_cfg.eval_median_last)
   results['timings'] = timings
@@ -680,6 +689,7 @@ def _finetune(config: Config, strategy, manifest, ema_student, build):
         os.path.join(config.run.model_dir, 'finetune'),
         # The key export.py serves: the finetuned student replaces the EMA one.
         model_key='ema_student')
+    phase.write_images = False
   start = time.time()
   phase.train()
   return finetuned, time.time() - start
