@@ -20,6 +20,7 @@ from absl import flags as absl_flags
 
 from flags import definitions
 from mpl_tf import train
+from tests.testing import DataDirTestCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(REPO, 'flags', '*.cfg')))
@@ -182,17 +183,7 @@ class PresetFilesTest(tf.test.TestCase):
     self.assertLessEqual(config.optim.num_steps, 10)
 
 
-class PresetRunsTest(tf.test.TestCase):
-
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.data_dir = tempfile.mkdtemp()
-
-  @classmethod
-  def tearDownClass(cls):
-    shutil.rmtree(cls.data_dir, ignore_errors=True)
-    super().tearDownClass()
+class PresetRunsTest(DataDirTestCase):
 
   def test_every_preset_runs_two_steps_on_stand_in_data(self):
     ran = {}   # shrunk configuration -> the preset that ran it

@@ -30,6 +30,7 @@ from mpl_tf.supervised_step import SupervisedStep
 from mpl_tf.uda_step import UdaStep
 from tests.test_train import REPO, _config, _tempdir
 from tests.tiny_models import keras_mlp, random_batch
+from tests.testing import DataDirTestCase
 
 INPUT_DIM, HIDDEN, NUM_CLASSES, NUM_LABELED, NUM_UNLABELED = 4, 6, 3, 4, 6
 MOMENTUM = OptimConfig(momentum=0.9, weight_decay=1e-3, ema_decay=0.5)
@@ -171,18 +172,8 @@ def _poison_train_stream(test_case, poisoned_step):
   test_case.addCleanup(setattr, pipeline, 'train_dataset', original)
 
 
-class NonFiniteLoopTest(tf.test.TestCase):
+class NonFiniteLoopTest(DataDirTestCase):
   """The loop's side: stop never saves a NaN; skip counts and goes on."""
-
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.data_dir = tempfile.mkdtemp()
-
-  @classmethod
-  def tearDownClass(cls):
-    shutil.rmtree(cls.data_dir, ignore_errors=True)
-    super().tearDownClass()
 
   def _config(self, model_dir, *extra):
     return _config(model_dir, self.data_dir, '--nosupervised_baseline',

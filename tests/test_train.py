@@ -20,6 +20,7 @@ from flags import definitions
 from mpl_tf import app
 from mpl_tf import train
 from mpl_tf.config import ConfigError
+from tests.testing import DataDirTestCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,17 +51,7 @@ def _variables(checkpoint_prefix, prefix):
           if name.startswith(prefix) and 'OPTIMIZER_SLOT' not in name}
 
 
-class TrainEndToEndTest(tf.test.TestCase):
-
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.data_dir = tempfile.mkdtemp()
-
-  @classmethod
-  def tearDownClass(cls):
-    shutil.rmtree(cls.data_dir, ignore_errors=True)
-    super().tearDownClass()
+class TrainEndToEndTest(DataDirTestCase):
 
   def test_demo_preset_runs_finetunes_and_reports(self):
     model_dir = _tempdir(self)
@@ -138,7 +129,6 @@ class TrainEndToEndTest(tf.test.TestCase):
     for name, value in straight.items():
       self.assertAllClose(resumed[name], value, rtol=1e-5, atol=1e-6,
                           msg=name)
-
 
   def test_uda_and_supervised_algorithms_train_and_report(self):
     for algorithm, networks in (('uda', {'uda_ema', 'uda'}),
