@@ -38,132 +38,20 @@ Unlike the released graph, the teacher's moving statistics are updated by its
 forward pass; they only matter for evaluating the teacher, for diagnosis.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from mpl_tf import ema
+from mpl_tf import health
 from mpl_tf import losses
 from mpl_tf import optim
 from mpl_tf.config import MplConfig, OptimConfig
 from mpl_tf.models import batch_norm_statistics, normalization_weights
 
 SUM = tf.distribute.ReduceOp.SUM
-_FIRST = tf.VariableAggregation.ONLY_FIRST_REPLICA
-
-
-class NonFiniteGuard:
-  """Checks a step's losses and gradient norms; skips or records the step.
-
-  Everything happens on the device, with no host round trip inside the
-  device loop: the step passes its global (all-reduced) losses and gradient
-  norms to `check`, which returns one boolean `ok` that is identical on
-  every replica. A NaN or Inf anywhere in a gradient makes its global norm
-  non-finite, so checking the norms covers every gradient at the price of a
-  handful of scalars.
-
-  policy='skip': `snapshot` copies the mutable float state (weights,
-  batch-norm statistics, optimizer slots, EMA weights, the h baseline)
-  before the step and `restore_unless(ok, ...)` puts it back with tf.where
-  when the step was non-finite: the whole step is undone, not just one
-  network's update, because in MPL the teacher's feedback h is measured on
-  the student's new weights and means nothing if the student's update was
-  not finite (and a student update cannot otherwise be undone after the
-  teacher's terms turn out non-finite). The step counter and the optimizers'
-  iteration counts still advance, so the learning-rate schedules, the input
-  stream and the pseudo-label draws stay functions of the step. The copy
-  costs transient memory of one more set of that state, only in 'skip' mode.
-
-  policy='stop': nothing is copied; the first non-finite step and its terms
-  are recorded in variables the loop reads after each device loop, and it
-  then ends the run without saving the non-finite state.
-
-  The counters are checkpointed (`checkpoint_item`), so a resumed run keeps
-  counting.
-  """
-
-  def __init__(self, policy: str, state: Sequence[tf.Variable]):
-    if policy not in ('stop', 'skip'):
-      raise ValueError(f'nonfinite={policy!r} is not stop or skip.')
-    self.policy = policy
-    self._state = [v for v in state if tf.as_dtype(v.dtype).is_floating] if (
-        policy == 'skip') else []
-    make = lambda value, name: tf.Variable(
-        value, dtype=tf.int64, trainable=False, name=name, aggregation=_FIRST)
-    self.skipped_steps = make(0, 'skipped_steps')
-    # The first step with a non-finite term (-1: none yet), and which terms
-    # were non-finite then, as bits in the order of `term_names`.
-    self.first_step = make(-1, 'first_nonfinite_step')
-    self.first_terms = make(0, 'first_nonfinite_terms')
-    self.term_names: List[str] = []
-
-  def checkpoint_item(self) -> tf.train.Checkpoint:
-    return tf.train.Checkpoint(skipped_steps=self.skipped_steps,
-                               first_nonfinite_step=self.first_step,
-                               first_nonfinite_terms=self.first_terms)
-
-  def snapshot(self) -> List[tf.Tensor]:
-    return [tf.identity(v) for v in self._state]
-
-  def check(self, step, terms: Dict[str, tf.Tensor]) -> tf.Tensor:
-    """ok (a scalar bool) iff every term is finite; records the step if not.
-
-    `terms` must be global values (the same on every replica).
-    """
-    self.term_names = list(terms)
-    finite = tf.stack([tf.reduce_all(tf.math.is_finite(tf.cast(t, tf.float32)))
-                       for t in terms.values()])
-    ok = tf.reduce_all(finite)
-    bits = tf.reduce_sum(tf.where(
-        finite, tf.constant(0, tf.int64),
-        tf.bitwise.left_shift(tf.constant(1, tf.int64),
-                              tf.range(len(terms), dtype=tf.int64))))
-    first = tf.logical_and(tf.logical_not(ok), self.first_step < 0)
-    step = tf.cast(step, tf.int64)
-    self.first_terms.assign(tf.where(first, bits, self.first_terms))
-    self.first_step.assign(tf.where(first, step, self.first_step))
-    self.skipped_steps.assign_add(tf.cast(tf.logical_not(ok), tf.int64))
-    return ok
-
-  def restore_unless(self, ok: tf.Tensor, snapshot: List[tf.Tensor]) -> None:
-    """policy='skip': puts the state of before the step back unless ok."""
-    for variable, saved in zip(self._state, snapshot):
-      variable.assign(tf.where(ok, tf.convert_to_tensor(variable), saved))
-
-  def describe(self) -> Optional[str]:
-    """On the host: 'step S: a, b' for the first non-finite step, or None."""
-    step = int(tf.convert_to_tensor(self.first_step).numpy())
-    if step < 0:
-      return None
-    bits = int(tf.convert_to_tensor(self.first_terms).numpy())
-    names = [name for i, name in enumerate(self.term_names) if bits >> i & 1]
-    return f'step {step + 1} ({", ".join(names) or "unknown term"})'
-
-
-def float_state(*items) -> List[tf.Variable]:
-  """The variables of models and optimizers that a skipped step restores.
-
-  Optimizer iteration counts are left out on purpose: they keep counting
-  steps, skipped or not, like the step counter.
-  """
-  state, seen = [], set()
-  for item in items:
-    if item is None:
-      continue
-    if isinstance(item, keras.optimizers.Optimizer):
-      variables = [v for v in item.variables if v is not item.iterations]
-    elif isinstance(item, keras.Model):
-      variables = item.variables
-    else:
-      variables = [item]
-    for variable in variables:
-      if id(variable) not in seen:
-        seen.add(id(variable))
-        state.append(variable)
-  return state
-
 
 def feedback_coefficient(feedback: str, sign: str, student_lr,
                          labeled_grads_new=None, pseudo_label_grads=None,
@@ -238,7 +126,7 @@ class MplStep:
     self._teacher_no_decay = normalization_weights(teacher)
     self._student_no_decay = normalization_weights(student)
     self._student_bn_statistics = batch_norm_statistics(student)
-    self.guard = NonFiniteGuard(nonfinite, float_state(
+    self.guard = health.NonFiniteGuard(nonfinite, health.float_state(
         teacher, student, ema_student, teacher_optimizer, student_optimizer,
         self.baseline))
 
@@ -322,11 +210,9 @@ class MplStep:
             losses.one_hot(labels, student_logits_labeled_old),
             tf.stop_gradient(student_logits_labeled_old), n_labeled))
     student_lr = tf.cast(self.student_optimizer.learning_rate, tf.float32)
-    student_update, student_grad_norm = optim.decay_and_clip(
-        student_grads, student_vars, self._student_no_decay,
-        optim.coupled_weight_decay(self.optim_config),
-        self.optim_config.grad_clip_norm)
-    self.student_optimizer.apply_gradients(zip(student_update, student_vars))
+    student_grad_norm = optim.apply_global_gradients(
+        self.student_optimizer, self.optim_config, student_grads,
+        student_vars, self._student_no_decay)
     if self.ema_student is not None:
       ema.update(self.ema_student, self.student,
                  ema.decay_at(self.step, self.optim_config.ema_decay))
@@ -372,11 +258,9 @@ class MplStep:
     teacher_grads = replica_context.all_reduce(
         SUM, teacher_tape.gradient(teacher_loss, teacher_vars))
     teacher_lr = tf.cast(self.teacher_optimizer.learning_rate, tf.float32)
-    teacher_update, teacher_grad_norm = optim.decay_and_clip(
-        teacher_grads, teacher_vars, self._teacher_no_decay,
-        optim.coupled_weight_decay(self.optim_config),
-        self.optim_config.grad_clip_norm)
-    self.teacher_optimizer.apply_gradients(zip(teacher_update, teacher_vars))
+    teacher_grad_norm = optim.apply_global_gradients(
+        self.teacher_optimizer, self.optim_config, teacher_grads,
+        teacher_vars, self._teacher_no_decay)
 
     f32 = lambda x: tf.cast(x, tf.float32)
     global_supervised_loss = replica_context.all_reduce(

@@ -230,3 +230,19 @@ def decay_and_clip(grads: Sequence[tf.Tensor], variables: Sequence,
     decayed.append(grad)
   clipped, norm = tf.clip_by_global_norm(decayed, clip_norm)
   return clipped, norm
+
+
+def apply_global_gradients(optimizer: keras.optimizers.Optimizer,
+                           optim: OptimConfig, grads: Sequence[tf.Tensor],
+                           variables: Sequence, exempt: Sequence) -> tf.Tensor:
+  """One network's update from gradients already summed across replicas.
+
+  The coupled L2 term the optimizer wants (`coupled_weight_decay`), then
+  global-norm clipping, then the optimizer's step: the same order for every
+  network of every step. Returns the global norm before clipping.
+  """
+  update, norm = decay_and_clip(grads, variables, exempt,
+                                coupled_weight_decay(optim),
+                                optim.grad_clip_norm)
+  optimizer.apply_gradients(zip(update, variables))
+  return norm

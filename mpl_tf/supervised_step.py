@@ -14,7 +14,7 @@ from mpl_tf import losses
 from mpl_tf import optim
 from mpl_tf.config import OptimConfig
 from mpl_tf.models import normalization_weights
-from mpl_tf.mpl_step import NonFiniteGuard, float_state
+from mpl_tf.health import NonFiniteGuard, float_state
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -34,7 +34,7 @@ class SupervisedStep:
     self.label_smoothing = label_smoothing
     self.global_batch = global_batch
     self._no_decay = normalization_weights(model)
-    # A non-finite step is skipped whole or stops the run (mpl_step.py).
+    # A non-finite step is skipped whole or stops the run (health.py).
     self.guard = NonFiniteGuard(nonfinite, float_state(model, optimizer))
 
   def __call__(self, batch: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
@@ -48,12 +48,9 @@ class SupervisedStep:
       loss = losses.cross_entropy(losses.one_hot(labels, logits), logits,
                                   self.global_batch, self.label_smoothing)
     grads = replica_context.all_reduce(SUM, tape.gradient(loss, variables))
-    update, grad_norm = optim.decay_and_clip(
-        grads, variables, self._no_decay,
-        optim.coupled_weight_decay(self.optim_config),
-        self.optim_config.grad_clip_norm)
     learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
-    self.optimizer.apply_gradients(zip(update, variables))
+    grad_norm = optim.apply_global_gradients(
+        self.optimizer, self.optim_config, grads, variables, self._no_decay)
     global_loss = replica_context.all_reduce(SUM, loss)
     finite = self.guard.check(step, {'supervised/loss': global_loss,
                                      'supervised/grad_norm': grad_norm})

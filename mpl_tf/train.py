@@ -24,7 +24,7 @@ Before anything is written to model_dir, the data (manifest, records, labels
 of every class), the strategy's batch split, the model_dir's config and its
 writability are checked, so a wrong setting ends with one message and an
 empty (or untouched) model_dir. A non-finite loss or gradient norm is caught
-inside the step (mpl_step.NonFiniteGuard); the loop then stops or goes on as
+inside the step (health.NonFiniteGuard); the loop then stops or goes on as
 `run.nonfinite` says, and never saves a checkpoint holding a NaN or Inf
 (docs/reliability.md).
 """
@@ -47,7 +47,8 @@ from mpl_tf.data import pipeline
 from mpl_tf.data import records
 from mpl_tf.evaluate import Evaluator, summarize
 from mpl_tf.models import build_model
-from mpl_tf.mpl_step import MplStep, NonFiniteGuard
+from mpl_tf.health import NonFiniteGuard
+from mpl_tf.mpl_step import MplStep
 from mpl_tf.progress import Progress
 from mpl_tf.supervised_step import SupervisedStep
 from mpl_tf.uda_step import UdaStep

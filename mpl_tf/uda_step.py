@@ -17,7 +17,7 @@ from mpl_tf import losses
 from mpl_tf import optim
 from mpl_tf.config import MplConfig, OptimConfig
 from mpl_tf.models import normalization_weights
-from mpl_tf.mpl_step import NonFiniteGuard, float_state
+from mpl_tf.health import NonFiniteGuard, float_state
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -39,7 +39,7 @@ class UdaStep:
     self.global_unlabeled_batch = global_unlabeled_batch
     self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
     self._no_decay = normalization_weights(model)
-    # A non-finite step is skipped whole or stops the run (mpl_step.py).
+    # A non-finite step is skipped whole or stops the run (health.py).
     self.guard = NonFiniteGuard(nonfinite,
                                 float_state(model, ema_model, optimizer))
 
@@ -78,12 +78,9 @@ class UdaStep:
       loss = supervised_loss + tf.cast(weight, consistency_loss.dtype) * (
           consistency_loss)
     grads = replica_context.all_reduce(SUM, tape.gradient(loss, variables))
-    update, grad_norm = optim.decay_and_clip(
-        grads, variables, self._no_decay,
-        optim.coupled_weight_decay(self.optim_config),
-        self.optim_config.grad_clip_norm)
     learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
-    self.optimizer.apply_gradients(zip(update, variables))
+    grad_norm = optim.apply_global_gradients(
+        self.optimizer, self.optim_config, grads, variables, self._no_decay)
     if self.ema_model is not None:
       ema.update(self.ema_model, self.model,
                  ema.decay_at(self.step, self.optim_config.ema_decay))

@@ -1,0 +1,123 @@
+"""NaN and Inf in a training step: detect on the device, then skip or stop.
+
+Shared by every step (MPL, UDA, supervised); the loop (train.py) reads the
+guard's counters after each device loop and never saves a non-finite state.
+"""
+
+from typing import Dict, List, Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+_FIRST = tf.VariableAggregation.ONLY_FIRST_REPLICA
+
+
+class NonFiniteGuard:
+  """Checks a step's losses and gradient norms; skips or records the step.
+
+  Everything happens on the device, with no host round trip inside the
+  device loop: the step passes its global (all-reduced) losses and gradient
+  norms to `check`, which returns one boolean `ok` that is identical on
+  every replica. A NaN or Inf anywhere in a gradient makes its global norm
+  non-finite, so checking the norms covers every gradient at the price of a
+  handful of scalars.
+
+  policy='skip': `snapshot` copies the mutable float state (weights,
+  batch-norm statistics, optimizer slots, EMA weights, the h baseline)
+  before the step and `restore_unless(ok, ...)` puts it back with tf.where
+  when the step was non-finite: the whole step is undone, not just one
+  network's update, because in MPL the teacher's feedback h is measured on
+  the student's new weights and means nothing if the student's update was
+  not finite (and a student update cannot otherwise be undone after the
+  teacher's terms turn out non-finite). The step counter and the optimizers'
+  iteration counts still advance, so the learning-rate schedules, the input
+  stream and the pseudo-label draws stay functions of the step. The copy
+  costs transient memory of one more set of that state, only in 'skip' mode.
+
+  policy='stop': nothing is copied; the first non-finite step and its terms
+  are recorded in variables the loop reads after each device loop, and it
+  then ends the run without saving the non-finite state.
+
+  The counters are checkpointed (`checkpoint_item`), so a resumed run keeps
+  counting.
+  """
+
+  def __init__(self, policy: str, state: Sequence[tf.Variable]):
+    if policy not in ('stop', 'skip'):
+      raise ValueError(f'nonfinite={policy!r} is not stop or skip.')
+    self.policy = policy
+    self._state = [v for v in state if tf.as_dtype(v.dtype).is_floating] if (
+        policy == 'skip') else []
+    make = lambda value, name: tf.Variable(
+        value, dtype=tf.int64, trainable=False, name=name, aggregation=_FIRST)
+    self.skipped_steps = make(0, 'skipped_steps')
+    # The first step with a non-finite term (-1: none yet), and which terms
+    # were non-finite then, as bits in the order of `term_names`.
+    self.first_step = make(-1, 'first_nonfinite_step')
+    self.first_terms = make(0, 'first_nonfinite_terms')
+    self.term_names: List[str] = []
+
+  def checkpoint_item(self) -> tf.train.Checkpoint:
+    return tf.train.Checkpoint(skipped_steps=self.skipped_steps,
+                               first_nonfinite_step=self.first_step,
+                               first_nonfinite_terms=self.first_terms)
+
+  def snapshot(self) -> List[tf.Tensor]:
+    return [tf.identity(v) for v in self._state]
+
+  def check(self, step, terms: Dict[str, tf.Tensor]) -> tf.Tensor:
+    """ok (a scalar bool) iff every term is finite; records the step if not.
+
+    `terms` must be global values (the same on every replica).
+    """
+    self.term_names = list(terms)
+    finite = tf.stack([tf.reduce_all(tf.math.is_finite(tf.cast(t, tf.float32)))
+                       for t in terms.values()])
+    ok = tf.reduce_all(finite)
+    bits = tf.reduce_sum(tf.where(
+        finite, tf.constant(0, tf.int64),
+        tf.bitwise.left_shift(tf.constant(1, tf.int64),
+                              tf.range(len(terms), dtype=tf.int64))))
+    first = tf.logical_and(tf.logical_not(ok), self.first_step < 0)
+    step = tf.cast(step, tf.int64)
+    self.first_terms.assign(tf.where(first, bits, self.first_terms))
+    self.first_step.assign(tf.where(first, step, self.first_step))
+    self.skipped_steps.assign_add(tf.cast(tf.logical_not(ok), tf.int64))
+    return ok
+
+  def restore_unless(self, ok: tf.Tensor, snapshot: List[tf.Tensor]) -> None:
+    """policy='skip': puts the state of before the step back unless ok."""
+    for variable, saved in zip(self._state, snapshot):
+      variable.assign(tf.where(ok, tf.convert_to_tensor(variable), saved))
+
+  def describe(self) -> Optional[str]:
+    """On the host: 'step S: a, b' for the first non-finite step, or None."""
+    step = int(tf.convert_to_tensor(self.first_step).numpy())
+    if step < 0:
+      return None
+    bits = int(tf.convert_to_tensor(self.first_terms).numpy())
+    names = [name for i, name in enumerate(self.term_names) if bits >> i & 1]
+    return f'step {step + 1} ({", ".join(names) or "unknown term"})'
+
+
+def float_state(*items) -> List[tf.Variable]:
+  """The variables of models and optimizers that a skipped step restores.
+
+  Optimizer iteration counts are left out on purpose: they keep counting
+  steps, skipped or not, like the step counter.
+  """
+  state, seen = [], set()
+  for item in items:
+    if item is None:
+      continue
+    if isinstance(item, keras.optimizers.Optimizer):
+      variables = [v for v in item.variables if v is not item.iterations]
+    elif isinstance(item, keras.Model):
+      variables = item.variables
+    else:
+      variables = [item]
+    for variable in variables:
+      if id(variable) not in seen:
+        seen.add(id(variable))
+        state.append(variable)
+  return state
