@@ -249,12 +249,22 @@ def make_train_loop(strategy: tf.distribute.Strategy,
   steps.
   """
 
+  # XLA compiles the replica step, not the loop: the loop reads the input
+  # iterator, which XLA cannot compile (IteratorGetNext). Keras's jit_compile
+  # does the same. On TPU everything inside strategy.run is compiled anyway.
+  if jit_compile:
+    replica_step = tf.function(replica_step, jit_compile=True)
+
+  # A tf.function of its own, so that the two calls below (the first step,
+  # which gives the totals their structure, and the loop body) share one
+  # trace: the step is traced once per loop, not twice.
+  @tf.function
   def one_step(iterator):
     per_replica = strategy.run(replica_step, args=(next(iterator),))
     return {name: strategy.reduce(MEAN, value, axis=None)
             for name, value in per_replica.items()}
 
-  @tf.function(jit_compile=jit_compile)
+  @tf.function
   def loop(iterator, num_steps):
     totals = one_step(iterator)
     for _ in tf.range(num_steps - 1):
