@@ -2,6 +2,8 @@
 
     python -m mpl_tf.experiments.two_moon --output_dir=docs
     python -m mpl_tf.experiments.ablation --output_dir=docs
+    python -m mpl_tf.experiments.two_moon_tuning --output_dir=docs
+    python -m mpl_tf.experiments.report --output_dir=docs
 
 `define_two_moon` / `define_ablation` declare the flags; `two_moon_config` /
 `ablation_config` read them once into the experiments' frozen dataclasses.
@@ -87,6 +89,41 @@ def two_moon_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
             for field in dataclasses.fields(two_moon.TwoMoonConfig)}
   return (two_moon.TwoMoonConfig(**fields),
           flag_values['output_dir'].value or None)
+
+
+def define_two_moon_tuning(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
+                           ) -> None:
+  """The TwoMoon flags (the base of every setting) and the seed count."""
+  define_two_moon(flag_values)
+  absl_flags.DEFINE_integer('tuning_seeds', 4, '[two_moon_tuning] Seeds per '
+                            'setting (each runs Pseudo Labels and MPL).',
+                            flag_values=flag_values)
+
+
+def two_moon_tuning_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
+                           ) -> Tuple[two_moon.TwoMoonConfig, int,
+                                      Optional[str]]:
+  """(base TwoMoonConfig, seeds per setting, output_dir or None)."""
+  base, output_dir = two_moon_config(flag_values)
+  seeds = flag_values['tuning_seeds'].value
+  if seeds < 1:
+    raise config_lib.ConfigError(f'--tuning_seeds={seeds}: must be >= 1.')
+  return base, seeds, output_dir
+
+
+def define_report(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
+                  ) -> None:
+  """The report command's one flag: where results.md and results/ are."""
+  _define_output_dir(flag_values)
+
+
+def report_output_dir(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
+                      ) -> str:
+  output_dir = flag_values['output_dir'].value
+  if not output_dir:
+    raise config_lib.ConfigError('--output_dir: the directory holding '
+                                 'results.md and results/ (e.g. docs).')
+  return output_dir
 
 
 def define_ablation(flag_values: absl_flags.FlagValues = absl_flags.FLAGS

@@ -6,6 +6,7 @@ per variant, train.run on digits), not the numbers in docs/results.md.
 """
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -17,7 +18,9 @@ from absl import flags as absl_flags
 from flags import experiment_flags
 from mpl_tf.config import ConfigError, MplConfig
 from mpl_tf.experiments import ablation
+from mpl_tf.experiments import report
 from mpl_tf.experiments import two_moon
+from mpl_tf.experiments import two_moon_tuning
 
 TINY = two_moon.TwoMoonConfig(num_steps=5, unlabeled_batch=16, test_points=200,
                               num_seeds=1)
@@ -137,3 +140,50 @@ class AblationTest(tf.test.TestCase):
 
 if __name__ == '__main__':
   tf.test.main()
+
+
+class TwoMoonTuningTest(tf.test.TestCase):
+
+  def test_every_setting_is_a_valid_config(self):
+    names = set()
+    for name, fields, mpl_fields in two_moon_tuning.settings():
+      names.add(name)
+      dataclasses.replace(two_moon.TwoMoonConfig(), **fields)
+      two_moon.mpl_config(two_moon.TwoMoonConfig(), **mpl_fields)
+    self.assertLen(names, len(two_moon_tuning.settings()))
+
+  def test_pseudo_labels_and_mpl_share_data_and_differ_in_feedback(self):
+    setting = ('tiny', {'num_steps': 5, 'mpl_weight': 1.0}, {})
+    result = two_moon_tuning.run_setting(
+        dataclasses.replace(TINY, unlabeled_batch=16), setting, seeds=[0])
+    run = result['runs'][0]
+    self.assertAllClose(result['mean_gap'], run['mpl'] - run['pseudo_labels'])
+    self.assertLessEqual(result['mpl_wins'] + result['mpl_losses'], 1)
+    self.assertGreater(result['h_mean_abs'], 0.0)
+
+
+class ReportTest(tf.test.TestCase):
+
+  def test_blocks_are_rendered_from_their_json_and_others_left(self):
+    results_dir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, results_dir, ignore_errors=True)
+    entry = lambda mean: {'mean': mean, 'std': 0.01, 'n': 3}
+    payload = {'command': 'python -m mpl_tf.experiments.ablation --x',
+               'seconds': 12.0, 'variants': {
+                   'algorithm_1': {'test_accuracy': {'student': entry(0.75)}},
+                   'mpl_weight_0': {'test_accuracy': {'student': entry(0.5)}}}}
+    with open(os.path.join(results_dir, 'ablation_digits.json'), 'w') as f:
+      json.dump(payload, f)
+    text = ('intro\n<!-- generated: ablation_digits -->\nold table\n'
+            '<!-- end generated: ablation_digits -->\nmiddle\n'
+            '<!-- generated: two_moon -->\nkept\n'
+            '<!-- end generated: two_moon -->\n')
+    rendered = report.render(text, results_dir, log=lambda _: None)
+    self.assertNotIn('old table', rendered)
+    self.assertIn('| algorithm_1 | 0.750 ± 0.010 | +0.250 | 3 |', rendered)
+    self.assertIn('`python -m mpl_tf.experiments.ablation --x` (12 s)',
+                  rendered)
+    # No two_moon.json in results_dir: that block is left as it was.
+    self.assertIn('<!-- generated: two_moon -->\nkept\n', rendered)
+    self.assertTrue(rendered.startswith('intro\n'))
+    self.assertTrue(rendered.endswith('<!-- end generated: two_moon -->\n'))

@@ -1,0 +1,123 @@
+"""Writes the results tables of docs/results.md from docs/results/*.json.
+
+    python -m mpl_tf.experiments.report --output_dir=docs
+
+Every table in docs/results.md sits between the markers
+`<!-- generated: NAME -->` and `<!-- end generated: NAME -->`; this command
+replaces what is between them with the table rendered from
+`<output_dir>/results/NAME.json` (written by two_moon.py, two_moon_tuning.py
+and ablation.py), headed by the command that produced the JSON. The prose
+around the tables is written by hand; the numbers are not. A marker whose
+JSON does not exist is left as it is and reported.
+"""
+
+import json
+import os
+import re
+from typing import Callable, Dict, List
+
+_BLOCK = re.compile(r'(<!-- generated: (?P<name>[\w]+) -->\n)(.*?)'
+                    r'(<!-- end generated: (?P=name) -->)', re.DOTALL)
+
+
+def _mean_std(entry: Dict[str, float]) -> str:
+  return f'{entry["mean"]:.3f} ± {entry["std"]:.3f}'
+
+
+def _header(payload: Dict, default_command: str) -> List[str]:
+  command = payload.get('command') or default_command
+  seconds = payload.get('seconds')
+  timing = f' ({seconds:.0f} s)' if seconds else ''
+  return [f'`{command}`{timing}', '']
+
+
+def two_moon(payload: Dict) -> List[str]:
+  titles = {'supervised': 'supervised', 'pseudo_labels': 'Pseudo Labels',
+            'mpl': 'Meta Pseudo Labels'}
+  lines = _header(payload, 'python -m mpl_tf.experiments.two_moon '
+                  '--output_dir=docs')
+  lines += ['| method | test accuracy | seeds |', '|---|---|---|']
+  for method, title in titles.items():
+    entry = payload['test_accuracy'][method]
+    lines.append(f'| {title} | {_mean_std(entry)} | {entry["n"]} |')
+  lines.append(f'\nMPL beats both others on {payload["mpl_wins"]} of '
+               f'{len(payload["per_seed"])} seeds.')
+  return lines
+
+
+def two_moon_tuning(payload: Dict) -> List[str]:
+  lines = _header(payload, '')
+  lines += [f'Seeds {payload["seeds"]}; each row: Pseudo Labels and MPL on '
+            'the same data and initial weights.', '',
+            '| setting | Pseudo Labels | MPL student | MPL teacher | '
+            'MPL − PL | MPL wins / losses (> 1 test point) | mean abs(h) | '
+            'h > 0 |',
+            '|---|---|---|---|---|---|---|---|']
+  for row in payload['settings']:
+    lines.append(
+        f'| {row["name"]} | {row["pseudo_labels"]:.4f} | '
+        f'{row["mpl_student"]:.4f} | {row["mpl_teacher"]:.4f} | '
+        f'{row["mean_gap"]:+.4f} | {row["mpl_wins"]} / {row["mpl_losses"]} | '
+        f'{row["h_mean_abs"]:.2g} | {row["h_positive_fraction"]:.0%} |')
+  return lines
+
+
+def ablation(payload: Dict) -> List[str]:
+  variants = payload['variants']
+  networks = list(next(iter(variants.values()))['test_accuracy'])
+  reference = variants.get('mpl_weight_0')
+  lines = _header(payload, '')
+  lines += ['| variant | ' + ' | '.join(networks) +
+            (f' | {networks[0]} − mpl_weight_0' if reference else '') +
+            ' | seeds |',
+            '|---|' + '---|' * (len(networks) + 1 + bool(reference))]
+  for variant, entry in variants.items():
+    accuracy = entry['test_accuracy']
+    cells = [_mean_std(accuracy[n]) for n in networks]
+    if reference:
+      gap = accuracy[networks[0]]['mean'] - reference['test_accuracy'][
+          networks[0]]['mean']
+      cells.append(f'{gap:+.3f}')
+    lines.append(f'| {variant} | ' + ' | '.join(cells) +
+                 f' | {accuracy[networks[0]]["n"]} |')
+  return lines
+
+
+RENDERERS: Dict[str, Callable[[Dict], List[str]]] = {
+    'two_moon': two_moon, 'two_moon_tuning': two_moon_tuning,
+    'ablation_two_moon': ablation, 'ablation_digits': ablation}
+
+
+def render(text: str, results_dir: str, log=print) -> str:
+  """`text` with every generated block re-rendered from its JSON."""
+
+  def replace(match):
+    name = match.group('name')
+    path = os.path.join(results_dir, f'{name}.json')
+    if name not in RENDERERS or not os.path.exists(path):
+      log(f'left {name} as it is: no renderer or no {path}')
+      return match.group(0)
+    with open(path) as f:
+      body = '\n'.join(RENDERERS[name](json.load(f)))
+    log(f'rendered {name} from {path}')
+    return match.group(1) + body + '\n' + match.group(4)
+
+  return _BLOCK.sub(replace, text)
+
+
+def main(argv):
+  del argv
+  from flags import experiment_flags  # pylint: disable=g-import-not-at-top
+  output_dir = experiment_flags.report_output_dir()
+  path = os.path.join(output_dir, 'results.md')
+  with open(path) as f:
+    text = f.read()
+  with open(path, 'w') as f:
+    f.write(render(text, os.path.join(output_dir, 'results')))
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from flags import experiment_flags  # pylint: disable=g-import-not-at-top
+  experiment_flags.define_report()
+  app.run(main)
