@@ -173,6 +173,12 @@ _ENUMS = {
     ('mpl', 'student_view'): (config_lib.VIEWS,
                               'Unlabeled view the pseudo label is read from '
                               'and the student is trained on.'),
+    ('mpl', 'teacher_original_pass'): (
+        config_lib.TEACHER_ORIGINAL_PASSES,
+        'shared: the teacher sees x_l, x_u and RandAugment(x_u) in one '
+        'forward+backward pass (Algorithm 1, released code); no_grad: x_u '
+        '(only the UDA target) in a separate pass without backward: faster, '
+        'different batch-norm batches.'),
 }
 
 _DEFAULTS = {'data': _DATA, 'model': _MODEL, 'mpl': _MPL, 'optim': _OPTIM,

@@ -17,6 +17,7 @@ FEEDBACKS = ('exact', 'taylor')
 FEEDBACK_SIGNS = ('paper', 'released_code')
 BASELINE_INITS = ('zero', 'uniform_sqrt3')
 VIEWS = ('aug', 'ori')
+TEACHER_ORIGINAL_PASSES = ('shared', 'no_grad')
 RANDAUGMENT_OPS = ('paper', 'svhn', 'released_code')
 CROPS = ('pad_crop', 'inception')
 MODES = ('train', 'eval', 'export', 'predict')
@@ -114,6 +115,14 @@ class MplConfig:
   # Which unlabeled view the pseudo label is read from and the student is
   # trained on. Algorithm 1 says x_u; the released code uses the augmented one.
   student_view: str = 'aug'
+  # How the teacher sees the original (un-augmented) view, whose logits are
+  # only the UDA target (stop-gradient): 'shared' (Algorithm 1 as released)
+  # in its one forward+backward pass on [x_l; x_u; RandAugment(x_u)];
+  # 'no_grad' in a separate forward pass without backward, which saves a
+  # third of the teacher's backward (measured in docs/performance.md) but
+  # changes its batch-norm batches, so the numbers differ. Needs
+  # student_view='aug' (the pseudo labels then come from the taped pass).
+  teacher_original_pass: str = 'shared'
   # Label smoothing of the teacher's supervised loss and of the student's loss
   # on the pseudo labels (the released code uses one value for both).
   label_smoothing: float = 0.0
@@ -246,6 +255,13 @@ def validate(config: Config) -> Config:
   _check_choice('feedback_sign', mpl.feedback_sign, FEEDBACK_SIGNS)
   _check_choice('baseline_init', mpl.baseline_init, BASELINE_INITS)
   _check_choice('student_view', mpl.student_view, VIEWS)
+  _check_choice('teacher_original_pass', mpl.teacher_original_pass,
+                TEACHER_ORIGINAL_PASSES)
+  if mpl.teacher_original_pass == 'no_grad' and mpl.student_view != 'aug':
+    raise ConfigError('teacher_original_pass=no_grad needs student_view=aug: '
+                      'with student_view=ori the pseudo labels, and so the '
+                      'MPL term, come from the original view, which then '
+                      'needs its backward pass.')
   _check_choice('precision', config.model.precision, PRECISIONS)
   _check_choice('randaugment_ops', data.randaugment_ops, RANDAUGMENT_OPS)
   _check_choice('crop', data.crop, CROPS)

@@ -20,6 +20,9 @@ fields of `MplConfig`, never constants here:
                   (the released code computes new - old).
   baseline_decay  moving average of h subtracted from it (0 = none).
   mpl_weight      weight of h * CE(y_hat, T(x_u)); 0 = the UDA-only teacher.
+  teacher_original_pass  'shared' (default): x_u_ori in the teacher's one
+                  taped pass, as released; 'no_grad': in a pass of its own
+                  without backward (cheaper; other batch-norm batches).
 
 How this scales against the exact meta-gradient (tests/test_gradient_identity):
 CE here is a batch mean over the global unlabeled batch of size N, while
@@ -126,6 +129,7 @@ class MplStep:
     self._teacher_no_decay = normalization_weights(teacher)
     self._student_no_decay = normalization_weights(student)
     self._student_bn_statistics = batch_norm_statistics(student)
+    self._teacher_bn_statistics = batch_norm_statistics(teacher)
     self.guard = health.NonFiniteGuard(nonfinite, health.float_state(
         teacher, student, ema_student, teacher_optimizer, student_optimizer,
         self.baseline))
@@ -166,14 +170,24 @@ class MplStep:
 
     # The teacher's one forward pass on [x_l; x_u_ori; x_u_aug]; its tape is
     # re-entered below to add the feedback term once h is known.
+    # (teacher_original_pass='no_grad': x_u_ori, the UDA target only, gets a
+    # pass of its own outside the tape, and the taped pass is [x_l; x_u_aug].)
+    if cfg.teacher_original_pass == 'no_grad':
+      teacher_logits_ori = self._teacher_logits_without_backward(images_ori)
     teacher_tape = tf.GradientTape()
     with teacher_tape:
-      teacher_logits = self.teacher(
-          tf.concat([images_labeled, images_ori, images_aug], axis=0),
-          training=True)
-      (teacher_logits_labeled, teacher_logits_ori,
-       teacher_logits_aug) = tf.split(
-           teacher_logits, [local_labeled, local_unlabeled, local_unlabeled])
+      if cfg.teacher_original_pass == 'no_grad':
+        teacher_logits = self.teacher(
+            tf.concat([images_labeled, images_aug], axis=0), training=True)
+        teacher_logits_labeled, teacher_logits_aug = tf.split(
+            teacher_logits, [local_labeled, local_unlabeled])
+      else:
+        teacher_logits = self.teacher(
+            tf.concat([images_labeled, images_ori, images_aug], axis=0),
+            training=True)
+        (teacher_logits_labeled, teacher_logits_ori,
+         teacher_logits_aug) = tf.split(
+             teacher_logits, [local_labeled, local_unlabeled, local_unlabeled])
       teacher_logits_unlabeled = (teacher_logits_aug if cfg.student_view == 'aug'
                                   else teacher_logits_ori)
       teacher_supervised_loss = losses.cross_entropy(
@@ -307,6 +321,19 @@ class MplStep:
         'health/nonfinite': 1.0 - f32(finite),
     }
     return metrics, {'pseudo_label_ids': pseudo_label_ids}
+
+  def _teacher_logits_without_backward(self, images_ori):
+    """The teacher's logits on x_u_ori in a pass of their own, no tape.
+
+    Training mode (batch statistics, dropout), like the shared pass it
+    replaces; the batch-norm moving statistics are restored afterwards, so
+    they still move once per step (by the taped pass).
+    """
+    saved_statistics = [tf.identity(v.value) for v in self._teacher_bn_statistics]
+    logits = tf.stop_gradient(self.teacher(images_ori, training=True))
+    for variable, saved in zip(self._teacher_bn_statistics, saved_statistics):
+      variable.assign(saved)
+    return logits
 
   def _labeled_loss_at_new_weights(self, images_labeled, labels):
     """L_l(theta_S') summed across replicas, and its gradient if 'exact'.

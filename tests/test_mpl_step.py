@@ -18,7 +18,8 @@ from flags import definitions
 from mpl_tf import distribute
 from mpl_tf import losses
 from mpl_tf import optim
-from mpl_tf.config import MplConfig, OptimConfig, RunConfig
+from mpl_tf.config import (Config, ConfigError, MplConfig, OptimConfig,
+                           RunConfig, validate)
 from mpl_tf.mpl_step import MplStep
 from tests.tiny_models import keras_mlp, mlp_apply, random_batch, snapshot
 
@@ -141,6 +142,19 @@ class MplStepTest(tf.test.TestCase):
 
   def test_argmax_exact_matches_recomputation(self):
     self._check_against_recomputation(mpl_config(pseudo_label='argmax'))
+
+  def test_teacher_original_view_without_backward_matches_recomputation(self):
+    # Without batch norm (and dropout) the separate, tape-free pass on x_u
+    # computes the same UDA target, so the step is the same algorithm; with
+    # batch norm the batches differ, which is why it is not the default.
+    self._check_against_recomputation(
+        mpl_config(teacher_original_pass='no_grad'))
+
+  def test_teacher_original_pass_no_grad_needs_the_augmented_view(self):
+    config = Config(mpl=MplConfig(teacher_original_pass='no_grad',
+                                  student_view='ori'))
+    with self.assertRaisesRegex(ConfigError, 'needs student_view=aug'):
+      validate(config)
 
   def test_released_sign_negates_h(self):
     _, _, _, paper, _ = self._run(mpl_config(feedback='taylor'))
