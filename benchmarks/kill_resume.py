@@ -53,15 +53,17 @@ def _command(*flags):
   return [sys.executable, os.path.join(REPO, 'main.py'), *flags]
 
 
-_TRAINING = re.compile(r'^(mpl \d+/\d+|mpl: resumed from)', re.MULTILINE)
+# A progress line: the process has finished its first device loop (after
+# start-up, restore and tracing), so it is now stepping and checkpointing.
+_TRAINING = re.compile(r'^mpl \d+/\d+', re.MULTILINE)
 
 
 def _run(flags, log_path, delay=None, after_training_starts=False):
   """Runs main.py; with `delay`, SIGKILLs it then. Returns (killed, rc).
 
-  With `after_training_starts`, the delay counts from the first progress
-  line (or 'resumed from'), so that kills land in steps and checkpoint
-  writes rather than in the imports, whose length varies with the load.
+  With `after_training_starts`, the delay counts from the process's first
+  progress line, so that kills land in steps and checkpoint writes rather
+  than in the imports and the tracing, whose length varies with the load.
   """
   environment = dict(os.environ, PYTHONUNBUFFERED='1')
   with open(log_path, 'w') as log:
@@ -100,11 +102,15 @@ def _check_model_dir(model_dir):
     if os.path.exists(path):
       with open(path) as f:
         json.load(f)
-  found = {}
+  found = {'torn': []}
   for sub in ('checkpoints', os.path.join('checkpoints', 'best')):
     directory = os.path.join(model_dir, sub)
     if not os.path.isdir(directory):
       continue
+    # A write the kill interrupted leaves its temporary files behind
+    # (tf.train.Checkpoint writes <prefix>_temp/ then renames): proof that
+    # the kill landed inside a checkpoint write, which readers must ignore.
+    found['torn'] += [name for name in os.listdir(directory) if 'temp' in name]
     latest = tf.train.latest_checkpoint(directory)
     state = os.path.join(directory, 'checkpoint')
     if os.path.exists(state):
@@ -140,10 +146,10 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--kills', type=int, default=6)
   parser.add_argument('--export_kills', type=int, default=3)
-  parser.add_argument('--num_steps', type=int, default=40)
-  parser.add_argument('--min_delay', type=float, default=0.0)
-  parser.add_argument('--max_delay', type=float, default=12.0,
-                      help='seconds after training (re)starts')
+  parser.add_argument('--num_steps', type=int, default=800)
+  parser.add_argument('--min_delay', type=float, default=1.0)
+  parser.add_argument('--max_delay', type=float, default=20.0,
+                      help='seconds after the first progress line')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--keep', action='store_true',
                       help='keep the work directory')
@@ -161,8 +167,8 @@ def main():
   print(f'uninterrupted reference run: {time.time() - start:.0f} s')
 
   print('\n| kill | after (s) | last output before the kill | latest checkpoint '
-        'after | best | consistent |')
-  print('|---|---|---|---|---|---|')
+        'after | best | interrupted write left | consistent |')
+  print('|---|---|---|---|---|---|---|')
   for index in range(args.kills):
     delay = rng.uniform(args.min_delay, args.max_delay)
     log_path = os.path.join(work, f'kill{index}.log')
@@ -175,10 +181,11 @@ def main():
       found, consistent = {}, f'NO: {error}'
       broken.append(f'kill {index}: {error}')
     what = 'killed' if killed else f'finished (rc {rc})'
+    torn = ', '.join(found.get('torn', [])) or '-'
     print(f'| {index + 1} | {delay:.1f} ({what}) | {_last_line(log_path)} | '
           f'{found.get("checkpoints", "-")} | '
           f'{found.get(os.path.join("checkpoints", "best"), "-")} | '
-          f'{consistent} |')
+          f'{torn} | {consistent} |')
 
   killed, rc = _run(_flags(work, killed_dir, args.num_steps),
                     os.path.join(work, 'final.log'))

@@ -9,6 +9,10 @@ the first loops (tracing, the input pipeline's buffers) and throughput stay
 steady. No dependency beyond the project's: /proc and `resource` only.
 
   .venv/bin/python benchmarks/load_run.py [--minutes=30] [--interval=60]
+
+Exits 1 if memory grew by more than --max_rss_growth_mb between the second
+interval and the last, or an interval's steps/s strayed more than
+--max_rate_spread from the median (judged after the first interval).
 """
 
 import argparse
@@ -65,6 +69,8 @@ def main():
   parser.add_argument('--interval', type=float, default=60.0,
                       help='seconds per reported interval')
   parser.add_argument('--model_dir', default='')
+  parser.add_argument('--max_rss_growth_mb', type=float, default=200.0)
+  parser.add_argument('--max_rate_spread', type=float, default=0.15)
   args = parser.parse_args()
 
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -129,6 +135,34 @@ def main():
     print('| {} | {} | {:.2f} | {:.0f} | {:.0f} | {:.0f} |'.format(*row))
   if not args.model_dir:
     shutil.rmtree(model_dir, ignore_errors=True)
+  sys.exit(0 if _promises_held(rows, args) else 1)
+
+
+def _promises_held(rows, args) -> bool:
+  """Flat memory and steady throughput after the first interval (warm-up).
+
+  Memory: the largest VmRSS of the last interval is at most
+  `--max_rss_growth_mb` above that of the second. Throughput: every interval
+  after the first (the last may be partial) is within `--max_rate_spread`
+  of the median rate.
+  """
+  steady = rows[1:]
+  if len(steady) < 2:
+    print('too few intervals to judge; run longer')
+    return False
+  growth = steady[-1][3] - steady[0][3]
+  rates = [row[2] for row in steady[:-1]] or [steady[0][2]]
+  median = sorted(rates)[len(rates) // 2]
+  spread = max(abs(rate / median - 1.0) for rate in rates)
+  memory_ok = growth <= args.max_rss_growth_mb
+  rate_ok = spread <= args.max_rate_spread
+  print(f'memory: max VmRSS {steady[0][3]:.0f} MB in interval 2, '
+        f'{steady[-1][3]:.0f} MB in the last ({growth:+.0f} MB; limit '
+        f'+{args.max_rss_growth_mb:.0f}): {"flat" if memory_ok else "GROWS"}')
+  print(f'throughput: median {median:.2f} steps/s, largest deviation '
+        f'{spread:.1%} (limit {args.max_rate_spread:.0%}): '
+        f'{"steady" if rate_ok else "UNSTEADY"}')
+  return memory_ok and rate_ok
 
 
 if __name__ == '__main__':
