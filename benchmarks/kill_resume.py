@@ -3,8 +3,10 @@
 The record behind docs/reliability.md's promises of atomic checkpoints and
 exports and of exact resumption: a small run (digits, wrn-10-1, a checkpoint
 every device loop, evaluations in between) is killed `--kills` times after
-random delays, so that kills land inside steps, checkpoint writes and
-evaluations. After every kill the model_dir must be consistent: the
+random delays counted from the first progress line, so that kills land
+inside steps, checkpoint writes and evaluations; every other kill waits,
+after its delay, until a checkpoint write is seen in progress (its
+temporary files exist) and lands inside that write. After every kill the model_dir must be consistent: the
 CheckpointManager's state file names a checkpoint whose files are complete
 and readable, and config.json and eval_history.json parse. A last
 uninterrupted start then finishes the run, and every variable of every
@@ -58,12 +60,24 @@ def _command(*flags):
 _TRAINING = re.compile(r'^mpl \d+/\d+', re.MULTILINE)
 
 
-def _run(flags, log_path, delay=None, after_training_starts=False):
+def _write_in_progress(directory):
+  """True while a checkpoint write's temporary files exist in directory."""
+  try:
+    return any('temp' in name for name in os.listdir(directory))
+  except FileNotFoundError:
+    return False
+
+
+def _run(flags, log_path, delay=None, after_training_starts=False,
+         in_write_of=None):
   """Runs main.py; with `delay`, SIGKILLs it then. Returns (killed, rc).
 
   With `after_training_starts`, the delay counts from the process's first
   progress line, so that kills land in steps and checkpoint writes rather
   than in the imports and the tracing, whose length varies with the load.
+  With `in_write_of` (a checkpoint directory), the kill comes, after the
+  delay, the moment a checkpoint write is seen in progress there (its
+  temporary files exist), so it lands inside the write.
   """
   environment = dict(os.environ, PYTHONUNBUFFERED='1')
   with open(log_path, 'w') as log:
@@ -80,9 +94,16 @@ def _run(flags, log_path, delay=None, after_training_starts=False):
       process.wait(timeout=delay)
       return False, process.returncode
     except subprocess.TimeoutExpired:
-      process.send_signal(signal.SIGKILL)
-      process.wait()
-      return True, process.returncode
+      pass
+    while in_write_of and process.poll() is None:
+      if _write_in_progress(in_write_of):
+        break
+      time.sleep(0.0005)
+    if process.poll() is not None:
+      return False, process.returncode
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return True, process.returncode
 
 
 def _last_line(log_path):
@@ -172,15 +193,20 @@ def main():
   for index in range(args.kills):
     delay = rng.uniform(args.min_delay, args.max_delay)
     log_path = os.path.join(work, f'kill{index}.log')
+    # Every other kill waits for a checkpoint write to be in progress.
+    in_write = index % 2 == 1
     killed, rc = _run(_flags(work, killed_dir, args.num_steps), log_path,
-                      delay, after_training_starts=True)
+                      delay, after_training_starts=True,
+                      in_write_of=(os.path.join(killed_dir, 'checkpoints')
+                                   if in_write else None))
     try:
       found = _check_model_dir(killed_dir)
       consistent = 'yes'
     except AssertionError as error:   # a broken promise, reported below
       found, consistent = {}, f'NO: {error}'
       broken.append(f'kill {index}: {error}')
-    what = 'killed' if killed else f'finished (rc {rc})'
+    what = ('killed in a checkpoint write' if killed and in_write else
+            'killed' if killed else f'finished (rc {rc})')
     torn = ', '.join(found.get('torn', [])) or '-'
     print(f'| {index + 1} | {delay:.1f} ({what}) | {_last_line(log_path)} | '
           f'{found.get("checkpoints", "-")} | '

@@ -239,6 +239,22 @@ def random_states(*models: keras.Model) -> List[keras.Variable]:
   return states
 
 
+def remove_interrupted_writes(directory: str) -> List[str]:
+  """Deletes what checkpoint writes killed midway left behind; returns them.
+
+  tf.train.Checkpoint writes a checkpoint's shards under `<prefix>_temp/`
+  and moves them into place only once complete, so such a directory is
+  never part of a valid checkpoint (the state file never names it). A
+  restarted run removes them, before anything writes, so that they do not
+  pile up over many preemptions.
+  """
+  removed = []
+  for path in sorted(tf.io.gfile.glob(os.path.join(directory, '*_temp'))):
+    tf.io.gfile.rmtree(path)
+    removed.append(path)
+  return removed
+
+
 def make_train_loop(strategy: tf.distribute.Strategy,
                     replica_step: Callable, jit_compile: bool) -> Callable:
   """loop(iterator, num_steps) -> mean of every metric over those steps.
@@ -348,6 +364,11 @@ class _Phase:
   def restore(self) -> int:
     """Restores the latest checkpoint (once), if any; returns the step."""
     latest = self.manager.latest_checkpoint
+    if not self._restored and getattr(self.strategy.extended,
+                                      'should_checkpoint', True):
+      for path in remove_interrupted_writes(self.manager.directory):
+        print(f'{self.name}: removed {path}, left by a checkpoint write '
+              f'that was killed midway')
     if latest and not self._restored:
       self._restored = True
       self.checkpoint.restore(latest).assert_existing_objects_matched()

@@ -377,3 +377,25 @@ class MainExitStatusTest(tf.test.TestCase):
 
 if __name__ == '__main__':
   tf.test.main()
+
+
+class InterruptedCheckpointWriteTest(tf.test.TestCase):
+
+  def test_restart_removes_the_temporary_shards_of_a_killed_write(self):
+    # What a SIGKILL inside tf.train.Checkpoint.write leaves (recorded by
+    # benchmarks/kill_resume.py): <prefix>_temp/ with partial shards, which
+    # no state file names. A real checkpoint beside it must stay readable.
+    directory = self.get_temp_dir()
+    variable = tf.Variable([1.0, 2.0])
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(v=variable), directory, max_to_keep=2)
+    saved = manager.save()
+    torn = os.path.join(directory, 'ckpt-2_temp')
+    os.makedirs(torn)
+    with open(os.path.join(torn, 'part-00000-of-00001.data-00000-of-00001'),
+              'wb') as f:
+      f.write(b'\x00' * 7)
+    self.assertEqual(train.remove_interrupted_writes(directory), [torn])
+    self.assertFalse(os.path.exists(torn))
+    self.assertEqual(tf.train.latest_checkpoint(directory), saved)
+    self.assertEqual(train.remove_interrupted_writes(directory), [])
