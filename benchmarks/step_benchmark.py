@@ -9,9 +9,11 @@ call (trace) and its allocator state are its own. A case is
 `step:BxMU:precision:xla`:
 
   step       supervised | uda | mpl_exact | mpl_taylor |
-             mpl_exact_ori_no_grad (the library's SupervisedStep, UdaStep,
-             MplStep with feedback=exact|taylor; the last with
-             teacher_original_pass=no_grad, the cheaper, non-default pass).
+             mpl_exact_ori_no_grad | mpl_exact_rematerialized (the
+             library's SupervisedStep, UdaStep, MplStep with
+             feedback=exact|taylor; exact with
+             teacher_original_pass=no_grad, the cheaper, non-default pass;
+             exact with rematerialize_teacher, same numbers, less memory).
   BxMU       labeled batch B and ratio mu (unlabeled batch B*mu per view);
              'small' = 16x2, 'big' = 64x7.
   precision  float32 | mixed_bfloat16 (ModelConfig.precision).
@@ -43,6 +45,8 @@ really makes, with backward = 2 x forward (3F per image trained through):
   mpl_taylor  as mpl_exact, but F * B for the last line (forward only).
   mpl_exact_ori_no_grad  as mpl_exact, but the teacher's 3F * (B + 2*B*mu)
               is 3F * (B + B*mu) + F * B*mu (x_u forward only).
+  mpl_exact_rematerialized  as mpl_exact, plus F * (B + 2*B*mu) for the
+              teacher's untaped first forward.
 Batch norm, activations and optimizer updates are not counted, so the
 achieved rate understates the work slightly and equally for every step.
 
@@ -59,7 +63,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {'small': (16, 2), 'big': (64, 7)}
-STEPS = ('supervised', 'uda', 'mpl_exact', 'mpl_taylor', 'mpl_exact_ori_no_grad')
+STEPS = ('supervised', 'uda', 'mpl_exact', 'mpl_taylor', 'mpl_exact_ori_no_grad',
+         'mpl_exact_rematerialized')
 PRECISIONS = ('float32', 'mixed_bfloat16')
 # The default grid: every step at both shapes in fp32 without XLA, and the
 # precision and XLA comparisons for the supervised and the MPL (exact) step.
@@ -99,6 +104,8 @@ def images_and_flops(step: str, batch: int, mu: int, forward_flops: float):
   teacher = 3 * forward_flops * (batch + 2 * unlabeled)
   if step == 'mpl_exact_ori_no_grad':
     teacher = forward_flops * (3 * (batch + unlabeled) + unlabeled)
+  if step == 'mpl_exact_rematerialized':
+    teacher = 4 * forward_flops * (batch + 2 * unlabeled)
   if step == 'uda':
     return batch + 2 * unlabeled, teacher
   student = 3 * forward_flops * (unlabeled + batch)
@@ -151,7 +158,8 @@ def _build_loop(case: dict):
   mpl_cfg = config_lib.MplConfig(
       feedback='taylor' if case['step'] == 'mpl_taylor' else 'exact',
       teacher_original_pass=('no_grad' if case['step'] ==
-                             'mpl_exact_ori_no_grad' else 'shared'))
+                             'mpl_exact_ori_no_grad' else 'shared'),
+      rematerialize_teacher=case['step'] == 'mpl_exact_rematerialized')
   teacher_lr, student_lr = optim.learning_rates(optim_cfg)
   strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
   with strategy.scope():
@@ -301,7 +309,8 @@ def main():
 
   pipeline = {}
   if not args.skip_pipeline:
-    for batch, mu in sorted({(c['batch'], c['mu']) for c in cases}):
+    for batch, mu in sorted({(c['batch'], c['mu']) for c in cases
+                             if c['step'] != 'supervised'}):
       rate = _pipeline_images_per_second(batch, mu)
       steps = [r for r in results if (r['batch'], r['mu']) == (batch, mu)
                and r['step'] != 'supervised']

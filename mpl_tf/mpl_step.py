@@ -23,6 +23,9 @@ fields of `MplConfig`, never constants here:
   teacher_original_pass  'shared' (default): x_u_ori in the teacher's one
                   taped pass, as released; 'no_grad': in a pass of its own
                   without backward (cheaper; other batch-norm batches).
+  rematerialize_teacher  memory, not numbers: the teacher's forward runs
+                  untaped for the pseudo labels and again, taped, after h,
+                  with its RNG and batch-norm state replayed.
 
 How this scales against the exact meta-gradient (tests/test_gradient_identity):
 CE here is a batch mean over the global unlabeled batch of size N, while
@@ -52,7 +55,8 @@ from mpl_tf import health
 from mpl_tf import losses
 from mpl_tf import optim
 from mpl_tf.config import MplConfig, OptimConfig
-from mpl_tf.models import batch_norm_statistics, normalization_weights
+from mpl_tf.models import (batch_norm_statistics, normalization_weights,
+                           random_states)
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -130,6 +134,7 @@ class MplStep:
     self._student_no_decay = normalization_weights(student)
     self._student_bn_statistics = batch_norm_statistics(student)
     self._teacher_bn_statistics = batch_norm_statistics(teacher)
+    self._teacher_rng_states = random_states(teacher)
     self.guard = health.NonFiniteGuard(nonfinite, health.float_state(
         teacher, student, ema_student, teacher_optimizer, student_optimizer,
         self.baseline))
@@ -169,34 +174,23 @@ class MplStep:
     before_step = self.guard.snapshot()
 
     # The teacher's one forward pass on [x_l; x_u_ori; x_u_aug]; its tape is
-    # re-entered below to add the feedback term once h is known.
+    # re-entered below to add the losses once h is known.
     # (teacher_original_pass='no_grad': x_u_ori, the UDA target only, gets a
-    # pass of its own outside the tape, and the taped pass is [x_l; x_u_aug].)
-    if cfg.teacher_original_pass == 'no_grad':
-      teacher_logits_ori = self._teacher_logits_without_backward(images_ori)
+    # pass of its own outside the tape, and the taped pass is [x_l; x_u_aug].
+    # rematerialize_teacher: this pass runs untaped and is repeated, taped,
+    # after h; both compute the same logits.)
+    logits_ori_untaped = (self._teacher_logits_without_backward(images_ori)
+                          if cfg.teacher_original_pass == 'no_grad' else None)
+    teacher_forward = lambda: self._teacher_logits(
+        images_labeled, images_ori, images_aug, logits_ori_untaped)
     teacher_tape = tf.GradientTape()
-    with teacher_tape:
-      if cfg.teacher_original_pass == 'no_grad':
-        teacher_logits = self.teacher(
-            tf.concat([images_labeled, images_aug], axis=0), training=True)
-        teacher_logits_labeled, teacher_logits_aug = tf.split(
-            teacher_logits, [local_labeled, local_unlabeled])
-      else:
-        teacher_logits = self.teacher(
-            tf.concat([images_labeled, images_ori, images_aug], axis=0),
-            training=True)
-        (teacher_logits_labeled, teacher_logits_ori,
-         teacher_logits_aug) = tf.split(
-             teacher_logits, [local_labeled, local_unlabeled, local_unlabeled])
-      teacher_logits_unlabeled = (teacher_logits_aug if cfg.student_view == 'aug'
-                                  else teacher_logits_ori)
-      teacher_supervised_loss = losses.cross_entropy(
-          losses.one_hot(labels, teacher_logits_labeled),
-          teacher_logits_labeled, n_labeled, cfg.label_smoothing)
-      teacher_uda_loss, uda_mask_rate = losses.uda_consistency(
-          teacher_logits_ori, teacher_logits_aug, cfg.uda_temperature,
-          cfg.uda_threshold, n_unlabeled)
-      uda_weight = losses.uda_weight(self.step, cfg.uda_weight, cfg.uda_steps)
+    if cfg.rematerialize_teacher:
+      teacher_logits = self._replayable_teacher_pass(teacher_forward)
+    else:
+      with teacher_tape:
+        teacher_logits = teacher_forward()
+    teacher_logits_unlabeled = teacher_logits[
+        'aug' if cfg.student_view == 'aug' else 'ori']
 
     # Algorithm 1: Sample a pseudo label y_hat_u ~ P(. | x_u; theta_T)
     # (drawn for the global batch, so any replica layout draws the same).
@@ -250,6 +244,14 @@ class MplStep:
       h = h_raw
     h = tf.stop_gradient(h)
 
+    if cfg.rematerialize_teacher:
+      # After h, not before: without this dependency the graph would run
+      # the second pass as early as the first and keep its activations
+      # through the student's step, which is what rematerializing avoids.
+      with teacher_tape, tf.control_dependencies([h]):
+        teacher_logits = teacher_forward()   # the same logits, now taped
+        teacher_logits_unlabeled = teacher_logits[
+            'aug' if cfg.student_view == 'aug' else 'ori']
     with teacher_tape:
       # Algorithm 1: Compute the teacher's gradient from the student's feedback:
       # Algorithm 1:   g_T(t) = h * grad_T CE(y_hat_u, T(x_u; theta_T))|theta_T(t)
@@ -258,10 +260,16 @@ class MplStep:
           pseudo_targets, teacher_logits_unlabeled, n_unlabeled)
       # Algorithm 1: Compute the teacher's gradient on labeled data:
       # Algorithm 1:   g_T,supervised(t) = grad_T CE(y_l, T(x_l; theta_T))|theta_T(t)
-      #   (teacher_supervised_loss, above)
+      teacher_supervised_loss = losses.cross_entropy(
+          losses.one_hot(labels, teacher_logits['labeled']),
+          teacher_logits['labeled'], n_labeled, cfg.label_smoothing)
       # Algorithm 1: Compute the teacher's gradient on the UDA loss with unlabeled data:
       # Algorithm 1:   g_T,UDA(t) = grad_T CE(StopGradient(T(x_u)), T(RandAugment(x_u)))|theta_T(t)
-      #   (teacher_uda_loss, above, weighted by its linear ramp)
+      #   (weighted by its linear ramp)
+      teacher_uda_loss, uda_mask_rate = losses.uda_consistency(
+          teacher_logits['ori'], teacher_logits['aug'], cfg.uda_temperature,
+          cfg.uda_threshold, n_unlabeled)
+      uda_weight = losses.uda_weight(self.step, cfg.uda_weight, cfg.uda_steps)
       teacher_loss = (cfg.mpl_weight * tf.cast(h, teacher_mpl_term.dtype) *
                       teacher_mpl_term + teacher_supervised_loss +
                       tf.cast(uda_weight, teacher_uda_loss.dtype) *
@@ -321,6 +329,45 @@ class MplStep:
         'health/nonfinite': 1.0 - f32(finite),
     }
     return metrics, {'pseudo_label_ids': pseudo_label_ids}
+
+  def _teacher_logits(self, images_labeled, images_ori, images_aug,
+                      logits_ori_untaped=None) -> Dict[str, tf.Tensor]:
+    """The teacher's logits {labeled, ori, aug} in one training-mode pass.
+
+    With `logits_ori_untaped` (teacher_original_pass='no_grad') the pass is
+    [x_l; x_u_aug] and those are the 'ori' logits; else [x_l; x_u_ori; x_u_aug].
+    """
+    local_labeled = tf.shape(images_labeled)[0]
+    local_unlabeled = tf.shape(images_aug)[0]
+    if logits_ori_untaped is not None:
+      logits = self.teacher(tf.concat([images_labeled, images_aug], axis=0),
+                            training=True)
+      labeled, aug = tf.split(logits, [local_labeled, local_unlabeled])
+      return {'labeled': labeled, 'ori': logits_ori_untaped, 'aug': aug}
+    logits = self.teacher(
+        tf.concat([images_labeled, images_ori, images_aug], axis=0),
+        training=True)
+    labeled, ori, aug = tf.split(
+        logits, [local_labeled, local_unlabeled, local_unlabeled])
+    return {'labeled': labeled, 'ori': ori, 'aug': aug}
+
+  def _replayable_teacher_pass(self, forward) -> Dict[str, tf.Tensor]:
+    """Runs `forward` untaped, then puts back what it changed.
+
+    The dropout RNG states and the batch-norm moving statistics are restored,
+    so that running `forward` again (taped, after h) draws the same dropout
+    masks, sees the same batch and moves the statistics once per step. The
+    returned logits are stop-gradient: they only choose the pseudo labels.
+    """
+    state = self._teacher_rng_states + self._teacher_bn_statistics
+    saved = [tf.identity(v.value) for v in state]
+    logits = {k: tf.stop_gradient(v) for k, v in forward().items()}
+    # The restores must follow the pass; the returned logits depend on them
+    # so that the pass cannot be pruned or reordered after a later use.
+    with tf.control_dependencies(list(logits.values())):
+      restores = [v.assign(s) for v, s in zip(state, saved)]
+    with tf.control_dependencies(restores):
+      return {k: tf.identity(v) for k, v in logits.items()}
 
   def _teacher_logits_without_backward(self, images_ori):
     """The teacher's logits on x_u_ori in a pass of their own, no tape.

@@ -46,7 +46,7 @@ from mpl_tf.data import offline
 from mpl_tf.data import pipeline
 from mpl_tf.data import records
 from mpl_tf.evaluate import Evaluator, summarize
-from mpl_tf.models import build_model
+from mpl_tf.models import build_model, random_states
 from mpl_tf.health import NonFiniteGuard
 from mpl_tf.mpl_step import MplStep
 from mpl_tf.progress import Progress
@@ -219,24 +219,6 @@ def _variables_of(items) -> List[tf.Variable]:
 def read_step(counter: tf.Variable) -> int:
   """A step counter's value on the host (also a mirrored variable's)."""
   return int(tf.convert_to_tensor(counter).numpy())
-
-
-def random_states(*models: keras.Model) -> List[keras.Variable]:
-  """The seed-generator states of the models' random layers, by object.
-
-  Dropout (and stochastic depth) draw their masks from these states; Keras
-  does not put them in a tf.train.Checkpoint of the model, so the loop saves
-  them itself, or a resumed run would draw different masks.
-  """
-  states, seen = [], set()
-  for model in models:
-    for layer in model._flatten_layers(include_self=True):  # pylint: disable=protected-access
-      for value in vars(layer).values():
-        if (isinstance(value, keras.random.SeedGenerator) and
-            id(value.state) not in seen):
-          seen.add(id(value.state))
-          states.append(value.state)
-  return states
 
 
 def remove_interrupted_writes(directory: str) -> List[str]:

@@ -11,6 +11,7 @@ with the pseudo labels y_hat the step reports it sampled.
 
 import os
 
+import keras
 import tensorflow as tf
 from absl import flags as absl_flags
 
@@ -149,6 +150,9 @@ class MplStepTest(tf.test.TestCase):
     # batch norm the batches differ, which is why it is not the default.
     self._check_against_recomputation(
         mpl_config(teacher_original_pass='no_grad'))
+
+  def test_rematerialized_teacher_matches_recomputation(self):
+    self._check_against_recomputation(mpl_config(rematerialize_teacher=True))
 
   def test_teacher_original_pass_no_grad_needs_the_augmented_view(self):
     config = Config(mpl=MplConfig(teacher_original_pass='no_grad',
@@ -296,3 +300,83 @@ class MirroredStrategyTest(tf.test.TestCase):
       self.assertAllClose(snapshot(getattr(mirrored, name)),
                           snapshot(getattr(single, name)), rtol=1e-9,
                           atol=1e-12, msg=name)
+
+
+def _mlp_with_batch_norm_and_dropout(seed: int, name: str) -> keras.Model:
+  """Dense -> BN -> ReLU -> Dropout(0.5) -> Dense, float64."""
+  init = lambda s: keras.initializers.RandomNormal(stddev=0.7, seed=s)
+  inputs = keras.Input((INPUT_DIM,), dtype='float64')
+  x = keras.layers.Dense(HIDDEN, dtype='float64',
+                         kernel_initializer=init(seed))(inputs)
+  x = keras.layers.BatchNormalization(dtype='float64', momentum=0.5)(x)
+  x = keras.layers.Activation('relu', dtype='float64')(x)
+  x = keras.layers.Dropout(0.5, seed=seed, dtype='float64')(x)
+  logits = keras.layers.Dense(NUM_CLASSES, dtype='float64',
+                              kernel_initializer=init(seed + 1))(x)
+  return keras.Model(inputs, logits, name=name)
+
+
+class RematerializedTeacherTest(tf.test.TestCase):
+  """rematerialize_teacher changes memory, not numbers, with BN and dropout."""
+
+  def _two_steps(self, **fields):
+    teacher = _mlp_with_batch_norm_and_dropout(0, 'teacher')
+    student = _mlp_with_batch_norm_and_dropout(10, 'student')
+    step = MplStep(
+        mpl_config(**fields), PLAIN_SGD, teacher, student,
+        optim.make_optimizer(TEACHER_LR, PLAIN_SGD, 'teacher_optimizer'),
+        optim.make_optimizer(STUDENT_LR, PLAIN_SGD, 'student_optimizer'),
+        global_labeled_batch=NUM_LABELED,
+        global_unlabeled_batch=NUM_UNLABELED)
+    step.step.assign(STEP_BEFORE)
+    run = tf.function(step)
+    for batch_seed in (0, 1):
+      metrics, _ = run(random_batch(batch_seed, NUM_LABELED, NUM_UNLABELED,
+                                    INPUT_DIM, NUM_CLASSES))
+    return step, metrics
+
+  def test_same_updates_statistics_and_rng_states(self):
+    for extra in ({}, {'teacher_original_pass': 'no_grad'}):
+      kept, kept_metrics = self._two_steps(**extra)
+      rematerialized, metrics = self._two_steps(rematerialize_teacher=True,
+                                                **extra)
+      self.assertNotEqual(float(metrics['mpl/h']), 0.0)
+      self.assertAllClose(metrics['mpl/h'], kept_metrics['mpl/h'],
+                          rtol=1e-10)
+      for network in ('teacher', 'student'):
+        mine = getattr(rematerialized, network).weights   # incl. BN, RNG
+        theirs = getattr(kept, network).weights
+        self.assertLen(mine, len(theirs))
+        for a, b in zip(mine, theirs):
+          self.assertAllClose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12,
+                              msg=f'{network}/{a.path}')
+
+  def test_two_replicas_replay_rng_and_statistics_like_the_kept_pass(self):
+    # Under MirroredStrategy the replayed pass restores mirrored batch-norm
+    # statistics and per-replica RNG states in replica context.
+    strategy = distribute.get_strategy(RunConfig(strategy='mirrored'))
+    batch = random_batch(0, NUM_LABELED, NUM_UNLABELED, INPUT_DIM, NUM_CLASSES)
+
+    def half_batch(context):
+      index = context.replica_id_in_sync_group
+      return {key: tf.split(value, 2)[index] for key, value in batch.items()}
+
+    results = {}
+    for rematerialize in (False, True):
+      with strategy.scope():
+        teacher = _mlp_with_batch_norm_and_dropout(0, 'teacher')
+        student = _mlp_with_batch_norm_and_dropout(10, 'student')
+        step = MplStep(
+            mpl_config(rematerialize_teacher=rematerialize), PLAIN_SGD,
+            teacher, student,
+            optim.make_optimizer(TEACHER_LR, PLAIN_SGD, 'teacher_optimizer'),
+            optim.make_optimizer(STUDENT_LR, PLAIN_SGD, 'student_optimizer'),
+            global_labeled_batch=NUM_LABELED,
+            global_unlabeled_batch=NUM_UNLABELED)
+      per_replica = strategy.experimental_distribute_values_from_function(
+          half_batch)
+      tf.function(lambda b: strategy.run(step, args=(b,)))(per_replica)
+      results[rematerialize] = [v.numpy() for v in teacher.weights +
+                                student.weights]
+    for kept, replayed in zip(results[False], results[True]):
+      self.assertAllClose(replayed, kept, rtol=1e-10, atol=1e-12)

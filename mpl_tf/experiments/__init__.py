@@ -2,6 +2,19 @@
 
 two_moon: the paper's TwoMoon toy (section 3.1, Figure 2): supervised vs
   Pseudo Labels vs Meta Pseudo Labels, with the library's MplStep.
+two_moon_tuning: a grid over what sets the feedback's strength on TwoMoon.
 ablation: the disputed choices of MplConfig, each varied alone, over seeds,
   on TwoMoon and on the offline digits through mpl_tf.train.run.
+report: renders docs/results.md's tables from the experiments' JSON.
 """
+
+import json
+import os
+from typing import Any, Dict
+
+
+def write_json(path: str, payload: Dict[str, Any]) -> None:
+  """Writes an experiment's results (sorted keys), creating the directory."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(payload, f, indent=2, sort_keys=True)

@@ -34,7 +34,6 @@ interrupted grid keeps what it measured.
 """
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -42,6 +41,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from mpl_tf.config import Config, MplConfig
+from mpl_tf import experiments
 from mpl_tf.experiments import two_moon as two_moon_lib
 
 TASKS = ('two_moon', 'digits')
@@ -195,9 +195,7 @@ def run_task(config: AblationConfig, task: str, output_dir: Optional[str],
         'runs': rows}
     payload['seconds'] = time.time() - start
     if path:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path, 'w') as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
+      experiments.write_json(path, payload)
   log(f'{task}: {len(configs)} variants x {seeds} seeds in '
       f'{payload["seconds"]:.0f} s' + (f'; wrote {path}' if path else ''))
   for variant, entry in payload['variants'].items():

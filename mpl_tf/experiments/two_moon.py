@@ -31,7 +31,6 @@ boundaries of `figure_seed`, labeled points marked).
 """
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -40,6 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mpl_tf import experiments
 from mpl_tf import losses
 from mpl_tf import optim
 from mpl_tf.config import MplConfig, OptimConfig
@@ -332,10 +332,8 @@ def run(config: TwoMoonConfig, output_dir: Optional[str] = None,
     plot_boundaries(figure_result, figure_path,
                     f' (seed {config.figure_seed}, noise {config.noise})')
     json_path = os.path.join(output_dir, 'results', 'two_moon.json')
-    os.makedirs(os.path.dirname(json_path), exist_ok=True)
     payload['seconds'] = time.time() - start
-    with open(json_path, 'w') as f:
-      json.dump(payload, f, indent=2, sort_keys=True)
+    experiments.write_json(json_path, payload)
     log(f'wrote {json_path} and {figure_path}')
   for method in METHODS:
     log(f'{method:<14} test accuracy {summary[method]["mean"]:.4f} '

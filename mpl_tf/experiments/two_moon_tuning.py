@@ -26,13 +26,13 @@ many seeds MPL won by more than one test point (and lost), and mean |h|.
 
 import dataclasses
 import itertools
-import json
 import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from mpl_tf import experiments
 from mpl_tf.experiments import two_moon as two_moon_lib
 
 # (name, TwoMoonConfig overrides, MplConfig overrides of the MPL run).
@@ -118,9 +118,7 @@ def run(base: two_moon_lib.TwoMoonConfig, num_seeds: int,
         f'{result["mpl_losses"]}  |h| {result["h_mean_abs"]:.2g} '
         f'({time.time() - setting_start:.0f} s)')
     if path:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path, 'w') as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
+      experiments.write_json(path, payload)
   log(f'{len(payload["settings"])} settings x {num_seeds} seeds in '
       f'{payload["seconds"]:.0f} s' + (f'; wrote {path}' if path else ''))
   return payload

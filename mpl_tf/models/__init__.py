@@ -82,6 +82,25 @@ def _size(variables) -> int:
   return sum(int(np.prod(v.shape)) for v in variables)
 
 
+def random_states(*models: keras.Model) -> List[keras.Variable]:
+  """The seed-generator states of the models' random layers, by object.
+
+  Dropout (and stochastic depth) draw their masks from these states; Keras
+  does not put them in a tf.train.Checkpoint of the model, so the loop saves
+  them itself, or a resumed run would draw different masks. A pass that must
+  be repeated exactly (MplStep's rematerialized teacher) restores them.
+  """
+  states, seen = [], set()
+  for model in models:
+    for layer in model._flatten_layers(include_self=True):  # pylint: disable=protected-access
+      for value in vars(layer).values():
+        if (isinstance(value, keras.random.SeedGenerator) and
+            id(value.state) not in seen):
+          seen.add(id(value.state))
+          states.append(value.state)
+  return states
+
+
 def batch_norm_statistics(model: keras.Model) -> List[keras.Variable]:
   """The moving mean and variance of every batch-norm layer, by object."""
   stats = []
