@@ -264,19 +264,28 @@ class TpuScriptsTest(tf.test.TestCase):
         self.assertRegex(result.stderr, 'PROJECT|ZONE|TPU_NAME|BUCKET')
         self.assertFalse(os.path.exists(self.calls), script)
 
-  def test_train_passes_flagfile_paths_and_extra_flags(self):
+  def test_train_evaluate_export_pass_flagfile_paths_and_extra_flags(self):
     env = dict(PROJECT='p', ZONE='europe-west4-a', TPU_NAME='t', BUCKET='b')
-    result = self._run(os.path.join(REPO, 'tpu_scripts', 'train.sh'),
-                       'imagenet_10pct', '--num_steps=10', **env)
-    self.assertEqual(result.returncode, 0, result.stderr)
-    with open(self.calls) as f:
-      call = f.read()
-    for part in ('tpu-vm ssh t', '--flagfile=flags/imagenet_10pct.cfg',
-                 '--strategy=tpu', '--tpu=local',
-                 '--data_dir=gs://b/data/imagenet_10pct',
-                 '--model_dir=gs://b/runs/imagenet_10pct', '--num_steps=10'):
-      self.assertIn(part, call)
-    os.remove(self.calls)
+    own_flags = {
+        'train.sh': ('--strategy=tpu', '--tpu=local'),
+        'evaluate.sh': ('--mode=eval', '--strategy=tpu', '--tpu=local'),
+        'export.sh': ('--mode=export', '--strategy=one_device',
+                      '--export_dir=gs://b/runs/imagenet_10pct/export'),
+    }
+    for script, flags in own_flags.items():
+      with self.subTest(script=script):
+        result = self._run(os.path.join(REPO, 'tpu_scripts', script),
+                           'imagenet_10pct', '--num_steps=10', **env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        with open(self.calls) as f:
+          call = f.read()
+        for part in ('tpu-vm ssh t', '--flagfile=flags/imagenet_10pct.cfg',
+                     '--data_dir=gs://b/data/imagenet_10pct',
+                     '--model_dir=gs://b/runs/imagenet_10pct', *flags):
+          self.assertIn(part, call)
+        # The user's flags come last, so they win over the preset's.
+        self.assertTrue(call.rstrip().endswith('--num_steps=10'), call)
+        os.remove(self.calls)
     result = self._run(os.path.join(REPO, 'tpu_scripts', 'train.sh'),
                        'no_such_preset', **env)
     self.assertEqual(result.returncode, 2)

@@ -75,3 +75,15 @@ remote_main() {
   quoted="$(printf '%q ' "$@")"
   tpu_ssh "${worker}" "cd ${REMOTE_REPO_DIR} && ${PYTHON:-python3} main.py ${quoted}"
 }
+
+# remote_preset_main WORKER PRESET ARG...: main.py on the VM with PRESET's
+# flagfile, its data in gs://$BUCKET/data/<data set> and its run directory
+# gs://$BUCKET/runs/PRESET, then ARG... (later flags win over the preset's).
+remote_preset_main() {
+  local worker="$1" preset="$2" data_name
+  shift 2
+  data_name="$(preset_data_name "${preset}")" || exit 2
+  remote_main "${worker}" --flagfile="flags/${preset}.cfg" \
+    --data_dir="gs://${BUCKET}/data/${data_name}" \
+    --model_dir="gs://${BUCKET}/runs/${preset}" "$@"
+}

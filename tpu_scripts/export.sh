@@ -10,8 +10,5 @@ require_env PROJECT ZONE TPU_NAME BUCKET
 (($# >= 1)) || error "usage: $(basename "$0") PRESET [main.py flags...]"
 preset="$1"
 shift
-data_name="$(preset_data_name "${preset}")"
-remote_main 0 --flagfile="flags/${preset}.cfg" --mode=export \
-  --strategy=one_device --data_dir="gs://${BUCKET}/data/${data_name}" \
-  --model_dir="gs://${BUCKET}/runs/${preset}" \
+remote_preset_main 0 "${preset}" --mode=export --strategy=one_device \
   --export_dir="gs://${BUCKET}/runs/${preset}/export" "$@"

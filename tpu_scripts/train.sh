@@ -12,7 +12,4 @@ require_env PROJECT ZONE TPU_NAME BUCKET
 (($# >= 1)) || error "usage: $(basename "$0") PRESET [main.py flags...]"
 preset="$1"
 shift
-data_name="$(preset_data_name "${preset}")"
-remote_main all --flagfile="flags/${preset}.cfg" --strategy=tpu --tpu=local \
-  --data_dir="gs://${BUCKET}/data/${data_name}" \
-  --model_dir="gs://${BUCKET}/runs/${preset}" "$@"
+remote_preset_main all "${preset}" --strategy=tpu --tpu=local "$@"
