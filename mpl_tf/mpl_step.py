@@ -44,7 +44,8 @@ Unlike the released graph, the teacher's moving statistics are updated by its
 forward pass; they only matter for evaluating the teacher, for diagnosis.
 """
 
-from typing import Dict, Optional, Tuple
+import contextlib
+from typing import Dict, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -59,6 +60,21 @@ from mpl_tf.models import (batch_norm_statistics, normalization_weights,
                            random_states)
 
 SUM = tf.distribute.ReduceOp.SUM
+
+
+@contextlib.contextmanager
+def restored_afterwards(variables: Sequence[tf.Variable]):
+  """Puts `variables` back to their values at entry when the block ends.
+
+  For passes that must not leave a trace in the state they touch (batch-norm
+  moving statistics, dropout RNG states). Inside a tf.function the restores
+  follow the block's updates of the same variables by TensorFlow's automatic
+  control dependencies, as in eager execution.
+  """
+  saved = [tf.identity(v.value) for v in variables]
+  yield
+  for variable, value in zip(variables, saved):
+    variable.assign(value)
 
 def feedback_coefficient(feedback: str, sign: str, student_lr,
                          labeled_grads_new=None, pseudo_label_grads=None,
@@ -189,8 +205,7 @@ class MplStep:
     else:
       with teacher_tape:
         teacher_logits = teacher_forward()
-    teacher_logits_unlabeled = teacher_logits[
-        'aug' if cfg.student_view == 'aug' else 'ori']
+    teacher_logits_unlabeled = teacher_logits[cfg.student_view]
 
     # Algorithm 1: Sample a pseudo label y_hat_u ~ P(. | x_u; theta_T)
     # (drawn for the global batch, so any replica layout draws the same).
@@ -250,8 +265,7 @@ class MplStep:
       # through the student's step, which is what rematerializing avoids.
       with teacher_tape, tf.control_dependencies([h]):
         teacher_logits = teacher_forward()   # the same logits, now taped
-        teacher_logits_unlabeled = teacher_logits[
-            'aug' if cfg.student_view == 'aug' else 'ori']
+        teacher_logits_unlabeled = teacher_logits[cfg.student_view]
     with teacher_tape:
       # Algorithm 1: Compute the teacher's gradient from the student's feedback:
       # Algorithm 1:   g_T(t) = h * grad_T CE(y_hat_u, T(x_u; theta_T))|theta_T(t)
@@ -359,15 +373,10 @@ class MplStep:
     masks, sees the same batch and moves the statistics once per step. The
     returned logits are stop-gradient: they only choose the pseudo labels.
     """
-    state = self._teacher_rng_states + self._teacher_bn_statistics
-    saved = [tf.identity(v.value) for v in state]
-    logits = {k: tf.stop_gradient(v) for k, v in forward().items()}
-    # The restores must follow the pass; the returned logits depend on them
-    # so that the pass cannot be pruned or reordered after a later use.
-    with tf.control_dependencies(list(logits.values())):
-      restores = [v.assign(s) for v, s in zip(state, saved)]
-    with tf.control_dependencies(restores):
-      return {k: tf.identity(v) for k, v in logits.items()}
+    with restored_afterwards(self._teacher_rng_states +
+                             self._teacher_bn_statistics):
+      logits = forward()
+    return {key: tf.stop_gradient(value) for key, value in logits.items()}
 
   def _teacher_logits_without_backward(self, images_ori):
     """The teacher's logits on x_u_ori in a pass of their own, no tape.
@@ -376,11 +385,9 @@ class MplStep:
     replaces; the batch-norm moving statistics are restored afterwards, so
     they still move once per step (by the taped pass).
     """
-    saved_statistics = [tf.identity(v.value) for v in self._teacher_bn_statistics]
-    logits = tf.stop_gradient(self.teacher(images_ori, training=True))
-    for variable, saved in zip(self._teacher_bn_statistics, saved_statistics):
-      variable.assign(saved)
-    return logits
+    with restored_afterwards(self._teacher_bn_statistics):
+      logits = self.teacher(images_ori, training=True)
+    return tf.stop_gradient(logits)
 
   def _labeled_loss_at_new_weights(self, images_labeled, labels):
     """L_l(theta_S') summed across replicas, and its gradient if 'exact'.
@@ -389,14 +396,12 @@ class MplStep:
     restores the batch-norm moving statistics afterwards: this pass measures
     the student, it does not train it.
     """
-    saved_statistics = [tf.identity(v.value) for v in self._student_bn_statistics]
     student_vars = self.student.trainable_variables
-    with tf.GradientTape() as tape:
-      logits = self.student(images_labeled, training=True)
-      loss = losses.cross_entropy(losses.one_hot(labels, logits), logits,
-                                  self.global_labeled_batch)
-    for variable, saved in zip(self._student_bn_statistics, saved_statistics):
-      variable.assign(saved)
+    with restored_afterwards(self._student_bn_statistics):
+      with tf.GradientTape() as tape:
+        logits = self.student(images_labeled, training=True)
+        loss = losses.cross_entropy(losses.one_hot(labels, logits), logits,
+                                    self.global_labeled_batch)
     replica_context = tf.distribute.get_replica_context()
     loss_sum = replica_context.all_reduce(SUM, loss)
     if self.config.feedback != 'exact':

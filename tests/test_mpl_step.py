@@ -12,6 +12,7 @@ with the pseudo labels y_hat the step reports it sampled.
 import os
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import flags as absl_flags
 
@@ -380,3 +381,51 @@ class RematerializedTeacherTest(tf.test.TestCase):
                                 student.weights]
     for kept, replayed in zip(results[False], results[True]):
       self.assertAllClose(replayed, kept, rtol=1e-10, atol=1e-12)
+
+
+class MeasuringPassesLeaveNoTraceTest(tf.test.TestCase):
+  """Passes that only measure move no batch-norm statistics.
+
+  After one step, each network's moving mean must be one update (momentum
+  0.5 from 0) with the batch mean of its one training pass: the student's
+  [x_u_aug; x_l] (not again by the labeled pass at the new weights), the
+  teacher's [x_l; x_u_ori; x_u_aug], or [x_l; x_u_aug] when the original
+  view has a pass of its own (teacher_original_pass=no_grad).
+  """
+
+  def _expected_moving_mean(self, kernel_bias, images):
+    kernel, bias = kernel_bias
+    return 0.5 * np.mean(np.concatenate(images) @ kernel + bias, axis=0)
+
+  def _check(self, teacher_inputs, **fields):
+    teacher = _mlp_with_batch_norm_and_dropout(0, 'teacher')
+    student = _mlp_with_batch_norm_and_dropout(10, 'student')
+    first_dense = lambda model: [
+        v.numpy() for v in model.layers[1].weights]   # Dense before BN
+    teacher_dense, student_dense = first_dense(teacher), first_dense(student)
+    step = MplStep(
+        mpl_config(**fields), PLAIN_SGD, teacher, student,
+        optim.make_optimizer(TEACHER_LR, PLAIN_SGD, 'teacher_optimizer'),
+        optim.make_optimizer(STUDENT_LR, PLAIN_SGD, 'student_optimizer'),
+        global_labeled_batch=NUM_LABELED,
+        global_unlabeled_batch=NUM_UNLABELED)
+    batch = {k: v.numpy() for k, v in random_batch(
+        0, NUM_LABELED, NUM_UNLABELED, INPUT_DIM, NUM_CLASSES).items()}
+    tf.function(step)(batch)
+    moving_mean = lambda model: model.layers[2].moving_mean.numpy()
+    self.assertAllClose(
+        moving_mean(student),
+        self._expected_moving_mean(student_dense, [
+            batch['unlabeled_images_aug'], batch['labeled_images']]))
+    self.assertAllClose(
+        moving_mean(teacher),
+        self._expected_moving_mean(teacher_dense,
+                                   [batch[k] for k in teacher_inputs]))
+
+  def test_default_step(self):
+    self._check(('labeled_images', 'unlabeled_images_ori',
+                 'unlabeled_images_aug'))
+
+  def test_original_view_without_backward(self):
+    self._check(('labeled_images', 'unlabeled_images_aug'),
+                teacher_original_pass='no_grad')
