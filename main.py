@@ -9,6 +9,7 @@ traceback.
 """
 
 import os
+import signal
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -41,6 +42,7 @@ def main(argv):
                 f'is a --flag (python main.py --helpfull).')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mpl_tf import app as mpl_app  # pylint: disable=g-import-not-at-top
+  from mpl_tf.cluster import StopRequested  # pylint: disable=g-import-not-at-top
   from mpl_tf.config import ConfigError  # pylint: disable=g-import-not-at-top
   from mpl_tf.train import NonFiniteError  # pylint: disable=g-import-not-at-top
   # TensorFlow's INFO/WARNING chatter (e.g. keras-cv's vectorisation notes,
@@ -55,6 +57,12 @@ def main(argv):
     # Data and config modules raise these with a message naming the fix;
     # NonFiniteError names the step and the term (--nonfinite=stop).
     _user_error(str(error))
+  except StopRequested as stopped:
+    # SIGTERM (a preemption, `kill`): a checkpoint was saved first. The
+    # status is the shell's for a SIGTERM death, so supervisors that restart
+    # preempted jobs see what happened.
+    print(f'stopped: {stopped}', file=sys.stderr)
+    sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == '__main__':

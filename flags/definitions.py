@@ -166,6 +166,12 @@ _ENUMS = {
     ('data', 'crop'): (config_lib.CROPS,
                        'pad_crop (CIFAR/SVHN: flip, pad 128, crop) or '
                        'inception (ImageNet: random crop, bicubic resize).'),
+    ('data', 'input_sharding'): (
+        config_lib.INPUT_SHARDINGS,
+        'With several hosts: files (each host reads and augments its own '
+        'shards; scales) or global_batch (every host builds the global batch '
+        'and keeps its rows: the batches of one host, at N hosts\' input '
+        'cost).'),
     ('model', 'precision'): (config_lib.PRECISIONS,
                              'Compute precision: float32, mixed_bfloat16 '
                              '(TPU) or mixed_float16 (GPU); logits and batch '

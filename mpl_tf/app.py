@@ -3,16 +3,29 @@
 Kept apart from the loop (train.py owns training) and from the serving
 contract (export.py owns it): this module only picks the checkpoint or
 export a mode works on and prints what it found.
+
+Every mode builds the configured strategy first (before any TensorFlow op,
+as MultiWorkerMirroredStrategy requires). Evaluating a checkpoint runs on
+it: every TPU core or GPU takes a share of the padded evaluation batches,
+and the count is exact. Export and predict work on the host: a SavedModel
+holds no device placement (TF Serving runs it on its own CPU or GPU), and
+under multi-worker only the chief writes the export.
 """
 
 import json
 import os
 from typing import Any, Dict
 
+import tensorflow as tf
+
+from mpl_tf import cluster
+from mpl_tf import distribute
 from mpl_tf import export
 from mpl_tf import train
 from mpl_tf.config import Config, ConfigError
 from mpl_tf.data import offline
+from mpl_tf.data import records
+from mpl_tf.evaluate import Evaluator, evaluate_split
 
 # TF Serving loads numbered versions of a model directory.
 _EXPORT_VERSION = '1'
@@ -28,7 +41,9 @@ def default_checkpoint(config: Config) -> str:
   if config.run.checkpoint:
     return config.run.checkpoint
   finetuned = os.path.join(config.run.model_dir, 'finetune', 'checkpoints')
-  if config.finetune.steps and os.path.isdir(finetuned):
+  # A complete checkpoint is one the state file names (a bucket has no
+  # directories to test, and a half-written checkpoint must not be taken).
+  if config.finetune.steps and tf.train.latest_checkpoint(finetuned):
     return finetuned
   return config.run.model_dir
 
@@ -38,25 +53,46 @@ def default_export_dir(config: Config) -> str:
       config.run.model_dir, 'export', _EXPORT_VERSION)
 
 
+def _evaluate_checkpoint(config: Config, manifest: Dict[str, Any],
+                         checkpoint: str, strategy) -> Dict[str, Any]:
+  """Validation and test of a checkpoint's network, on every replica."""
+  distribute.check_batch_divides(strategy, 'eval_batch_size',
+                                 config.run.eval_batch_size)
+  with strategy.scope():
+    model = export.restore_model(config, manifest, checkpoint)
+  evaluator = Evaluator(strategy)
+  return {split: evaluate_split(evaluator, config, manifest, model, split)
+          for split in ('validation', 'test')}
+
+
 def run(config: Config) -> Dict[str, Any]:
   """Runs `config.run.mode`; returns what it printed, as a dict."""
   mode = config.run.mode
   if mode == 'train':
     return train.run(config)
-  manifest = offline.ensure_prepared(config.data)
+  strategy = distribute.get_strategy(config.run)
+  chief = cluster.is_chief(strategy)
+  manifest = (offline.ensure_prepared(config.data) if chief else
+              records.read_manifest(config.data.data_dir))
   if mode == 'export':
     checkpoint = export.resolve_checkpoint(default_checkpoint(config))
-    path = export.export_saved_model(config, manifest, checkpoint,
-                                     default_export_dir(config))
-    print(f'exported {checkpoint} to {path}')
+    path = default_export_dir(config)
+    if chief:
+      path = export.export_saved_model(config, manifest, checkpoint, path)
+      print(f'exported {checkpoint} to {path}')
     return {'checkpoint': checkpoint, 'export_dir': path}
   if mode == 'eval':
     target = default_checkpoint(config)
-    if not export.is_export(target):
+    if export.is_export(target):
+      # The serving signature, fed raw pixels on the host: this checks the
+      # export as TF Serving would run it.
+      results = {split: export.evaluate(config, manifest, target, split)
+                 for split in ('validation', 'test')}
+    else:
       target = export.resolve_checkpoint(target)
-    results = {split: export.evaluate(config, manifest, target, split)
-               for split in ('validation', 'test')}
-    print(f'evaluated {target}')
+      results = _evaluate_checkpoint(config, manifest, target, strategy)
+    print(f'evaluated {target} ({type(strategy).__name__}, '
+          f'{strategy.num_replicas_in_sync} replica(s))')
     print(json.dumps(results, indent=2, sort_keys=True))
     return results
   if mode == 'predict':

@@ -27,6 +27,7 @@ PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
 OFFLINE_DATASETS = ('mnist5k', 'digits')
 OPTIMIZERS = ('tf1_momentum', 'keras_sgd')
 NONFINITE_POLICIES = ('stop', 'skip')
+INPUT_SHARDINGS = ('files', 'global_batch')
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,15 @@ class DataConfig:
   # side, then a bicubic resize to image_size (224/256 as released).
   eval_crop_fraction: float = 0.875
   shuffle_seed: int = 0
+  # How hosts share the training stream when there is more than one input
+  # pipeline (multi-worker, TPU pod slices); one host is the same either way.
+  # 'files': each host reads, decodes and augments its own shards (the
+  # released code's per-host input; scales, but the batches depend on the
+  # number of hosts). 'global_batch': every host reads the one global stream
+  # and keeps its consecutive rows of each global batch, so any layout trains
+  # on exactly the batches of one host, at the cost of every host decoding and
+  # augmenting the whole global batch.
+  input_sharding: str = 'files'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,6 +282,7 @@ def validate(config: Config) -> Config:
   _check_choice('precision', config.model.precision, PRECISIONS)
   _check_choice('randaugment_ops', data.randaugment_ops, RANDAUGMENT_OPS)
   _check_choice('crop', data.crop, CROPS)
+  _check_choice('input_sharding', data.input_sharding, INPUT_SHARDINGS)
   if not 0.0 < data.eval_crop_fraction <= 1.0:
     raise ConfigError(f'eval_crop_fraction={data.eval_crop_fraction} must be '
                       f'in (0, 1].')

@@ -7,10 +7,13 @@ replicas on the host side of the call (`strategy.reduce(SUM)`).
 """
 
 import statistics
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import keras
 import tensorflow as tf
+
+from mpl_tf.config import Config
+from mpl_tf.data import pipeline
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -77,6 +80,32 @@ class Evaluator:
 
   def __call__(self, model: keras.Model, dataset) -> Dict[str, float]:
     return _as_result(self._count_fn(model)(dataset).numpy().tolist())
+
+
+def evaluate_split(evaluator: Evaluator, config: Config,
+                   manifest: Dict[str, Any], model: keras.Model,
+                   split: str) -> Dict[str, float]:
+  """Top-1/top-5/loss of `model` on a split, on the evaluator's strategy.
+
+  Every replica (every TPU core or GPU, on every host) takes its share of
+  the padded eval batches; the counts are exact (pipeline.eval_dataset). A
+  bad record is reported by file and index rather than as a tf.data error.
+  """
+  batch_size = config.run.eval_batch_size
+  strategy = evaluator.strategy
+  if strategy is None:
+    dataset = pipeline.eval_dataset(config, manifest, split, batch_size)
+  else:
+    dataset = strategy.distribute_datasets_from_function(
+        lambda context: pipeline.eval_dataset(config, manifest, split,
+                                              batch_size, context))
+  try:
+    return evaluator(model, dataset)
+  except tf.errors.OpError as error:
+    problem = pipeline.find_input_problem(config, manifest, (split,), error)
+    if problem is None:
+      raise
+    raise problem from error
 
 
 def summarize(history: List[Dict], median_last: int) -> Dict:

@@ -21,12 +21,14 @@ Contract of `serving_default`:
   outputs `logits` float32 [N, K], `probabilities` float32 [N, K] (softmax),
           `classes` int64 [N] (argmax).
 The export directory also holds `assets.extra/mpl_tf_export.json`: class
-names, image size, crop, normalisation and the run's config.
+names, image size, crop, normalisation and the run's config. It is written
+last and is the export's completion marker: a directory without it (an
+export or a copy still running, or interrupted) is refused by every reader
+here (`is_export`, `load_serving`, `evaluate`), with a message saying so.
 """
 
 import json
 import os
-import uuid
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import keras
@@ -34,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from mpl_tf import config as config_lib
+from mpl_tf import storage
 from mpl_tf.data import augment
 from mpl_tf.data import pipeline
 from mpl_tf.data import records
@@ -44,6 +47,9 @@ SIGNATURE_KEY = 'serving_default'
 INPUT_KEY = 'images'
 METADATA_DIR = 'assets.extra'
 METADATA_NAME = 'mpl_tf_export.json'
+# The completion marker, relative to the export directory.
+METADATA_PATH = f'{METADATA_DIR}/{METADATA_NAME}'
+_SAVED_MODEL_NAME = 'saved_model.pb'
 # Bumped when the signature or the metadata change incompatibly.
 FORMAT_VERSION = 1
 # The items of a training checkpoint that hold a network of the run.
@@ -82,39 +88,71 @@ def resolve_checkpoint(path: str) -> str:
       (`checkpoints/best/best-<step>`) if evaluation kept one, else its
       latest training checkpoint (`checkpoints/ckpt-<step>`).
 
+  In a directory only what its `checkpoint` state file names is taken: the
+  manager writes that file after the checkpoint is complete, while a
+  `*.index` lying there may belong to a write that was cut short (or to a
+  checkpoint the manager already gave up). Such files are listed in the
+  error, to be passed as explicit prefixes. A prefix is recognised before a
+  directory, because some file systems (TF's ram://) call any prefix of a
+  file name a directory.
+
   Raises:
     FileNotFoundError: nothing there; the message lists what there is.
   """
-  if tf.io.gfile.isdir(path):
-    directories = [path, os.path.join(path, 'checkpoints', 'best'),
-                   os.path.join(path, 'checkpoints')]
-    directories = [d for d in directories if tf.io.gfile.isdir(d)]
-    for directory in directories:
-      latest = tf.train.latest_checkpoint(directory)
-      if latest:
-        return latest
-    found = [os.path.join(d, prefix) for d in directories
-             for prefix in _checkpoint_prefixes(d)]
-    hint = (f'it holds {", ".join(found)} without a `checkpoint` state file; '
-            f'pass one of them' if found else
-            'train first (python main.py --flagfile=...), or pass the '
-            'model_dir of a run or a checkpoint prefix')
-    raise FileNotFoundError(
-        f'No checkpoint in directory {path!r} (nor in its checkpoints/best/ '
-        f'or checkpoints/): {hint}.')
   prefix = _strip_checkpoint_suffix(path)
-  if not tf.io.gfile.exists(prefix + '.index'):
+  if tf.io.gfile.exists(prefix + '.index'):
+    return prefix
+  if tf.io.gfile.isdir(path):
+    return _checkpoint_in_directory(path)
+  raise FileNotFoundError(
+      f'No checkpoint at {path!r} (there is no {prefix}.index). Pass a '
+      f'checkpoint prefix such as model_dir/checkpoints/ckpt-1000 (without '
+      f'.index or .data-*), a checkpoint directory for its latest '
+      f'checkpoint, or a model_dir.')
+
+
+def _checkpoint_in_directory(path: str) -> str:
+  """What the first state file of path, checkpoints/best/, checkpoints/ names.
+
+  Raises:
+    FileNotFoundError: no state file names a checkpoint; the message says
+      what the directory holds instead.
+  """
+  directories = [path, os.path.join(path, 'checkpoints', 'best'),
+                 os.path.join(path, 'checkpoints')]
+  directories = [d for d in directories if tf.io.gfile.isdir(d)]
+  for directory in directories:
+    latest = tf.train.latest_checkpoint(directory)
+    if latest:
+      return latest
+  if is_export(path):
     raise FileNotFoundError(
-        f'No checkpoint at {path!r} (there is no {prefix}.index). Pass a '
-        f'checkpoint prefix such as model_dir/checkpoints/ckpt-1000 (without '
-        f'.index or .data-*), a checkpoint directory for its latest '
-        f'checkpoint, or a model_dir.')
-  return prefix
+        f'{path!r} is an export (a SavedModel), not a checkpoint; pass the '
+        f'model_dir of the run or a checkpoint prefix.')
+  if _looks_like_export(path):
+    raise FileNotFoundError(_incomplete_export_message(path))
+  found = [os.path.join(d, name) for d in directories
+           for name in _checkpoint_prefixes(d)]
+  hint = (f'it holds {", ".join(found)} without a `checkpoint` state file '
+          f'naming them, so they may be incomplete; pass one of them to use '
+          f'it anyway' if found else
+          'train first (python main.py --flagfile=...), or pass the '
+          'model_dir of a run or a checkpoint prefix')
+  raise FileNotFoundError(
+      f'No checkpoint in directory {path!r} (nor in its checkpoints/best/ '
+      f'or checkpoints/): {hint}.')
 
 
 def _checkpoint_items(prefix: str) -> List[str]:
-  """Top-level names of a checkpoint (e.g. ema_student, student, step)."""
-  names = {name.split('/')[0] for name, _ in tf.train.list_variables(prefix)}
+  """Top-level names of a checkpoint (e.g. ema_student, student, step).
+
+  Read with a reader of the prefix itself: tf.train.list_variables first
+  asks whether the path is a directory, which TF's ram:// answers yes for
+  any prefix of a file name.
+  """
+  reader = tf.compat.v1.train.NewCheckpointReader(prefix)
+  names = {name.split('/')[0]
+           for name in reader.get_variable_to_shape_map()}
   return sorted(names - {'_CHECKPOINTABLE_OBJECT_GRAPH', 'save_counter'})
 
 
@@ -227,48 +265,38 @@ class _ServingModule(tf.Module):
 
 
 def is_export(path: str) -> bool:
-  """Whether `path` is a SavedModel directory (else: a checkpoint)."""
-  return tf.io.gfile.exists(os.path.join(path, 'saved_model.pb'))
+  """Whether `path` is a complete mpl_tf export (else: a checkpoint).
+
+  Complete means its marker, the metadata written last, is there.
+  """
+  return tf.io.gfile.exists(os.path.join(path, METADATA_PATH))
+
+
+def _looks_like_export(path: str) -> bool:
+  """Whether `path` holds SavedModel files, complete or not."""
+  return any(tf.io.gfile.exists(os.path.join(path, name))
+             for name in (_SAVED_MODEL_NAME, 'variables', METADATA_DIR))
+
+
+def _incomplete_export_message(path: str) -> str:
+  return (f'{path!r} holds SavedModel files but no {METADATA_PATH}, which an '
+          f'mpl_tf export writes last: the export (or a copy of it) is still '
+          f'being written or was interrupted, or it is not an mpl_tf export. '
+          f'Wait for it to finish, or export again: python main.py '
+          f'--flagfile=... --mode=export --export_dir={path}.')
 
 
 def _check_replaceable(export_dir: str) -> None:
-  """Only an earlier export or an empty directory may be replaced."""
+  """Only an export (complete or not) or an empty directory is replaced."""
   if not tf.io.gfile.exists(export_dir):
     return
   if not tf.io.gfile.isdir(export_dir):
     raise ValueError(f'export_dir {export_dir!r} is a file; pass a directory '
                      f'path (it is created).')
-  if not is_export(export_dir) and tf.io.gfile.listdir(export_dir):
+  if not _looks_like_export(export_dir) and storage.listdir(export_dir):
     raise ValueError(
         f'export_dir {export_dir!r} exists and is not a SavedModel; refusing '
         f'to replace it. Pass a new directory (e.g. model_dir/export/1).')
-
-
-def _replace_directory(new_dir: str, export_dir: str) -> None:
-  """Moves a finished export into place; the old one goes only after.
-
-  Renames within one parent directory, so on a local file system each step
-  is atomic and readers see either the old export or the new one (or, for
-  the instant between two renames, none), never a half-written one.
-  """
-  if not tf.io.gfile.exists(export_dir):
-    tf.io.gfile.rename(new_dir, export_dir)
-    return
-  old_dir = _sibling(export_dir, 'old')
-  tf.io.gfile.rename(export_dir, old_dir)
-  try:
-    tf.io.gfile.rename(new_dir, export_dir)
-  except Exception:
-    tf.io.gfile.rename(old_dir, export_dir)
-    raise
-  tf.io.gfile.rmtree(old_dir)
-
-
-def _sibling(export_dir: str, kind: str) -> str:
-  """A hidden, non-numeric name next to export_dir (TF Serving ignores it)."""
-  parent, name = os.path.split(export_dir)
-  return os.path.join(parent, f'.{name}.{kind}-{os.getpid()}-'
-                              f'{uuid.uuid4().hex[:8]}')
 
 
 def _metadata(config: config_lib.Config, manifest: Dict[str, Any],
@@ -306,11 +334,23 @@ def export_saved_model(config: config_lib.Config, manifest: Dict[str, Any],
                        checkpoint_path: str, export_dir: str) -> str:
   """Exports the EMA student of a checkpoint as a SavedModel; returns its path.
 
-  The export is written to a hidden sibling directory and renamed into place
-  when complete, so `export_dir` never holds half an export; an earlier
-  export there is replaced (anything else there is refused, so a mistyped
-  path cannot delete a run). For TF Serving, pass a numbered version
-  directory, e.g. `model_dir/export/1`.
+  The export is written to a hidden sibling directory (TF Serving ignores
+  it) and put in place when complete; an earlier export there is replaced
+  (anything else there is refused, so a mistyped path cannot delete a run).
+  For TF Serving, pass a numbered version directory, e.g.
+  `model_dir/export/1`.
+
+  Locally the directory is renamed into place, so `export_dir` never holds
+  half an export. Where a directory rename is a copy of each file (gs://,
+  see storage.py), the files are moved one by one: the old export's marker
+  is removed first, then the old files; the new saved_model.pb comes after
+  variables/ and assets/, and the marker last. Readers here refuse the
+  directory until the marker is there. TF Serving, which knows nothing of
+  the marker, can still see the version directory while it fills: before
+  saved_model.pb arrives a load fails (it retries); once saved_model.pb is
+  there the SavedModel is complete. Replacing a version that a server
+  reloads during the move makes that reload fail, so on remote storage
+  export each model to a new version number.
 
   Raises:
     FileNotFoundError: no checkpoint at `checkpoint_path`.
@@ -330,23 +370,19 @@ def export_saved_model(config: config_lib.Config, manifest: Dict[str, Any],
   module = _ServingModule(model, data.image_size, data.crop,
                           data.eval_crop_fraction, manifest['mean'],
                           manifest['std'])
-  parent = os.path.dirname(export_dir)
-  if parent:
-    tf.io.gfile.makedirs(parent)
-  new_dir = _sibling(export_dir, 'tmp')
+  new_dir = storage.hidden_sibling(export_dir, 'tmp')
   try:
     tf.saved_model.save(module, new_dir,
                         signatures={SIGNATURE_KEY: module.serve})
-    metadata_dir = os.path.join(new_dir, METADATA_DIR)
-    tf.io.gfile.makedirs(metadata_dir)
-    with tf.io.gfile.GFile(os.path.join(metadata_dir, METADATA_NAME),
-                           'w') as f:
+    tf.io.gfile.makedirs(os.path.join(new_dir, METADATA_DIR))
+    with tf.io.gfile.GFile(os.path.join(new_dir, METADATA_PATH), 'w') as f:
       f.write(json.dumps(_metadata(config, manifest, prefix), indent=2,
                          sort_keys=True))
-    _replace_directory(new_dir, export_dir)
+    storage.replace_directory(new_dir, export_dir,
+                              last=(_SAVED_MODEL_NAME, METADATA_PATH))
   finally:
     if tf.io.gfile.exists(new_dir):
-      tf.io.gfile.rmtree(new_dir)
+      storage.rmtree(new_dir)
   return export_dir
 
 
@@ -364,19 +400,17 @@ class ServingModel:
 
   def __init__(self, export_dir: str):
     if not is_export(export_dir):
+      if _looks_like_export(export_dir):
+        raise FileNotFoundError(_incomplete_export_message(export_dir))
       raise FileNotFoundError(
           f'No SavedModel in {export_dir!r}; export one first: python '
           f'main.py --flagfile=... --mode=export --export_dir={export_dir}.')
     self.export_dir = export_dir
+    # The marker first: once it is read, the files before it are complete.
+    with tf.io.gfile.GFile(os.path.join(export_dir, METADATA_PATH), 'r') as f:
+      self.metadata = json.loads(f.read())
     self._loaded = tf.saved_model.load(export_dir)
     self.signature = self._loaded.signatures[SIGNATURE_KEY]
-    metadata_path = os.path.join(export_dir, METADATA_DIR, METADATA_NAME)
-    if not tf.io.gfile.exists(metadata_path):
-      raise FileNotFoundError(
-          f'{export_dir!r} is a SavedModel without {METADATA_DIR}/'
-          f'{METADATA_NAME}, so not an mpl_tf export; export it again.')
-    with tf.io.gfile.GFile(metadata_path, 'r') as f:
-      self.metadata = json.loads(f.read())
     self.image_size = int(self.metadata['image_size'])
     self.crop = self.metadata['crop']
     self.num_classes = int(self.metadata['num_classes'])

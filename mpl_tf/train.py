@@ -38,15 +38,18 @@ from typing import Any, Callable, Dict, List, Optional
 import keras
 import tensorflow as tf
 
+from mpl_tf import cluster
 from mpl_tf import distribute
 from mpl_tf import optim
+from mpl_tf import storage
 from mpl_tf.config import Config, ConfigError
 from mpl_tf.data import augment
 from mpl_tf.data import offline
 from mpl_tf.data import pipeline
 from mpl_tf.data import records
-from mpl_tf.evaluate import Evaluator, summarize
+from mpl_tf.evaluate import Evaluator, evaluate_split, summarize
 from mpl_tf.models import build_model, random_states
+from mpl_tf.models import replica_distinct_randomness
 from mpl_tf.health import NonFiniteGuard
 from mpl_tf.mpl_step import MplStep
 from mpl_tf.progress import Progress
@@ -65,12 +68,6 @@ _RESUMABLE_RUN_FIELDS = (
     'export_dir', 'checkpoint', 'predict_files', 'nonfinite', 'deterministic')
 _HISTORY_FILE = 'eval_history.json'
 _IMAGES_SHOWN = 4
-# Data sets with at most this many records in all are scanned whole before a
-# run starts (a parallel pass: about a second per 10,000 small images); larger
-# ones get the first records of every split, and the loop names any later bad
-# record when the stream reaches it.
-_FULL_SCAN_LIMIT = 100_000
-_SAMPLED_RECORDS = 1_000
 
 
 class NonFiniteError(RuntimeError):
@@ -126,22 +123,8 @@ def check_data(config: Config, manifest: Dict[str, Any]) -> None:
   """
   pipeline.check_manifest(config, manifest)
   data_dir = config.data.data_dir
-  total = sum(int(count) for count in manifest.get('counts', {}).values())
-  if total <= _FULL_SCAN_LIMIT:
-    records.check_dataset(data_dir, manifest)
-  else:
-    # Decoding all of ImageNet (or a 1.3M-image labeled split) at every
-    # start would cost minutes; the first records of each split catch a
-    # wrong size, format or label range, which affect whole preparations.
-    records.check_dataset(data_dir, manifest, max_records=_SAMPLED_RECORDS)
-  # Read from the records (labels only, no decoding), not the manifest, which
-  # a hand-edited split would not update.
-  num_classes = int(manifest['num_classes'])
-  labels = tf.data.TFRecordDataset(records.split_files(data_dir, 'labeled'))
-  counts = labels.map(lambda s: tf.one_hot(records.parse_encoded(s)[1],
-                                           num_classes, dtype=tf.int64)
-                      ).reduce(tf.zeros([num_classes], tf.int64),
-                               lambda total, one: total + one).numpy()
+  pipeline.check_records(config, manifest)
+  counts = _labeled_class_counts(data_dir, manifest)
   empty = [index for index, count in enumerate(counts) if not count]
   if empty:
     names = manifest.get('class_names') or []
@@ -154,6 +137,25 @@ def check_data(config: Config, manifest: Dict[str, Any]) -> None:
         f'--labeled_per_class), or drop the class from the data set.')
 
 
+def _labeled_class_counts(data_dir: str, manifest: Dict[str, Any]):
+  """Labeled examples per class: the manifest's, else counted from records.
+
+  Every preparation writes `class_counts`; reading them costs nothing, while
+  counting means reading the whole labeled split (ImageNet-10%: 128,000
+  records) at every start. Data written by hand with records.write_split and
+  a manifest without counts is counted from its records (labels only).
+  """
+  num_classes = int(manifest['num_classes'])
+  recorded = manifest.get('class_counts', {}).get('labeled')
+  if recorded is not None and len(recorded) == num_classes:
+    return [int(count) for count in recorded]
+  labels = tf.data.TFRecordDataset(records.split_files(data_dir, 'labeled'))
+  return labels.map(lambda s: tf.one_hot(records.parse_encoded(s)[1],
+                                         num_classes, dtype=tf.int64)
+                    ).reduce(tf.zeros([num_classes], tf.int64),
+                             lambda total, one: total + one).numpy().tolist()
+
+
 def check_writable(model_dir: str) -> None:
   """Raises ConfigError unless model_dir can be created and written to.
 
@@ -162,14 +164,15 @@ def check_writable(model_dir: str) -> None:
   left to the first write, which `_start_model_dir` turns into the same
   message.
   """
-  if '://' in model_dir:
+  if storage.has_scheme(model_dir):
     return
   path = os.path.abspath(model_dir)
-  while not os.path.exists(path):
+  while not tf.io.gfile.exists(path):
     path = os.path.dirname(path)
-  if not os.path.isdir(path):
+  if not tf.io.gfile.isdir(path):
     raise ConfigError(f'model_dir {model_dir!r} cannot be created: {path!r} '
                       f'is a file. Pass a --model_dir in a directory.')
+  # Permissions have no tf.io.gfile call; local paths only.
   if not os.access(path, os.W_OK | os.X_OK):
     raise ConfigError(f'model_dir {model_dir!r} is not writable ({path!r} '
                       f'does not allow this user to write). Pass a '
@@ -177,7 +180,10 @@ def check_writable(model_dir: str) -> None:
 
 
 def _start_model_dir(config: Config) -> None:
-  """Creates model_dir and writes config.json: the run's first write."""
+  """Creates model_dir and writes config.json: the run's first write.
+
+  The chief's alone: the other workers of a cluster write nothing there.
+  """
   model_dir = config.run.model_dir
   try:
     tf.io.gfile.makedirs(model_dir)
@@ -292,25 +298,6 @@ def mpl_replica_step(mpl_step: MplStep) -> Callable:
   return replica_step
 
 
-def preemption_handler(strategy: tf.distribute.Strategy,
-                       manager: tf.train.CheckpointManager):
-  """tf.distribute's PreemptionCheckpointHandler where preemption is announced.
-
-  On Cloud TPU and under MultiWorkerMirroredStrategy the platform warns of a
-  preemption; the handler then saves a checkpoint through `manager` at the
-  next call of `save_checkpoint_if_preempted` and ends the program, which
-  restarts and resumes from it. Elsewhere (one device, mirrored) there is
-  nothing to listen to, and regular checkpoints are the protection.
-  """
-  resolver = getattr(strategy, 'cluster_resolver', None)
-  announced = (tf.distribute.TPUStrategy,
-               tf.distribute.MultiWorkerMirroredStrategy)
-  if resolver is None or not isinstance(strategy, announced):
-    return None
-  return tf.distribute.experimental.PreemptionCheckpointHandler(
-      resolver, manager)
-
-
 class _Phase:
   """One training phase: its step, state, checkpoints and summaries."""
 
@@ -318,9 +305,9 @@ class _Phase:
                replica_step: Callable, step_counter: tf.Variable,
                checkpoint_items: Dict[str, Any], dataset_fn: Callable,
                num_steps: int, splits, directory: str, models,
-               guard: NonFiniteGuard):
+               guard: NonFiniteGuard, stop: cluster.StopRequest):
     self.name, self.config, self.strategy = name, config, strategy
-    self.guard = guard
+    self.guard, self.stop = guard, stop
     self._saved_variables = _variables_of(checkpoint_items.values())
     self.manifest, self.num_steps, self.splits = manifest, num_steps, splits
     self.step_counter = step_counter
@@ -329,15 +316,17 @@ class _Phase:
     # The streams are pure functions of (seed, step), so a resumed run
     # rebuilds its input where it stopped instead of saving the iterators.
     self.dataset_fn = dataset_fn
-    self.checkpoint = tf.train.Checkpoint(
-        **checkpoint_items, random_states=random_states(*models))
-    self.manager = tf.train.CheckpointManager(
-        self.checkpoint, os.path.join(directory, 'checkpoints'),
-        max_to_keep=config.run.keep_checkpoints, step_counter=step_counter)
-    self.loop = make_train_loop(strategy, replica_step,
-                                config.run.jit_compile)
-    self.writer = tf.summary.create_file_writer(
-        os.path.join(directory, 'logs', 'train'))
+    states = random_states(*models)
+    self.checkpoint = tf.train.Checkpoint(**checkpoint_items,
+                                          random_states=states)
+    self.checkpoints = cluster.Checkpoints(
+        strategy, self.checkpoint, os.path.join(directory, 'checkpoints'),
+        config.run.keep_checkpoints, step_counter)
+    self.loop = make_train_loop(
+        strategy, replica_distinct_randomness(replica_step, states),
+        config.run.jit_compile)
+    self.writer = cluster.summary_writer(
+        strategy, os.path.join(directory, 'logs', 'train'))
     self._restored = False
     # The first batch's views go to TensorBoard once per run, from the main
     # phase; finetuning and the baseline only repeat the labeled view.
@@ -345,10 +334,9 @@ class _Phase:
 
   def restore(self) -> int:
     """Restores the latest checkpoint (once), if any; returns the step."""
-    latest = self.manager.latest_checkpoint
-    if not self._restored and getattr(self.strategy.extended,
-                                      'should_checkpoint', True):
-      for path in remove_interrupted_writes(self.manager.directory):
+    latest = self.checkpoints.latest
+    if not self._restored and cluster.is_chief(self.strategy):
+      for path in remove_interrupted_writes(self.checkpoints.directory):
         print(f'{self.name}: removed {path}, left by a checkpoint write '
               f'that was killed midway')
     if latest and not self._restored:
@@ -359,8 +347,14 @@ class _Phase:
     return read_step(self.step_counter)
 
   def _write_images(self) -> None:
-    """A few training images of every view, as the networks see them."""
-    batch = next(iter(self.dataset_fn(None, 0)))
+    """A few training images of every view, as the networks see them.
+
+    Drawn from a stream of _IMAGES_SHOWN-image batches, not from the run's
+    own: one global batch of the large presets is hundreds of gigabytes.
+    """
+    if not cluster.is_chief(self.strategy):
+      return
+    batch = next(iter(self.dataset_fn(None, 0, _IMAGES_SHOWN)))
     mean = tf.constant(self.manifest['mean'], tf.float32)
     std = tf.constant(self.manifest['std'], tf.float32)
     with self.writer.as_default():
@@ -381,7 +375,6 @@ class _Phase:
                         start_step=step)
     iterator = iter(self.strategy.distribute_datasets_from_function(
         lambda context: self.dataset_fn(context, step)))
-    preemption = preemption_handler(self.strategy, self.manager)
     metrics = {}
     while step < self.num_steps:
       count = min(run.steps_per_loop, self.num_steps - step)
@@ -390,7 +383,7 @@ class _Phase:
                    self.loop(iterator, tf.constant(count)).items()}
       except tf.errors.OpError as error:
         problem = pipeline.find_input_problem(self.config, self.manifest,
-                                              self.splits)
+                                              self.splits, error)
         if problem is None:
           raise
         raise problem from error
@@ -402,23 +395,33 @@ class _Phase:
         tf.summary.scalar('health/skipped_steps', skipped, step=step)
       progress.update(step, {k: v for k, v in metrics.items() if k in _SHOWN})
       self._check_finite(step, skipped, metrics)
-      if step % run.checkpoint_every == 0 or step == self.num_steps:
-        if not all_finite(self._saved_variables):
-          raise NonFiniteError(
-              f'{self.name}: the state at step {step} holds a NaN or Inf '
-              f'although every checked loss and gradient norm was finite; '
-              f'nothing was saved, {self._last_checkpoint()}.')
-        self.manager.save(checkpoint_number=step)
-      elif preemption is not None:
-        preemption.save_checkpoint_if_preempted()
+      stopping = self.stop.requested()
+      if (stopping or step % run.checkpoint_every == 0 or
+          step == self.num_steps):
+        self._save(step)
+      if stopping:
+        self.writer.flush()
+        raise cluster.StopRequested(
+            f'{self.name}: stopped by a stop request (SIGTERM) at step '
+            f'{step} of {self.num_steps}, after saving {self._last_checkpoint()}'
+            f'. Run the same command again to resume from there.')
       if on_eval and run.eval_every and step % run.eval_every == 0:
         on_eval(step)
     progress.close()
     self.writer.flush()
     return metrics
 
+  def _save(self, step: int) -> None:
+    """A checkpoint of the state at `step`, never one holding NaN or Inf."""
+    if not all_finite(self._saved_variables):
+      raise NonFiniteError(
+          f'{self.name}: the state at step {step} holds a NaN or Inf '
+          f'although every checked loss and gradient norm was finite; '
+          f'nothing was saved, {self._last_checkpoint()}.')
+    self.checkpoints.save(step)
+
   def _last_checkpoint(self) -> str:
-    latest = self.manager.latest_checkpoint
+    latest = self.checkpoints.latest
     return (f'the last checkpoint is {latest}' if latest else
             'and there is no checkpoint yet')
 
@@ -453,12 +456,12 @@ class _Evaluations:
     self.selected = selected
     self.history_path = os.path.join(directory, _HISTORY_FILE)
     self.history = []
-    self.best = tf.train.CheckpointManager(
-        tf.train.Checkpoint(ema_student=selected),
+    self.best = cluster.Checkpoints(
+        strategy, tf.train.Checkpoint(ema_student=selected),
         os.path.join(directory, 'checkpoints', 'best'), max_to_keep=1,
         checkpoint_name='best')
-    self.writer = tf.summary.create_file_writer(
-        os.path.join(directory, 'logs', 'eval'))
+    self.writer = cluster.summary_writer(
+        strategy, os.path.join(directory, 'logs', 'eval'))
 
   def load_history(self, restored_step: int) -> None:
     if tf.io.gfile.exists(self.history_path):
@@ -466,18 +469,8 @@ class _Evaluations:
                       if entry['step'] <= restored_step]
 
   def evaluate(self, model: keras.Model, split: str) -> Dict[str, float]:
-    run = self.config.run
-    dataset = self.strategy.distribute_datasets_from_function(
-        lambda context: pipeline.eval_dataset(
-            self.config, self.manifest, split, run.eval_batch_size, context))
-    try:
-      return self.evaluator(model, dataset)
-    except tf.errors.OpError as error:
-      problem = pipeline.find_input_problem(self.config, self.manifest,
-                                            (split,))
-      if problem is None:
-        raise
-      raise problem from error
+    return evaluate_split(self.evaluator, self.config, self.manifest, model,
+                          split)
 
   def record(self, step: int) -> Dict[str, Any]:
     """Evaluates the selected network on both splits; keeps the best."""
@@ -488,8 +481,9 @@ class _Evaluations:
                       default=-1.0)
     self.history = [e for e in self.history if e['step'] != step] + [entry]
     if entry['validation']['top1'] > best_so_far:
-      self.best.save(checkpoint_number=step)
-    write_json(self.history_path, self.history)
+      self.best.save(step)
+    cluster.chief_only(self.strategy, write_json, self.history_path,
+                       self.history)
     with self.writer.as_default():
       for split in ('validation', 'test'):
         for key in ('top1', 'top5', 'loss'):
@@ -500,11 +494,22 @@ class _Evaluations:
 
 
 def _dataset_fn(config: Config, manifest, kind: str, batch_size: int = 0):
-  if kind == 'mpl':
-    return lambda context, step: pipeline.train_dataset(config, manifest,
-                                                        context, step)
-  return lambda context, step: pipeline.labeled_dataset(
-      config, manifest, batch_size, context, step)
+  """stream(input_context, start_step, small_batch=None): a phase's input.
+
+  `small_batch` gives the same kind of stream in batches of that many
+  labeled images (and as many unlabeled ones), for image summaries.
+  """
+
+  def stream(context, step, small_batch: Optional[int] = None):
+    if kind == 'mpl':
+      small = config if small_batch is None else dataclasses.replace(
+          config, optim=dataclasses.replace(
+              config.optim, labeled_batch_size=small_batch, uda_ratio=1))
+      return pipeline.train_dataset(small, manifest, context, step)
+    return pipeline.labeled_dataset(config, manifest,
+                                    small_batch or batch_size, context, step)
+
+  return stream
 
 
 def _check_batches(config: Config, strategy) -> None:
@@ -521,7 +526,7 @@ def _check_batches(config: Config, strategy) -> None:
 def _supervised_phase(name: str, config: Config, strategy, manifest,
                       model: keras.Model, optimizer, num_steps: int,
                       batch_size: int, weight_decay_config, directory: str,
-                      model_key: str = 'model'):
+                      stop: cluster.StopRequest, model_key: str = 'model'):
   step = SupervisedStep(model, optimizer, weight_decay_config,
                         config.mpl.label_smoothing, batch_size,
                         nonfinite=config.run.nonfinite)
@@ -530,7 +535,7 @@ def _supervised_phase(name: str, config: Config, strategy, manifest,
       {model_key: model, 'optimizer': optimizer,
        'health': step.guard.checkpoint_item()},
       _dataset_fn(config, manifest, 'supervised', batch_size), num_steps,
-      ('labeled',), directory, [model], step.guard)
+      ('labeled',), directory, [model], step.guard, stop)
 
 
 @dataclasses.dataclass
@@ -542,7 +547,8 @@ class _Training:
   selected: keras.Model              # selected on validation, finetuned, served
 
 
-def _build_training(config: Config, strategy, manifest, build) -> _Training:
+def _build_training(config: Config, strategy, manifest, build,
+                    stop: cluster.StopRequest) -> _Training:
   """The phase of `run.algorithm`, built in the strategy's scope."""
   algorithm, optim_cfg = config.run.algorithm, config.optim
   model_dir = config.run.model_dir
@@ -567,7 +573,7 @@ def _build_training(config: Config, strategy, manifest, build) -> _Training:
         algorithm, config, strategy, manifest, mpl_replica_step(step),
         step.step, step.checkpoint_items(), _dataset_fn(config, manifest, 'mpl'),
         optim_cfg.num_steps, ('labeled', 'unlabeled'), model_dir,
-        [teacher, student, ema_student], step.guard)
+        [teacher, student, ema_student], step.guard, stop)
     networks = {f'{algorithm}_ema_student': ema_student,
                 f'{algorithm}_student': student,
                 f'{algorithm}_teacher': teacher}
@@ -584,7 +590,7 @@ def _build_training(config: Config, strategy, manifest, build) -> _Training:
         'uda', config, strategy, manifest, step, step.step,
         step.checkpoint_items(), _dataset_fn(config, manifest, 'mpl'),
         optim_cfg.num_steps, ('labeled', 'unlabeled'), model_dir,
-        [model, ema_model], step.guard)
+        [model, ema_model], step.guard, stop)
     return _Training(phase, step.step, {'uda_ema': ema_model, 'uda': model},
                      ema_model)
   if algorithm == 'supervised':
@@ -593,43 +599,90 @@ def _build_training(config: Config, strategy, manifest, build) -> _Training:
     phase = _supervised_phase(
         'supervised', config, strategy, manifest, model, optimizer,
         optim_cfg.num_steps, optim_cfg.labeled_batch_size, optim_cfg,
-        model_dir, model_key='ema_student')
+        model_dir, stop, model_key='ema_student')
     return _Training(phase, optimizer.iterations, {'supervised': model},
                      model)
   raise ConfigError(f'algorithm={algorithm!r} is not mpl, pseudo_labels, uda '
                     f'or supervised.')
 
 
+# What a pre-flight check raises for a wrong setting (main.py shows these as
+# one message, without a traceback).
+_USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
+
+
+def _preflight(config: Config, strategy) -> Dict[str, Any]:
+  """Checks data and config on every worker; the chief prepares and starts.
+
+  A wrong setting fails here, before anything is written. Under
+  multi-worker the chief alone prepares offline data, scans the records and
+  writes config.json; every worker votes after each stage (cluster.agree),
+  so an error on any worker stops all of them with its message.
+  """
+  chief = cluster.is_chief(strategy)
+  manifest, error = None, None
+  try:
+    check_writable(config.run.model_dir)
+    if chief:
+      manifest = offline.ensure_prepared(config.data)
+      check_data(config, manifest)
+  except _USER_ERRORS as raised:
+    error = raised
+  cluster.agree(strategy, error)
+  try:
+    if manifest is None:
+      # The chief prepared and checked the data before the vote.
+      manifest = records.read_manifest(config.data.data_dir)
+      pipeline.check_manifest(config, manifest)
+    _check_batches(config, strategy)
+    check_model_dir(config)
+  except _USER_ERRORS as raised:
+    error = raised
+  cluster.agree(strategy, error)
+  if chief:
+    _start_model_dir(config)
+  return manifest
+
+
 def run(config: Config) -> Dict[str, Any]:
-  """Trains, finetunes and evaluates; writes config.json and results.json."""
-  run_cfg, optim_cfg = config.run, config.optim
-  model_dir = run_cfg.model_dir
-  if run_cfg.deterministic:
+  """Trains, finetunes and evaluates; writes config.json and results.json.
+
+  A SIGTERM ends the run at the next device-loop boundary, after a
+  checkpoint (cluster.StopRequested); running it again resumes there.
+  """
+  # The strategy before any TensorFlow op: MultiWorkerMirroredStrategy
+  # configures the collective ops at program start-up, and refuses after.
+  strategy = distribute.get_strategy(config.run)
+  if config.run.deterministic:
     tf.config.experimental.enable_op_determinism()
     # keras-cv's augmentation layers ask for the global generator when they
     # are built (they draw from stateless seeds afterwards); under op
     # determinism it must be set explicitly first.
     tf.random.set_global_generator(
-        tf.random.Generator.from_seed(run_cfg.seed))
-  # Data and config first: a wrong setting fails before anything is written.
-  check_writable(model_dir)
-  manifest = offline.ensure_prepared(config.data)
-  check_data(config, manifest)
-  strategy = distribute.get_strategy(run_cfg)
-  _check_batches(config, strategy)
-  check_model_dir(config)
-  _start_model_dir(config)
+        tf.random.Generator.from_seed(config.run.seed))
+  manifest = _preflight(config, strategy)
+  with cluster.StopRequest(strategy) as stop:
+    return _run(config, strategy, manifest, stop)
+
+
+def _run(config: Config, strategy, manifest,
+         stop: cluster.StopRequest) -> Dict[str, Any]:
+  run_cfg, optim_cfg = config.run, config.optim
+  model_dir = run_cfg.model_dir
   num_classes, image_size = manifest['num_classes'], config.data.image_size
   print(f'data: {config.data.dataset} in {config.data.data_dir}: ' +
         ', '.join(f'{split} {manifest["counts"][split]}'
                   for split in ('labeled', 'unlabeled', 'validation', 'test')))
   print(f'strategy: {type(strategy).__name__} with '
-        f'{strategy.num_replicas_in_sync} replica(s)')
+        f'{strategy.num_replicas_in_sync} replica(s)' +
+        (f'; worker {cluster.worker_id(strategy)}'
+         f'{" (chief)" if cluster.is_chief(strategy) else ""}'
+         if cluster.is_multi_worker(strategy) else ''))
 
   keras.utils.set_random_seed(run_cfg.seed)
   build = lambda name: build_model(config.model, num_classes, image_size, name)
   with strategy.scope():
-    training = _build_training(config, strategy, manifest, build)
+    training = _build_training(config, strategy, manifest, build, stop)
   print(f'{run_cfg.algorithm}: {config.model.name}, '
         f'{training.selected.count_params():,} parameters per network; '
         f'{config.mpl}')
@@ -648,7 +701,7 @@ def run(config: Config) -> Dict[str, Any]:
   results: Dict[str, Any] = {}
   if config.finetune.steps:
     finetuned, seconds = _finetune(config, strategy, manifest,
-                                   training.selected, build)
+                                   training.selected, build, stop)
     models[f'{next(iter(training.networks))}_finetuned'] = finetuned
     timings['finetune_seconds'] = seconds
   if run_cfg.supervised_baseline and run_cfg.algorithm != 'supervised':
@@ -662,7 +715,7 @@ def run(config: Config) -> Dict[str, Any]:
                                'supervised_optimizer', supervised),
           run_cfg.supervised_steps or optim_cfg.num_steps,
           optim_cfg.labeled_batch_size, optim_cfg,
-          os.path.join(model_dir, 'supervised'))
+          os.path.join(model_dir, 'supervised'), stop)
       phase.write_images = False
     start = time.time()
     phase.train()
@@ -680,12 +733,14 @@ def run(config: Config) -> Dict[str, Any]:
   results['selected_history'] = summarize(evaluations.history,
                                           run_cfg.eval_median_last)
   results['timings'] = timings
-  write_json(os.path.join(model_dir, 'results.json'), results)
+  cluster.chief_only(strategy, write_json,
+                     os.path.join(model_dir, 'results.json'), results)
   _print_results(results, models)
   return results
 
 
-def _finetune(config: Config, strategy, manifest, ema_student, build):
+def _finetune(config: Config, strategy, manifest, ema_student, build,
+              stop: cluster.StopRequest):
   """Trains a copy of the EMA student on the labeled images alone."""
   finetune = config.finetune
   batch_size = finetune.batch_size or config.optim.labeled_batch_size
@@ -700,7 +755,7 @@ def _finetune(config: Config, strategy, manifest, ema_student, build):
         optim.make_optimizer(schedule, decay_config, 'finetune_optimizer',
                              finetuned),
         finetune.steps, batch_size, decay_config,
-        os.path.join(config.run.model_dir, 'finetune'),
+        os.path.join(config.run.model_dir, 'finetune'), stop,
         # The key export.py serves: the finetuned student replaces the EMA one.
         model_key='ema_student')
     phase.write_images = False

@@ -5,16 +5,22 @@ The input pipeline cuts each global batch into the replicas' consecutive
 shares, batch norm is synchronised, losses are divided by the global batch,
 gradients summed where the step says, and sampled pseudo labels are drawn by
 global row: so two replicas must train exactly like one device. Dropout is
-off here, because each replica draws its own dropout masks.
+off here, because each replica draws its own dropout masks (replica 0 those
+of one device, replica 1 others; ReplicaRandomnessTest).
 """
 
 import os
 import shutil
 import tempfile
 
+import keras
+import numpy as np
 import tensorflow as tf
 
+from mpl_tf import distribute
 from mpl_tf import train
+from mpl_tf.config import RunConfig
+from mpl_tf.models import random_states, replica_distinct_randomness
 from tests.test_train import _config, _variables
 
 _NETWORK_PREFIXES = ('teacher/', 'student/', 'ema_student/',
@@ -55,6 +61,45 @@ class TwoReplicaLoopTest(tf.test.TestCase):
         self.assertEqual(results['mirrored'][network][split]['count'], 100)
         self.assertAllClose(results['mirrored'][network][split]['top1'],
                             results['one_device'][network][split]['top1'])
+
+
+def _dropout_with_state(state) -> np.ndarray:
+  """What one Dropout(0.5) layer on one device gives ones with this state."""
+  layer = keras.layers.Dropout(0.5)
+  layer.build((2, 64))
+  layer.seed_generator.state.assign(state)
+  return layer(tf.ones([2, 64]), training=True).numpy()
+
+
+class ReplicaRandomnessTest(tf.test.TestCase):
+  """Dropout masks are drawn per replica; seed states stay mirrored."""
+
+  def test_two_replicas_draw_different_masks(self):
+    strategy = distribute.get_strategy(RunConfig(strategy='mirrored'))
+    self.assertEqual(strategy.num_replicas_in_sync, 2)
+    with strategy.scope():
+      model = keras.Sequential([keras.Input((64,)), keras.layers.Dropout(0.5)])
+    states = random_states(model)
+    self.assertLen(states, 1)
+    before = states[0].numpy()
+    step = replica_distinct_randomness(
+        lambda images: model(images, training=True), states)
+
+    @tf.function
+    def run():
+      return strategy.run(step, args=(tf.ones([2, 64]),))
+
+    first, second = [v.numpy() for v in
+                     strategy.experimental_local_results(run())]
+    # Same input, different masks (each keeps about half of 128 values).
+    self.assertNotAllEqual(first == 0, second == 0)
+    # Replica 0 draws exactly what one device draws from the same state.
+    self.assertAllEqual(first, _dropout_with_state(before))
+    # The state moved on by one draw, alike on both replicas (mirrored).
+    after = [v.numpy() for v in strategy.experimental_local_results(
+        states[0].value)]
+    self.assertAllEqual(after[0], after[1])
+    self.assertAllEqual(after[0], before + [0, 1])
 
 
 if __name__ == '__main__':

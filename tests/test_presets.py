@@ -1,4 +1,4 @@
-"""Every preset (flags/*.cfg) parses, says what it is, and runs; TPU scripts.
+"""Every preset (flags/*.cfg) parses, says what it is, and runs.
 
 Each preset is run for 2 steps on stand-in data (scikit-learn's digits, a
 WRN-10-1, tiny batches, float32, one device) with every MPL and optimizer
@@ -11,8 +11,6 @@ import dataclasses
 import glob
 import os
 import shutil
-import stat
-import subprocess
 import tempfile
 
 import tensorflow as tf
@@ -24,9 +22,6 @@ from tests.testing import DataDirTestCase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(REPO, 'flags', '*.cfg')))
-TPU_SCRIPTS = sorted(
-    path for path in glob.glob(os.path.join(REPO, 'tpu_scripts', '*.sh'))
-    if os.path.basename(path) != 'common.sh')
 
 # Stand-in data and sizes; everything else stays the preset's.
 _SMALL = ('--dataset=digits', '--crop=pad_crop', '--image_size=32',
@@ -218,79 +213,6 @@ class PresetRunsTest(DataDirTestCase):
     self.assertContainsSubset({'cifar10_4k', 'svhn_1k', 'imagenet_10pct',
                                'released_code_step', 'smoke'},
                               set(ran.values()))
-
-
-class TpuScriptsTest(tf.test.TestCase):
-
-  def setUp(self):
-    super().setUp()
-    # gcloud and gsutil stand-ins that record being called.
-    self.bin_dir = tempfile.mkdtemp()
-    self.addCleanup(shutil.rmtree, self.bin_dir, ignore_errors=True)
-    self.calls = os.path.join(self.bin_dir, 'calls')
-    for tool in ('gcloud', 'gsutil'):
-      tool_path = os.path.join(self.bin_dir, tool)
-      with open(tool_path, 'w') as f:
-        f.write(f'#!/bin/sh\necho "{tool} $*" >> {self.calls}\n')
-      os.chmod(tool_path, os.stat(tool_path).st_mode | stat.S_IEXEC)
-
-  def _run(self, script, *args, **env):
-    return subprocess.run(
-        ['bash', script, *args], capture_output=True, text=True, timeout=60,
-        env={'PATH': f'{self.bin_dir}:/usr/bin:/bin', **env})
-
-  def test_scripts_are_valid_bash_with_strict_mode(self):
-    self.assertNotEmpty(TPU_SCRIPTS)
-    for script in TPU_SCRIPTS + [os.path.join(REPO, 'tpu_scripts',
-                                              'common.sh')]:
-      result = subprocess.run(['bash', '-n', script], capture_output=True,
-                              text=True)
-      self.assertEqual(result.returncode, 0, result.stderr)
-    for script in TPU_SCRIPTS:
-      with open(script) as f:
-        self.assertIn('set -euo pipefail', f.read(), script)
-    if shutil.which('shellcheck'):
-      result = subprocess.run(['shellcheck', '-x', *TPU_SCRIPTS],
-                              capture_output=True, text=True, cwd=REPO)
-      self.assertEqual(result.returncode, 0, result.stdout)
-
-  def test_missing_environment_is_a_clear_error_before_gcloud(self):
-    for script in TPU_SCRIPTS:
-      with self.subTest(script=os.path.basename(script)):
-        result = self._run(script, 'cifar10_4k')
-        self.assertNotEqual(result.returncode, 0)
-        self.assertIn('error:', result.stderr)
-        self.assertIn('environment variables', result.stderr)
-        self.assertRegex(result.stderr, 'PROJECT|ZONE|TPU_NAME|BUCKET')
-        self.assertFalse(os.path.exists(self.calls), script)
-
-  def test_train_evaluate_export_pass_flagfile_paths_and_extra_flags(self):
-    env = dict(PROJECT='p', ZONE='europe-west4-a', TPU_NAME='t', BUCKET='b')
-    own_flags = {
-        'train.sh': ('--strategy=tpu', '--tpu=local'),
-        'evaluate.sh': ('--mode=eval', '--strategy=tpu', '--tpu=local'),
-        'export.sh': ('--mode=export', '--strategy=one_device',
-                      '--export_dir=gs://b/runs/imagenet_10pct/export'),
-    }
-    for script, flags in own_flags.items():
-      with self.subTest(script=script):
-        result = self._run(os.path.join(REPO, 'tpu_scripts', script),
-                           'imagenet_10pct', '--num_steps=10', **env)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        with open(self.calls) as f:
-          call = f.read()
-        for part in ('tpu-vm ssh t', '--flagfile=flags/imagenet_10pct.cfg',
-                     '--data_dir=gs://b/data/imagenet_10pct',
-                     '--model_dir=gs://b/runs/imagenet_10pct', *flags):
-          self.assertIn(part, call)
-        # The user's flags come last, so they win over the preset's.
-        self.assertTrue(call.rstrip().endswith('--num_steps=10'), call)
-        os.remove(self.calls)
-    result = self._run(os.path.join(REPO, 'tpu_scripts', 'train.sh'),
-                       'no_such_preset', **env)
-    self.assertEqual(result.returncode, 2)
-    self.assertIn('no preset', result.stderr)
-    self.assertFalse(os.path.exists(self.calls))
 
 
 if __name__ == '__main__':

@@ -1,17 +1,22 @@
 # shellcheck shell=bash
-# Shared by every script in tpu_scripts/ (sourced, not run).
+# Shared by every script in tpu_scripts/ that runs on your machine (sourced,
+# not run). The scripts in tpu_scripts/vm/ run on the TPU VM instead.
 #
 # Names come from the environment, never from the scripts:
 #   PROJECT           Google Cloud project id
 #   ZONE              zone of the TPU VM (e.g. europe-west4-a)
-#   TPU_NAME          name of the TPU VM
-#   ACCELERATOR_TYPE  e.g. v3-8 (create_tpu.sh only)
+#   TPU_NAME          name of the TPU VM (a single host or a pod slice)
+#   ACCELERATOR_TYPE  e.g. v3-8, v4-32 (create_tpu.sh needs it; train.sh and
+#                     evaluate.sh ask gcloud for it when it is not set)
 #   BUCKET            GCS bucket name, without gs:// (data and runs)
-# Optional: TPU_RUNTIME_VERSION (create_tpu.sh), PYTHON (the VM's python).
+# Optional: TPU_RUNTIME_VERSION (create_tpu.sh), RUN_NAME (train, evaluate,
+# export: the run's name, default the preset's), PYTHON_VERSION and
+# LIBTPU_VERSION (install.sh).
 
 TPU_SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(dirname "${TPU_SCRIPTS_DIR}")"
-# Where install.sh puts the repository on the VM (relative to the home dir).
+# Where install.sh puts the repository on every worker (relative to the home
+# dir); the VM-side scripts are then tpu_scripts/vm/ in it.
 REMOTE_REPO_DIR="mpl_tf"
 
 error() {
@@ -38,6 +43,14 @@ require_env() {
   fi
 }
 
+# pinned_tf_version: the tensorflow version requirements.txt pins.
+pinned_tf_version() {
+  local version
+  version="$(sed -n 's/^tensorflow==//p' "${REPO_ROOT}/requirements.txt")"
+  [[ -n "${version}" ]] || error "requirements.txt pins no tensorflow version"
+  echo "${version}"
+}
+
 # preset_flagfile PRESET: the preset's path in the repository, checked.
 preset_flagfile() {
   local flagfile="${REPO_ROOT}/flags/$1.cfg"
@@ -61,29 +74,86 @@ preset_data_name() {
   basename "${data_dir}"
 }
 
+# run_name PRESET: the run's name, RUN_NAME or else the preset's. It names
+# the run directory gs://$BUCKET/runs/<run> and the VM's ~/mpl_tf_runs/<run>.
+run_name() {
+  local name="${RUN_NAME:-$1}"
+  [[ "${name}" =~ ^[A-Za-z0-9._-]+$ ]] \
+    || error "run name '${name}' may only have letters, digits, '.', '_', '-'"
+  echo "${name}"
+}
+
+# set_preset_flags PRESET: sets PRESET_FLAGS to main.py's flags for PRESET:
+# its flagfile, its data in gs://$BUCKET/data/<data set> and its run
+# directory gs://$BUCKET/runs/<run>. Flags given after them win.
+set_preset_flags() {
+  local data_name run
+  data_name="$(preset_data_name "$1")" || exit 2
+  run="$(run_name "$1")" || exit 2
+  # shellcheck disable=SC2034  # read by the scripts that source this file
+  PRESET_FLAGS=(--flagfile="flags/$1.cfg"
+    --data_dir="gs://${BUCKET}/data/${data_name}"
+    --model_dir="gs://${BUCKET}/runs/${run}")
+}
+
+# accelerator_type: ACCELERATOR_TYPE, or else the TPU's, asked of gcloud.
+accelerator_type() {
+  local type="${ACCELERATOR_TYPE:-}"
+  if [[ -z "${type}" ]]; then
+    type="$(gcloud compute tpus tpu-vm describe "${TPU_NAME}" \
+      --project="${PROJECT}" --zone="${ZONE}" \
+      --format='value(acceleratorType)')" \
+      || error "could not describe TPU ${TPU_NAME}; set ACCELERATOR_TYPE"
+  fi
+  [[ -n "${type}" ]] || error "TPU ${TPU_NAME} has no acceleratorType;" \
+    "set ACCELERATOR_TYPE (e.g. v3-8)"
+  echo "${type}"
+}
+
+# tpu_topology [TYPE]: 'single' for one host (v2-8, v3-8, v4-8, v5p-8,
+# v5litepod-8, v6e-8 and smaller), 'pod' for a multi-host slice (v3-32,
+# v4-32, ...). The number after the last '-' is the slice's cores or chips;
+# every TPU generation has at most 8 of them on one host.
+tpu_topology() {
+  local type="${1:-}" size
+  if [[ -z "${type}" ]]; then
+    type="$(accelerator_type)" || exit 2
+  fi
+  size="${type##*-}"
+  [[ "${type}" == *-* && "${size}" =~ ^[0-9]+$ ]] \
+    || error "cannot read the slice size from accelerator type '${type}'"
+  if ((size > 8)); then echo pod; else echo single; fi
+}
+
 # tpu_ssh WORKER COMMAND: runs COMMAND on the TPU VM's worker(s) ('all' or 0).
 tpu_ssh() {
   gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --project="${PROJECT}" \
     --zone="${ZONE}" --worker="$1" --command="$2"
 }
 
-# remote_main WORKER ARG...: runs main.py in the VM's copy of the repository.
-remote_main() {
+# remote_run WORKER ARG...: runs ARG... (each quoted) in the VM's copy of the
+# repository, e.g. remote_run 0 bash tpu_scripts/vm/python.sh cpu main.py ...
+remote_run() {
   local worker="$1"
   shift
-  local quoted
-  quoted="$(printf '%q ' "$@")"
-  tpu_ssh "${worker}" "cd ${REMOTE_REPO_DIR} && ${PYTHON:-python3} main.py ${quoted}"
+  tpu_ssh "${worker}" "cd ${REMOTE_REPO_DIR} && $(printf '%q ' "$@")"
 }
 
-# remote_preset_main WORKER PRESET ARG...: main.py on the VM with PRESET's
-# flagfile, its data in gs://$BUCKET/data/<data set> and its run directory
-# gs://$BUCKET/runs/PRESET, then ARG... (later flags win over the preset's).
-remote_preset_main() {
-  local worker="$1" preset="$2" data_name
-  shift 2
-  data_name="$(preset_data_name "${preset}")" || exit 2
-  remote_main "${worker}" --flagfile="flags/${preset}.cfg" \
-    --data_dir="gs://${BUCKET}/data/${data_name}" \
-    --model_dir="gs://${BUCKET}/runs/${preset}" "$@"
+# tpu_launch_args: sets TPU_LAUNCH to the VM-side launcher for this TPU
+# (bash tpu_scripts/vm/python.sh with its mode) and TPU_FLAG to main.py's --tpu:
+#   one host:  python.sh local          --tpu=local
+#   pod slice: python.sh pod TPU_NAME   --tpu=TPU_NAME
+# On a pod slice one TensorFlow client, on worker 0, drives every host
+# through the TPU name (see README.md).
+tpu_launch_args() {
+  local topology
+  topology="$(tpu_topology "")" || exit 2
+  # shellcheck disable=SC2034  # TPU_LAUNCH and TPU_FLAG: for the callers
+  if [[ "${topology}" == pod ]]; then
+    TPU_LAUNCH=(bash tpu_scripts/vm/python.sh pod "${TPU_NAME}")
+    TPU_FLAG="--tpu=${TPU_NAME}"
+  else
+    TPU_LAUNCH=(bash tpu_scripts/vm/python.sh local)
+    TPU_FLAG="--tpu=local"
+  fi
 }

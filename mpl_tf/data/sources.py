@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from mpl_tf import storage
 from mpl_tf.data import records
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -177,13 +178,14 @@ def open_npz(path: str) -> Source:
   """An .npz of images/labels (+ test_images/test_labels, class_names).
 
   The Keras names x_train/y_train/x_test/y_test work too. The arrays are
-  loaded into memory; for more images than fit, use a folder.
+  loaded into memory; for more images than fit, use a folder. `path` may be
+  on any file system TensorFlow reads (gs://...).
   """
-  path = os.path.expanduser(path)
-  if not os.path.isfile(path):
+  path = storage.absolute(path)
+  if not storage.isfile(path):
     raise FileNotFoundError(f'No .npz file at {path!r}; pass --npz_path '
                             f'pointing at one.')
-  with np.load(path, allow_pickle=False) as arrays:
+  with storage.load_npz(path) as arrays:
     for images_key, labels_key, test_images_key, test_labels_key in _NPZ_KEYS:
       if images_key in arrays.files and labels_key in arrays.files:
         break
@@ -198,12 +200,12 @@ def open_npz(path: str) -> Source:
                    if test_labels_key in arrays.files else None)
     class_names = (arrays['class_names'].astype(str).tolist()
                    if 'class_names' in arrays.files else None)
-    source = from_arrays(os.path.basename(path), arrays[images_key],
+    source = from_arrays(storage.split(path)[1], arrays[images_key],
                          arrays[labels_key].reshape(-1), test_images,
                          None if test_labels is None else
                          test_labels.reshape(-1),
                          class_names=class_names, kind='npz')
-  source.details = {'path': os.path.abspath(path)}
+  source.details = {'path': path}
   return source
 
 
@@ -263,10 +265,9 @@ def _list_class_folder(root: str, class_names: Sequence[str], role: str
   paths, labels = [], []
   for label, class_name in enumerate(class_names):
     class_dir = os.path.join(root, class_name)
-    if not os.path.isdir(class_dir):
+    if not tf.io.gfile.isdir(class_dir):
       continue
-    for directory, subdirectories, files in sorted(os.walk(class_dir)):
-      subdirectories.sort()
+    for directory, _, files in sorted(storage.walk(class_dir)):
       for file_name in sorted(files):
         if (not file_name.startswith('.') and
             file_name.lower().endswith(IMAGE_EXTENSIONS)):
@@ -279,11 +280,11 @@ def _list_class_folder(root: str, class_names: Sequence[str], role: str
 
 
 def _class_folders(root: str, role: str) -> List[str]:
-  if not os.path.isdir(root):
+  if not tf.io.gfile.isdir(root):
     raise FileNotFoundError(f'The {role} folder {root!r} does not exist.')
-  names = sorted(name for name in os.listdir(root)
+  names = sorted(name for name in storage.listdir(root)
                  if not name.startswith('.') and
-                 os.path.isdir(os.path.join(root, name)))
+                 tf.io.gfile.isdir(os.path.join(root, name)))
   if not names:
     raise ValueError(f'The {role} folder {root!r} has no sub-folders; put '
                      f'the images of each class in a sub-folder named after '
@@ -296,16 +297,17 @@ def open_folder(train_dir: str, test_dir: Optional[str] = None) -> Source:
 
   Class i is the i-th sub-folder name in sorted order; files in nested
   folders of a class folder belong to it. Hidden files and files of other
-  extensions are skipped.
+  extensions are skipped. The folders may be on any file system TensorFlow
+  reads (gs://...).
   """
-  train_dir = os.path.abspath(os.path.expanduser(train_dir))
+  train_dir = storage.absolute(train_dir)
   class_names = _class_folders(train_dir, 'train')
   paths, labels = _list_class_folder(train_dir, class_names, 'train')
   train = FolderSplit(f'folder {train_dir}', paths, labels)
   test = None
   details = {'train_dir': train_dir}
   if test_dir:
-    test_dir = os.path.abspath(os.path.expanduser(test_dir))
+    test_dir = storage.absolute(test_dir)
     extra = sorted(set(_class_folders(test_dir, 'test')) - set(class_names))
     if extra:
       raise ValueError(f'The test folder {test_dir!r} has classes '
@@ -315,7 +317,7 @@ def open_folder(train_dir: str, test_dir: Optional[str] = None) -> Source:
                                                  'test')
     test = FolderSplit(f'folder {test_dir}', test_paths, test_labels)
     details['test_dir'] = test_dir
-  return Source(kind='folder', name=os.path.basename(train_dir), train=train,
+  return Source(kind='folder', name=storage.split(train_dir)[1], train=train,
                 test=test, num_classes=len(class_names),
                 class_names=class_names, details=details)
 
@@ -459,7 +461,7 @@ def open_tfds(name: str, data_dir: str, train_split: str = 'train',
     The source, after a first pass that reads every label.
   """
   tfds = _tfds()
-  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  data_dir = storage.absolute(data_dir)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:

@@ -15,10 +15,11 @@ dtype policy.
 """
 
 import re
-from typing import List, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from mpl_tf.config import ConfigError, ModelConfig
 from mpl_tf.models import common
@@ -99,6 +100,44 @@ def random_states(*models: keras.Model) -> List[keras.Variable]:
           seen.add(id(value.state))
           states.append(value.state)
   return states
+
+
+# Added to the first word of every seed-generator state on replica r (times
+# r): far from the states any replica reaches by counting draws.
+_REPLICA_SEED_STRIDE = 1_000_003
+
+
+def replica_distinct_randomness(replica_step: Callable,
+                                states: Sequence[keras.Variable]) -> Callable:
+  """`replica_step` with dropout and stochastic-depth masks drawn per replica.
+
+  Keras's seed-generator states are mirrored variables: every replica holds
+  the same state and so draws the same masks for its own, different images,
+  which makes N replicas' masks N copies of one. Around each step, replica r
+  shifts its copy of every state by r * stride and shifts it back after the
+  step, so the masks differ between replicas, replica 0 draws exactly what a
+  single device draws, and the states stay equal on every replica (each
+  replica advances its copy by the same count of draws), as checkpoints and
+  a rematerialized pass need. Pseudo-label draws do not use these states:
+  they are drawn by global row (MplStep) and stay replica-count invariant.
+  """
+  if not states:
+    return replica_step
+
+  def step(*args, **kwargs):
+    context = tf.distribute.get_replica_context()
+    replica = 0 if context is None else context.replica_id_in_sync_group
+    offset = tf.cast(replica, states[0].dtype) * _REPLICA_SEED_STRIDE
+    shift = tf.stack([offset, tf.zeros_like(offset)])
+    for state in states:
+      state.assign(state.value + tf.cast(shift, state.dtype))
+    outputs = replica_step(*args, **kwargs)
+    with tf.control_dependencies(tf.nest.flatten(outputs)):
+      for state in states:
+        state.assign(state.value - tf.cast(shift, state.dtype))
+    return outputs
+
+  return step
 
 
 def batch_norm_statistics(model: keras.Model) -> List[keras.Variable]:
