@@ -111,7 +111,7 @@ _HELP = {
                                'same labeled images, for comparison.',
         'supervised_steps': 'Steps of that baseline (0 = as many as MPL).',
         'export_dir': 'Where --mode=export writes the SavedModel (empty: '
-                      'model_dir/export).',
+                      'model_dir/export/1, where --mode=predict reads it).',
         'checkpoint': 'For eval/export: a checkpoint prefix or (eval) a '
                       'SavedModel directory; empty: the best-on-validation '
                       'EMA student in model_dir, else its latest checkpoint.',

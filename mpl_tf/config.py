@@ -204,7 +204,7 @@ class RunConfig:
   # Train a supervised-only model on the same labeled images in the same run.
   supervised_baseline: bool = True
   supervised_steps: int = 0      # 0 = as many steps as the MPL run
-  export_dir: str = ''           # '' = model_dir/export
+  export_dir: str = ''           # '' = model_dir/export/1 (a version dir)
   # eval/export: a checkpoint prefix, a SavedModel dir (eval), or '' = the
   # best-on-validation EMA student of model_dir, else its latest checkpoint.
   checkpoint: str = ''

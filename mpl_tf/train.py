@@ -93,15 +93,21 @@ def _comparable(config_dict: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def check_model_dir(config: Config) -> None:
-  """Refuses a model_dir that holds a run of a different configuration."""
+  """Refuses a model_dir that holds a run of a different configuration.
+
+  A field that a run of an older version did not have yet counts as its
+  default, so such a run resumes unless the new field is set otherwise.
+  """
   path = os.path.join(config.run.model_dir, 'config.json')
   if not tf.io.gfile.exists(path):
     return
   saved, wanted = _comparable(_read_json(path)), _comparable(config.to_dict())
+  defaults = Config().to_dict()
   differences = []
   for group in sorted(set(saved) | set(wanted)):
     for field in sorted(set(saved.get(group, {})) | set(wanted.get(group, {}))):
-      before = saved.get(group, {}).get(field)
+      before = saved.get(group, {}).get(
+          field, defaults.get(group, {}).get(field))
       now = wanted.get(group, {}).get(field)
       if before != now:
         differences.append(f'{group}.{field}: {before!r} -> {now!r}')

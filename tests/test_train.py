@@ -130,6 +130,19 @@ class TrainEndToEndTest(DataDirTestCase):
       self.assertAllClose(resumed[name], value, rtol=1e-5, atol=1e-6,
                           msg=name)
 
+  def test_a_run_of_an_older_version_without_a_new_field_resumes(self):
+    model_dir = _tempdir(self)
+    config = _config(model_dir, self.data_dir)
+    saved = config.to_dict()
+    del saved['data']['input_sharding']   # the field came later
+    with open(os.path.join(model_dir, 'config.json'), 'w') as f:
+      json.dump(saved, f)
+    train.check_model_dir(config)   # the default: the same run
+    with self.assertRaisesRegex(ConfigError, "input_sharding: 'files' -> "
+                                             "'global_batch'"):
+      train.check_model_dir(_config(model_dir, self.data_dir,
+                                    '--input_sharding=global_batch'))
+
   def test_uda_and_supervised_algorithms_train_and_report(self):
     for algorithm, networks in (('uda', {'uda_ema', 'uda'}),
                                 ('supervised', {'supervised'})):
