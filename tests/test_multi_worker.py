@@ -39,11 +39,11 @@ from mpl_tf import train
 from tests.test_train import _variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_NUM_STEPS = 8
+_NUM_STEPS = 6
 _RUN_TIMEOUT_SECONDS = 300
 _FLAGS = ('--flagfile=' + os.path.join(REPO, 'flags', 'smoke.cfg'),
           '--input_sharding=global_batch', f'--num_steps={_NUM_STEPS}',
-          '--steps_per_loop=1', '--checkpoint_every=1', '--eval_every=4',
+          '--steps_per_loop=1', '--checkpoint_every=1', '--eval_every=0',
           f'--keep_checkpoints={_NUM_STEPS}', '--deterministic',
           '--finetune_steps=0', '--nosupervised_baseline',
           '--eval_batch_size=50')

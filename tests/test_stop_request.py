@@ -2,8 +2,9 @@
 
 This is how a preempted VM, a TPU VM's maintenance event or
 tpu_scripts/stop.sh stop a run (cluster.StopRequest): the step it stopped at
-is saved even when it is not a multiple of checkpoint_every, the process's
-own SIGTERM handler comes back afterwards, and the same command resumes.
+is saved even when it is not a multiple of checkpoint_every, and the
+process's own SIGTERM handler comes back afterwards. Resuming from that
+checkpoint is the ordinary resume (tests/test_train.py).
 """
 
 import os
@@ -38,7 +39,7 @@ def _signal_when(path_pattern: str, timeout: float = 300) -> threading.Thread:
 
 class StopRequestTest(DataDirTestCase):
 
-  def test_sigterm_checkpoints_the_current_step_and_the_run_resumes(self):
+  def test_sigterm_checkpoints_the_current_step_and_ends_the_run(self):
     model_dir = _tempdir(self)
     config = _config(model_dir, self.data_dir, '--nosupervised_baseline',
                      '--eval_every=0', f'--num_steps={_NUM_STEPS}',
@@ -59,10 +60,6 @@ class StopRequestTest(DataDirTestCase):
                      os.path.join(directory, f'ckpt-{step}'))
     self.assertFalse(tf.io.gfile.exists(os.path.join(model_dir,
                                                      'results.json')))
-    results = train.run(config)
-    self.assertEqual(results['selected_history']['final']['step'], _NUM_STEPS)
-    self.assertEqual(tf.train.latest_checkpoint(directory),
-                     os.path.join(directory, f'ckpt-{_NUM_STEPS}'))
 
 
 if __name__ == '__main__':
