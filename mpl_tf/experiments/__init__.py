@@ -12,9 +12,14 @@ import json
 import os
 from typing import Any, Dict
 
+import tensorflow as tf
+
 
 def write_json(path: str, payload: Dict[str, Any]) -> None:
-  """Writes an experiment's results (sorted keys), creating the directory."""
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
+  """Writes an experiment's results (sorted keys), creating the directory.
+
+  Through tf.io.gfile, so --output_dir may be a bucket.
+  """
+  tf.io.gfile.makedirs(os.path.dirname(path) or '.')
+  with tf.io.gfile.GFile(path, 'w') as f:
+    f.write(json.dumps(payload, indent=2, sort_keys=True))

@@ -16,6 +16,8 @@ import os
 import re
 from typing import Callable, Dict, List
 
+import tensorflow as tf
+
 _BLOCK = re.compile(r'(<!-- generated: (?P<name>[\w]+) -->\n)(.*?)'
                     r'(<!-- end generated: (?P=name) -->)', re.DOTALL)
 
@@ -94,11 +96,11 @@ def render(text: str, results_dir: str, log=print) -> str:
   def replace(match):
     name = match.group('name')
     path = os.path.join(results_dir, f'{name}.json')
-    if name not in RENDERERS or not os.path.exists(path):
+    if name not in RENDERERS or not tf.io.gfile.exists(path):
       log(f'left {name} as it is: no renderer or no {path}')
       return match.group(0)
-    with open(path) as f:
-      body = '\n'.join(RENDERERS[name](json.load(f)))
+    with tf.io.gfile.GFile(path) as f:
+      body = '\n'.join(RENDERERS[name](json.loads(f.read())))
     log(f'rendered {name} from {path}')
     return match.group(1) + body + '\n' + match.group(4)
 
@@ -110,9 +112,9 @@ def main(argv):
   from flags import experiment_flags  # pylint: disable=g-import-not-at-top
   output_dir = experiment_flags.report_output_dir()
   path = os.path.join(output_dir, 'results.md')
-  with open(path) as f:
+  with tf.io.gfile.GFile(path) as f:
     text = f.read()
-  with open(path, 'w') as f:
+  with tf.io.gfile.GFile(path, 'w') as f:
     f.write(render(text, os.path.join(output_dir, 'results')))
 
 

@@ -290,8 +290,9 @@ def plot_boundaries(seed_result: Dict[str, Any], path: str,
   axes[0].legend(loc='lower left', fontsize=8)
   figure.suptitle('TwoMoon, 6 labeled + 1,994 unlabeled points' + title_suffix)
   figure.tight_layout()
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  figure.savefig(path, dpi=90)
+  tf.io.gfile.makedirs(os.path.dirname(path) or '.')
+  with tf.io.gfile.GFile(path, 'wb') as f:
+    figure.savefig(f, format='png', dpi=90)
   pyplot.close(figure)
 
 
