@@ -19,7 +19,7 @@ call (trace) and its allocator state are its own. A case is
   precision  float32 | mixed_bfloat16 (ModelConfig.precision).
   xla        noxla | xla (the train loop's jit_compile).
 
-The step runs inside the product's device loop (train.make_train_loop, the
+The step runs inside the product's device loop (device_loop.make_train_loop, the
 same tf.function, strategy.run and metric reduction that training uses) on
 WRN-28-2, CIFAR shapes (32x32x3, 10 classes), reading one constant batch
 from a repeated dataset, so the input pipeline costs nothing here; its own
@@ -144,7 +144,7 @@ def _build_loop(case: dict):
   sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
   from flops import forward_macs  # pylint: disable=g-import-not-at-top
   from mpl_tf import config as config_lib  # pylint: disable=g-import-not-at-top
-  from mpl_tf import optim, train  # pylint: disable=g-import-not-at-top
+  from mpl_tf import device_loop, optim, train  # pylint: disable=g-import-not-at-top
   from mpl_tf.models import build_model  # pylint: disable=g-import-not-at-top
   from mpl_tf.mpl_step import MplStep  # pylint: disable=g-import-not-at-top
   from mpl_tf.supervised_step import SupervisedStep  # pylint: disable=g-import-not-at-top
@@ -194,7 +194,7 @@ def _build_loop(case: dict):
                   unlabeled_images_aug=images(unlabeled))
   dataset = tf.data.Dataset.from_tensors(inputs).repeat()
   iterator = iter(strategy.experimental_distribute_dataset(dataset))
-  loop = train.make_train_loop(strategy, replica_step, case['xla'])
+  loop = device_loop.make_train_loop(strategy, replica_step, case['xla'])
   return loop, iterator, 2.0 * forward_macs(model)
 
 

@@ -39,6 +39,7 @@ import keras
 import tensorflow as tf
 
 from mpl_tf import cluster
+from mpl_tf import device_loop
 from mpl_tf import distribute
 from mpl_tf import optim
 from mpl_tf import storage
@@ -56,7 +57,6 @@ from mpl_tf.progress import Progress
 from mpl_tf.supervised_step import SupervisedStep
 from mpl_tf.uda_step import UdaStep
 
-MEAN = tf.distribute.ReduceOp.MEAN
 # Scalars shown on the progress line (TensorBoard gets all of them).
 _SHOWN = ('teacher/supervised_loss', 'teacher/uda_loss',
           'teacher/uda_mask_rate', 'student/pseudo_label_loss',
@@ -249,44 +249,6 @@ def remove_interrupted_writes(directory: str) -> List[str]:
   return removed
 
 
-def make_train_loop(strategy: tf.distribute.Strategy,
-                    replica_step: Callable, jit_compile: bool) -> Callable:
-  """loop(iterator, num_steps) -> mean of every metric over those steps.
-
-  One host call runs `num_steps` steps on the device. Each step's metrics are
-  averaged across replicas (most are already global on every replica; the
-  local ones, like the UDA mask rate, become global means) and then over the
-  steps.
-  """
-
-  # XLA compiles the replica step, not the loop: the loop reads the input
-  # iterator, which XLA cannot compile (IteratorGetNext). Keras's jit_compile
-  # does the same. On TPU everything inside strategy.run is compiled anyway.
-  if jit_compile:
-    replica_step = tf.function(replica_step, jit_compile=True)
-
-  # A tf.function of its own, so that the two calls below (the first step,
-  # which gives the totals their structure, and the loop body) share one
-  # trace: the step is traced once per loop, not twice.
-  @tf.function
-  def one_step(iterator):
-    per_replica = strategy.run(replica_step, args=(next(iterator),))
-    return {name: strategy.reduce(MEAN, value, axis=None)
-            for name, value in per_replica.items()}
-
-  @tf.function
-  def loop(iterator, num_steps):
-    totals = one_step(iterator)
-    for _ in tf.range(num_steps - 1):
-      totals = {name: total + value
-                for (name, total), value in zip(
-                    totals.items(), one_step(iterator).values())}
-    return {name: total / tf.cast(num_steps, total.dtype)
-            for name, total in totals.items()}
-
-  return loop
-
-
 def mpl_replica_step(mpl_step: MplStep) -> Callable:
   """The MPL step plus the diagnostics the loop logs."""
 
@@ -328,7 +290,7 @@ class _Phase:
     self.checkpoints = cluster.Checkpoints(
         strategy, self.checkpoint, os.path.join(directory, 'checkpoints'),
         config.run.keep_checkpoints, step_counter)
-    self.loop = make_train_loop(
+    self.loop = device_loop.make_train_loop(
         strategy, replica_distinct_randomness(replica_step, states),
         config.run.jit_compile)
     self.writer = cluster.summary_writer(
