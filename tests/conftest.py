@@ -17,10 +17,26 @@ tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
-def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
-  """Drops tf.test.TestCase's inherited `test_session`, which is no test.
+# The longest modules (minutes each on 2 cores), started first: with the
+# suite spread over worker processes (tasks.py test runs pytest-xdist), the
+# longest jobs go out first and the short ones fill in, so no worker ends
+# with a long module while the others sit idle.
+_LONGEST_FIRST = ('test_multi_worker.py', 'test_presets.py',
+                  'test_distribute.py', 'test_train.py', 'test_reliability.py')
 
-  Pytest collects it from every TestCase class and reports it as skipped,
-  which would hide real skips in the summary.
+
+def _start_order(item) -> int:
+  name = os.path.basename(str(item.fspath))
+  return (_LONGEST_FIRST.index(name) if name in _LONGEST_FIRST
+          else len(_LONGEST_FIRST))
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  """Drops tf.test.TestCase's inherited `test_session`, which is no test;
+  puts the longest modules first.
+
+  Pytest collects `test_session` from every TestCase class and reports it as
+  skipped, which would hide real skips in the summary.
   """
-  items[:] = [item for item in items if item.name != 'test_session']
+  items[:] = sorted((item for item in items if item.name != 'test_session'),
+                    key=_start_order)

@@ -28,6 +28,11 @@ from mpl_tf.data import augment
 from mpl_tf.data import records
 
 AUTOTUNE = tf.data.AUTOTUNE
+# The views' map functions have no Python control flow on tensors, so
+# tf.data traces them as written: AutoGraph's conversion of them and of
+# every augment function they call took ~4 s of each process's start on a
+# 2-core machine. (RandAugment's own tf.function still uses AutoGraph.)
+_traced_as_written = tf.autograph.experimental.do_not_convert
 # Splits up to this many records are shuffled whole (the buffer holds encoded
 # bytes, about 1 kB for a 32x32 PNG); larger ones use 16 batches, as released.
 _WHOLE_SPLIT_SHUFFLE_LIMIT = 100_000
@@ -299,7 +304,7 @@ def _labeled_stream(config: config_lib.Config, manifest: Dict[str, Any],
 
   dataset = _batches(config, manifest, 'labeled', batch_size, _LABELED,
                      input_context, start_step)
-  return dataset.map(make_view, num_parallel_calls=AUTOTUNE)
+  return dataset.map(_traced_as_written(make_view), num_parallel_calls=AUTOTUNE)
 
 
 def _unlabeled_stream(config: config_lib.Config, manifest: Dict[str, Any],
@@ -332,7 +337,8 @@ def _unlabeled_stream(config: config_lib.Config, manifest: Dict[str, Any],
 
   dataset = _batches(config, manifest, 'unlabeled', batch_size, _UNLABELED,
                      input_context, start_step)
-  return dataset.map(make_views, num_parallel_calls=AUTOTUNE)
+  return dataset.map(_traced_as_written(make_views),
+                     num_parallel_calls=AUTOTUNE)
 
 
 def train_dataset(config: config_lib.Config, manifest: Dict[str, Any],
