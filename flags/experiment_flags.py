@@ -91,6 +91,84 @@ def two_moon_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
           flag_values['output_dir'].value or None)
 
 
+# TwoMoonConfig fields the protocol keeps fixed (the rates and step counts
+# are its grids) and its own fields, with their help.
+_PROTOCOL_TWO_MOON_FIELDS = ('noise', 'labeled_per_class', 'unlabeled_per_class',
+                             'test_points', 'hidden_units', 'momentum',
+                             'unlabeled_batch')
+_PROTOCOL_HELP = {
+    'validation_points': 'Points of each seed\'s validation draw (selection).',
+    'rate_grid': 'Peak rates of teacher and student (all pairs).',
+    'supervised_rate_grid': 'Peak rates of the supervised models '
+                            '(len(rate_grid)**2 of them: the same number of '
+                            'settings as every other method).',
+    'noise_grid': 'Std of the Gaussian noise of the augmented view (UDA '
+                  'methods).',
+    'step_counts': 'Training step counts every method is tried at.',
+    'uda_weight': 'Weight of the teacher\'s UDA loss in the UDA methods.',
+    'uda_temperature': 'Sharpening temperature of the UDA target.',
+    'uda_threshold': 'Confidence threshold of the UDA mask.',
+    'convergence_factor': 'The selected setting is also trained this many '
+                          'times the longest step count (convergence check).',
+    'tuning_seeds': 'Seeds whose validation accuracy selects each method\'s '
+                    'setting.',
+    'first_tuning_seed': 'First tuning seed (disjoint from the evaluation '
+                         'seeds).',
+    'eval_seeds': 'Seeds the selected settings are reported on.',
+    'first_eval_seed': 'First evaluation seed.',
+    'figure_seed': 'The evaluation seed whose decision boundaries are drawn.',
+    'methods': 'Methods to run.',
+    'jit_compile': 'Compile each trainer\'s whole loop with XLA.',
+}
+
+
+def define_two_moon_protocol(
+    flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> None:
+  """The protocol's flags (two_moon_protocol.ProtocolConfig)."""
+  from mpl_tf.experiments import two_moon_protocol  # pylint: disable=g-import-not-at-top
+  _define_output_dir(flag_values)
+  for field in _PROTOCOL_TWO_MOON_FIELDS:
+    _define_field(field, getattr(_TWO_MOON, field),
+                  f'[two_moon] {_TWO_MOON_HELP[field]}', flag_values)
+  defaults = two_moon_protocol.ProtocolConfig()
+  for field, help_text in _PROTOCOL_HELP.items():
+    default = getattr(defaults, field)
+    if isinstance(default, tuple):
+      absl_flags.DEFINE_list(field, [str(v) for v in default],
+                             f'[two_moon] {help_text}',
+                             flag_values=flag_values)
+    else:
+      _define_field(field, default, f'[two_moon] {help_text}', flag_values)
+
+
+def two_moon_protocol_config(
+    flag_values: absl_flags.FlagValues = absl_flags.FLAGS):
+  """(ProtocolConfig, output_dir or None) from the parsed flags."""
+  from mpl_tf.experiments import two_moon_protocol  # pylint: disable=g-import-not-at-top
+  defaults = two_moon_protocol.ProtocolConfig()
+  fields = {}
+  for field in _PROTOCOL_HELP:
+    value = flag_values[field].value
+    default = getattr(defaults, field)
+    if isinstance(default, tuple):
+      kind = type(default[0])
+      try:
+        value = tuple(kind(v) for v in value)
+      except ValueError:
+        raise config_lib.ConfigError(
+            f'--{field}={",".join(value)}: a comma-separated list of '
+            f'{kind.__name__} values.') from None
+    fields[field] = value
+  two_moon_cfg = dataclasses.replace(
+      _TWO_MOON, **{f: flag_values[f].value for f in _PROTOCOL_TWO_MOON_FIELDS})
+  config = two_moon_protocol.ProtocolConfig(two_moon=two_moon_cfg, **fields)
+  try:
+    config.check()
+  except ValueError as error:
+    raise config_lib.ConfigError(str(error)) from None
+  return config, flag_values['output_dir'].value or None
+
+
 def define_two_moon_tuning(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                            ) -> None:
   """The TwoMoon flags (the base of every setting) and the seed count."""

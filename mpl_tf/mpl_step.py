@@ -45,7 +45,7 @@ forward pass; they only matter for evaluating the teacher, for diagnosis.
 """
 
 import contextlib
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
@@ -116,7 +116,10 @@ class MplStep:
   Call it inside `strategy.run` (or directly on one device) with a batch dict:
     labeled_images [b, ...], labels [b] int, unlabeled_images_ori [b*mu, ...],
     unlabeled_images_aug [b*mu, ...]
-  where b is this replica's share of the global labeled batch.
+  where b is this replica's share of the global labeled batch. `seed` seeds
+  the pseudo-label draws with the step counter: an int, or an int64
+  tf.Variable, so that one traced step serves runs of many seeds
+  (experiments/two_moon_trainers.py).
   """
 
   def __init__(self, mpl_config: MplConfig, optim_config: OptimConfig,
@@ -124,7 +127,8 @@ class MplStep:
                teacher_optimizer: keras.optimizers.Optimizer,
                student_optimizer: keras.optimizers.Optimizer, *,
                global_labeled_batch: int, global_unlabeled_batch: int,
-               ema_student: Optional[keras.Model] = None, seed: int = 0,
+               ema_student: Optional[keras.Model] = None,
+               seed: Union[int, tf.Variable] = 0,
                nonfinite: str = 'stop'):
     self.config = mpl_config
     self.optim_config = optim_config
@@ -141,7 +145,10 @@ class MplStep:
     # The released code's baseline starts at a Glorot-uniform draw for a
     # scalar, U(-sqrt(3), sqrt(3)); 'zero' starts it at 0.
     if mpl_config.baseline_init == 'uniform_sqrt3':
-      initial = np.random.default_rng(seed).uniform(-np.sqrt(3), np.sqrt(3))
+      # (An int seed here; a tf.Variable seed, which lets one traced step
+      # serve runs of many seeds, goes with baseline_init='zero'.)
+      initial = np.random.default_rng(int(seed)).uniform(-np.sqrt(3),
+                                                         np.sqrt(3))
     else:
       initial = 0.0
     self.baseline = tf.Variable(initial, dtype=tf.float32, trainable=False,
@@ -210,7 +217,8 @@ class MplStep:
     # Algorithm 1: Sample a pseudo label y_hat_u ~ P(. | x_u; theta_T)
     # (drawn for the global batch, so any replica layout draws the same).
     replica_id = replica_context.replica_id_in_sync_group
-    sample_seed = tf.stack([self.step, tf.constant(self.seed, tf.int64)])
+    sample_seed = tf.stack([self.step,
+                            tf.convert_to_tensor(self.seed, tf.int64)])
     pseudo_targets, pseudo_label_ids = losses.pseudo_labels(
         teacher_logits_unlabeled, cfg.pseudo_label, sample_seed,
         first_row=replica_id * local_unlabeled, global_rows=n_unlabeled)

@@ -49,21 +49,6 @@ class TwoMoonTest(tf.test.TestCase):
     # (2*8 + 8) + (8*8 + 8) + (8*2 + 2).
     self.assertEqual(model.count_params(), 114)
 
-  def test_run_writes_json_and_figure(self):
-    output_dir = tempfile.mkdtemp()
-    self.addCleanup(shutil.rmtree, output_dir, ignore_errors=True)
-    payload = two_moon.run(TINY, output_dir, log=lambda _: None)
-    # A tiny run of each method (5 steps, 1 seed) reports accuracies.
-    for method in two_moon.METHODS:
-      self.assertEqual(payload['test_accuracy'][method]['n'], 1)
-      self.assertBetween(payload['test_accuracy'][method]['mean'], 0.0, 1.0)
-    feedback = payload['per_seed'][0]['mpl_feedback']
-    self.assertBetween(feedback['h_positive_fraction'], 0.0, 1.0)
-    self.assertTrue(os.path.exists(
-        os.path.join(output_dir, 'results', 'two_moon.json')))
-    with open(os.path.join(output_dir, 'figures', 'two_moon.png'), 'rb') as f:
-      self.assertEqual(f.read(8), b'\x89PNG\r\n\x1a\n')
-
   def test_flags_read_into_the_config(self):
     flag_values = absl_flags.FlagValues()
     experiment_flags.define_two_moon(flag_values)
@@ -73,6 +58,26 @@ class TwoMoonTest(tf.test.TestCase):
     self.assertEqual(config, dataclasses.replace(
         two_moon.TwoMoonConfig(), num_steps=7, pseudo_label='argmax'))
     self.assertIsNone(output_dir)
+
+
+  def test_protocol_flags_read_into_the_config(self):
+    from mpl_tf.experiments import two_moon_protocol  # pylint: disable=g-import-not-at-top
+    flag_values = absl_flags.FlagValues()
+    experiment_flags.define_two_moon_protocol(flag_values)
+    flag_values(['two_moon', '--rate_grid=0.2,1', '--step_counts=10,20',
+                 '--supervised_rate_grid=1,2,3,4', '--noise=0.15',
+                 '--methods=uda,uda_mpl', '--output_dir='])
+    config, output_dir = experiment_flags.two_moon_protocol_config(
+        flag_values)
+    self.assertEqual(config, two_moon_protocol.ProtocolConfig(
+        two_moon=dataclasses.replace(two_moon.TwoMoonConfig(), noise=0.15),
+        rate_grid=(0.2, 1.0), step_counts=(10, 20),
+        supervised_rate_grid=(1.0, 2.0, 3.0, 4.0),
+        methods=('uda', 'uda_mpl')))
+    self.assertIsNone(output_dir)
+    flag_values(['two_moon', '--supervised_rate_grid=1'])
+    with self.assertRaisesRegex(ConfigError, 'same number of rate settings'):
+      experiment_flags.two_moon_protocol_config(flag_values)
 
 
 class AblationTest(tf.test.TestCase):

@@ -33,17 +33,70 @@ def _header(payload: Dict, default_command: str) -> List[str]:
   return [f'`{command}`{timing}', '']
 
 
+def _setting(setting: Dict[str, float]) -> str:
+  names = {'teacher_lr': 'lr_T', 'student_lr': 'lr_S', 'noise_std': 'noise'}
+  return ', '.join(f'{names[k]} {v:g}' for k, v in setting.items())
+
+
 def two_moon(payload: Dict) -> List[str]:
-  titles = {'supervised': 'supervised', 'pseudo_labels': 'Pseudo Labels',
-            'mpl': 'Meta Pseudo Labels'}
+  """The protocol's table: each method at its selected setting."""
+  config = payload['config']
   lines = _header(payload, 'python -m mpl_tf.experiments.two_moon '
                   '--output_dir=docs')
-  lines += ['| method | test accuracy | seeds |', '|---|---|---|']
-  for method, title in titles.items():
-    entry = payload['test_accuracy'][method]
-    lines.append(f'| {title} | {_mean_std(entry)} | {entry["n"]} |')
-  lines.append(f'\nMPL beats both others on {payload["mpl_wins"]} of '
-               f'{len(payload["per_seed"])} seeds.')
+  first_eval, first_tuning = (config['first_eval_seed'],
+                              config['first_tuning_seed'])
+  lines += [
+      f'Selection on seeds {first_tuning}-'
+      f'{first_tuning + config["tuning_seeds"] - 1} (validation), report on '
+      f'seeds {first_eval}-{first_eval + config["eval_seeds"] - 1} (test); '
+      f'step counts {config["step_counts"]}; UDA weight '
+      f'{config["uda_weight"]:g}, temperature {config["uda_temperature"]:g},'
+      f' threshold {config["uda_threshold"]:g}.', '',
+      '| method | selected (steps, rates, noise) | validation (tuning) | '
+      f'validation at {config["convergence_factor"]}x steps | test accuracy '
+      '| seeds ≥ 99% | seeds ≥ 95% | MPL teacher | mean abs(h) |',
+      '|---|---|---|---|---|---|---|---|---|']
+  for name, result in payload['methods'].items():
+    tuning, summary = result['tuning'], result['summary']
+    selected = tuning['selected']
+    teacher = (_mean_std(summary['teacher']) if 'teacher' in summary
+               else '')
+    h = (f'{summary["h_mean_abs"]:.2g}' if 'mpl' in name and
+         summary.get('h_mean_abs') is not None else '')
+    lines.append(
+        f'| {result["title"]} | {selected["num_steps"]}, '
+        f'{_setting(selected["setting"])} | {selected["validation"]:.4f} | '
+        f'{tuning["convergence"]["validation"]:.4f} | {_mean_std(summary)} '
+        f'| {summary["seeds_at_99"]} / {summary["n"]} | '
+        f'{summary["seeds_at_95"]} / {summary["n"]} | {teacher} | {h} |')
+  gaps = _paired_gaps(payload['methods'])
+  if gaps:
+    lines.append('')
+    lines += gaps
+  return lines
+
+
+def _paired_gaps(methods: Dict) -> List[str]:
+  """Per-seed test differences of the pairs that isolate one term."""
+  pairs = (('uda_mpl', 'uda', 'the feedback, with UDA'),
+           ('mpl', 'pseudo_labels', 'the feedback, without UDA'),
+           ('uda', 'pseudo_labels', 'UDA'))
+  lines = []
+  for treated, control, effect in pairs:
+    if treated in methods and control in methods:
+      a = {r['seed']: r['test'] for r in methods[treated]['runs']}
+      b = {r['seed']: r['test'] for r in methods[control]['runs']}
+      gaps = [a[seed] - b[seed] for seed in a if seed in b]
+      if not gaps:
+        continue
+      mean = sum(gaps) / len(gaps)
+      wins = sum(g > 0 for g in gaps)
+      losses = sum(g < 0 for g in gaps)
+      lines.append(f'- {methods[treated]["title"]} − '
+                   f'{methods[control]["title"]} ({effect}): mean '
+                   f'{mean:+.4f} per seed, better on {wins}, worse on '
+                   f'{losses} of {len(gaps)} seeds (each at its own tuned '
+                   f'setting).')
   return lines
 
 

@@ -13,39 +13,28 @@ Dense(8, sigmoid) -> Dense(8, sigmoid) -> Dense(2) logits, 114 parameters:
 the paper's "two fully connected layers of 8 units with sigmoid
 non-linearity", plus the 2-way output layer any classifier needs.
 
-Three methods, all with the same optimizer (the library's TF1 Nesterov
-momentum, cosine-decayed rate, no weight decay) and step count:
-  supervised     the network trained on the 6 labeled points (full batch).
-  pseudo_labels  `MplStep` with mpl_weight=0: a teacher trained alongside on
-                 the 6 labeled points only, whose pseudo labels teach the
-                 student; the library's `--algorithm=pseudo_labels`.
-  mpl            the same `MplStep` with mpl_weight=1: the teacher also gets
-                 the student's feedback h (Algorithm 1 without UDA).
-Pseudo labels and MPL differ in nothing but the feedback term, so their gap
-is the effect of the feedback, which is what Figure 2 is about. There is no
-augmentation here: both unlabeled views are the same points, uda_weight=0.
-
-Writes `<output_dir>/results/two_moon.json` (every seed's test accuracy, the
-mean and std) and `<output_dir>/figures/two_moon.png` (the three decision
-boundaries of `figure_seed`, labeled points marked).
+Every method uses the same optimizer (the library's TF1 Nesterov momentum,
+cosine-decayed rate, no weight decay). This module holds the pieces: the
+data, the network, one supervised run and one MplStep run (`train_mpl`, used
+by the ablation and by two_moon_tuning.py, the grid of the feedback without
+UDA). The command runs the fair protocol of two_moon_protocol.py (every
+method, Algorithm 1 with UDA and its control, tuned alike) and writes
+`<output_dir>/results/two_moon.json` and `<output_dir>/figures/two_moon.png`.
 """
 
 import dataclasses
 import os
-import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from mpl_tf import experiments
 from mpl_tf import losses
 from mpl_tf import optim
 from mpl_tf.config import MplConfig, OptimConfig
 from mpl_tf.mpl_step import MplStep
 
-METHODS = ('supervised', 'pseudo_labels', 'mpl')
 NUM_CLASSES = 2
 # Offset between a seed's training draw and its test draw of make_moons.
 _TEST_SEED_OFFSET = 100_000
@@ -88,6 +77,15 @@ class TwoMoonData:
   y_test: np.ndarray
 
 
+def make_moons(num_points: int, noise: float, seed: int):
+  """(x float32 [n, 2], y int32 [n]): sklearn's moons, classes balanced."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  half = num_points // 2
+  x, y = datasets.make_moons(n_samples=(half, num_points - half),
+                             noise=noise, random_state=seed)
+  return x.astype(np.float32), y.astype(np.int32)
+
+
 def make_data(config: TwoMoonConfig, seed: int) -> TwoMoonData:
   """One seed's labeled, unlabeled and test points (classes balanced)."""
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
@@ -99,13 +97,11 @@ def make_data(config: TwoMoonConfig, seed: int) -> TwoMoonData:
       rng.choice(np.flatnonzero(y == c), config.labeled_per_class,
                  replace=False) for c in range(NUM_CLASSES)])
   unlabeled = np.setdiff1d(np.arange(len(y)), labeled)
-  half = config.test_points // 2
-  x_test, y_test = datasets.make_moons(
-      n_samples=(half, config.test_points - half), noise=config.noise,
-      random_state=seed + _TEST_SEED_OFFSET)
+  x_test, y_test = make_moons(config.test_points, config.noise,
+                              seed + _TEST_SEED_OFFSET)
   f32, i32 = (lambda a: a.astype(np.float32)), (lambda a: a.astype(np.int32))
   return TwoMoonData(f32(x[labeled]), i32(y[labeled]), f32(x[unlabeled]),
-                     i32(y[unlabeled]), f32(x_test), i32(y_test))
+                     i32(y[unlabeled]), x_test, y_test)
 
 
 def build_network(config: TwoMoonConfig, seed: int, name: str) -> keras.Model:
@@ -225,29 +221,6 @@ def train_mpl(config: TwoMoonConfig, data: TwoMoonData, seed: int,
                             'h_mean_abs': float(h_magnitude)}
 
 
-def run_seed(config: TwoMoonConfig, seed: int) -> Dict[str, Any]:
-  """The three methods on one seed's data; test accuracies and the models."""
-  data = make_data(config, seed)
-  supervised = train_supervised(config, data, seed)
-  pl_student, pl_teacher, _ = train_mpl(config, data, seed,
-                                        mpl_config(config, mpl_weight=0.0))
-  mpl_student, mpl_teacher, diagnostics = train_mpl(config, data, seed,
-                                                    mpl_config(config))
-  return {
-      'data': data,
-      'models': {'supervised': supervised, 'pseudo_labels': pl_student,
-                 'mpl': mpl_student},
-      'test_accuracy': {
-          'supervised': accuracy(supervised, data.x_test, data.y_test),
-          'pseudo_labels': accuracy(pl_student, data.x_test, data.y_test),
-          'mpl': accuracy(mpl_student, data.x_test, data.y_test)},
-      'teacher_test_accuracy': {
-          'pseudo_labels': accuracy(pl_teacher, data.x_test, data.y_test),
-          'mpl': accuracy(mpl_teacher, data.x_test, data.y_test)},
-      'mpl_feedback': diagnostics,
-  }
-
-
 def mean_std(values: List[float]) -> Dict[str, float]:
   """Mean and sample std (ddof=1; 0 for one value) of a list of numbers."""
   array = np.asarray(values, dtype=np.float64)
@@ -255,103 +228,72 @@ def mean_std(values: List[float]) -> Dict[str, float]:
   return {'mean': float(np.mean(array)), 'std': std, 'n': len(array)}
 
 
-def plot_boundaries(seed_result: Dict[str, Any], path: str,
-                    title_suffix: str = '') -> None:
-  """Figure 2's three panels: each method's decision regions on one seed."""
+@dataclasses.dataclass(frozen=True)
+class Panel:
+  """One method's decision regions: P(class 1) on the figure's grid."""
+  title: str
+  test_accuracy: float
+  probabilities: np.ndarray
+
+
+def figure_grid(data: TwoMoonData, size: int = 300):
+  """(points [size*size, 2], grid shape): the plane around the data."""
+  x_all = np.concatenate([data.x_unlabeled, data.x_labeled])
+  low, high = x_all.min(axis=0) - 0.5, x_all.max(axis=0) + 0.5
+  grid_x, grid_y = np.meshgrid(np.linspace(low[0], high[0], size),
+                               np.linspace(low[1], high[1], size))
+  points = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1)
+  return points.astype(np.float32), grid_x.shape
+
+
+def plot_panels(data: TwoMoonData, panels: List[Panel], path: str,
+                title: str) -> None:
+  """Figure 2's panels: each method's decision regions on one seed."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
-  data = seed_result['data']
-  x_all = np.concatenate([data.x_unlabeled, data.x_labeled])
-  low, high = x_all.min(axis=0) - 0.5, x_all.max(axis=0) + 0.5
-  grid_x, grid_y = np.meshgrid(np.linspace(low[0], high[0], 300),
-                               np.linspace(low[1], high[1], 300))
-  grid = np.stack([grid_x.ravel(), grid_y.ravel()], axis=1).astype(np.float32)
-  titles = {'supervised': 'Supervised', 'pseudo_labels': 'Pseudo Labels',
-            'mpl': 'Meta Pseudo Labels'}
-  figure, axes = pyplot.subplots(1, 3, figsize=(15, 4.6))
-  for axis, method in zip(axes, METHODS):
-    model = seed_result['models'][method]
-    probs = tf.nn.softmax(model(grid, training=False)).numpy()[:, 1]
-    axis.contourf(grid_x, grid_y, probs.reshape(grid_x.shape),
+  points, shape = figure_grid(data)
+  grid_x, grid_y = points[:, 0].reshape(shape), points[:, 1].reshape(shape)
+  figure, axes = pyplot.subplots(1, len(panels),
+                                 figsize=(4.2 * len(panels), 4.4))
+  for axis, panel in zip(np.atleast_1d(axes), panels):
+    axis.contourf(grid_x, grid_y, panel.probabilities,
                   levels=np.linspace(0, 1, 11), cmap='RdBu_r', alpha=0.35)
-    axis.contour(grid_x, grid_y, probs.reshape(grid_x.shape), levels=[0.5],
+    axis.contour(grid_x, grid_y, panel.probabilities, levels=[0.5],
                  colors='k', linewidths=1.5)
     axis.scatter(data.x_unlabeled[:, 0], data.x_unlabeled[:, 1], s=3,
                  c='0.55', label='unlabeled')
     for label, color in ((0, 'tab:blue'), (1, 'tab:red')):
-      points = data.x_labeled[data.y_labeled == label]
-      axis.scatter(points[:, 0], points[:, 1], s=140, c=color, marker='*',
-                   edgecolors='k', linewidths=1.0, label=f'labeled, class {label}')
-    axis.set_title(f'{titles[method]}: test accuracy '
-                   f'{seed_result["test_accuracy"][method]:.3f}')
+      labeled = data.x_labeled[data.y_labeled == label]
+      axis.scatter(labeled[:, 0], labeled[:, 1], s=140, c=color, marker='*',
+                   edgecolors='k', linewidths=1.0,
+                   label=f'labeled, class {label}')
+    axis.set_title(f'{panel.title}\ntest accuracy {panel.test_accuracy:.3f}',
+                   fontsize=10)
     axis.set_xticks([])
     axis.set_yticks([])
-  axes[0].legend(loc='lower left', fontsize=8)
-  figure.suptitle('TwoMoon, 6 labeled + 1,994 unlabeled points' + title_suffix)
+  np.atleast_1d(axes)[0].legend(loc='lower left', fontsize=7)
+  figure.suptitle(title)
   figure.tight_layout()
   tf.io.gfile.makedirs(os.path.dirname(path) or '.')
   with tf.io.gfile.GFile(path, 'wb') as f:
-    figure.savefig(f, format='png', dpi=90)
+    figure.savefig(f, format='png', dpi=80)
   pyplot.close(figure)
 
 
-def run(config: TwoMoonConfig, output_dir: Optional[str] = None,
-        log=print) -> Dict[str, Any]:
-  """All seeds; writes the JSON and the figure under output_dir if given."""
-  start = time.time()
-  seeds = list(range(config.first_seed, config.first_seed + config.num_seeds))
-  per_seed, figure_result = [], None
-  for seed in seeds:
-    seed_start = time.time()
-    result = run_seed(config, seed)
-    if seed == config.figure_seed or figure_result is None:
-      figure_result = result   # the figure seed, else the first seed
-    per_seed.append({'seed': seed, 'test_accuracy': result['test_accuracy'],
-                     'teacher_test_accuracy': result['teacher_test_accuracy'],
-                     'mpl_feedback': result['mpl_feedback']})
-    log(f'seed {seed}: ' + ', '.join(
-        f'{m} {result["test_accuracy"][m]:.4f}' for m in METHODS) +
-        f' ({time.time() - seed_start:.1f} s)')
-  summary = {m: mean_std([r['test_accuracy'][m] for r in per_seed])
-             for m in METHODS}
-  payload = {
-      'config': dataclasses.asdict(config),
-      'mpl_config': dataclasses.asdict(mpl_config(config)),
-      'test_accuracy': summary,
-      'teacher_test_accuracy': {
-          m: mean_std([r['teacher_test_accuracy'][m] for r in per_seed])
-          for m in ('pseudo_labels', 'mpl')},
-      'mpl_wins': sum(r['test_accuracy']['mpl'] > max(
-          r['test_accuracy']['supervised'], r['test_accuracy']['pseudo_labels'])
-                      for r in per_seed),
-      'per_seed': per_seed,
-      'seconds': time.time() - start,
-  }
-  if output_dir:
-    figure_path = os.path.join(output_dir, 'figures', 'two_moon.png')
-    plot_boundaries(figure_result, figure_path,
-                    f' (seed {config.figure_seed}, noise {config.noise})')
-    json_path = os.path.join(output_dir, 'results', 'two_moon.json')
-    payload['seconds'] = time.time() - start
-    experiments.write_json(json_path, payload)
-    log(f'wrote {json_path} and {figure_path}')
-  for method in METHODS:
-    log(f'{method:<14} test accuracy {summary[method]["mean"]:.4f} '
-        f'+- {summary[method]["std"]:.4f} over {len(seeds)} seeds')
-  log(f'total {payload["seconds"]:.0f} s')
-  return payload
-
-
 def main(argv):
+  """The fair protocol (two_moon_protocol.py), with the flags' settings."""
+  import sys  # pylint: disable=g-import-not-at-top
   del argv
   from flags import experiment_flags  # pylint: disable=g-import-not-at-top
-  config, output_dir = experiment_flags.two_moon_config()
-  run(config, output_dir)
+  from mpl_tf.experiments import two_moon_protocol  # pylint: disable=g-import-not-at-top
+  config, output_dir = experiment_flags.two_moon_protocol_config()
+  two_moon_protocol.run(config, output_dir, command=' '.join(
+      ['python -m mpl_tf.experiments.two_moon', *sys.argv[1:]]))
 
 
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   from flags import experiment_flags  # pylint: disable=g-import-not-at-top
-  experiment_flags.define_two_moon()
+  experiment_flags.define_two_moon_protocol()
   app.run(main)
