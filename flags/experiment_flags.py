@@ -119,6 +119,7 @@ _PROTOCOL_HELP = {
     'figure_seed': 'The evaluation seed whose decision boundaries are drawn.',
     'methods': 'Methods to run.',
     'jit_compile': 'Compile each trainer\'s whole loop with XLA.',
+    'processes': 'Methods run in this many processes at once.',
 }
 
 

@@ -98,7 +98,8 @@ class UdaForPointsTest(tf.test.TestCase):
 TINY = protocol_lib.ProtocolConfig(
     two_moon=MOONS, validation_points=100, rate_grid=(0.5,),
     supervised_rate_grid=(0.5,), noise_grid=(0.1,), step_counts=(3,),
-    tuning_seeds=1, eval_seeds=1, convergence_factor=2, jit_compile=False)
+    tuning_seeds=1, eval_seeds=1, convergence_factor=2, jit_compile=False,
+    processes=1)
 
 
 class ProtocolTest(tf.test.TestCase):
