@@ -35,7 +35,8 @@ def _header(payload: Dict, default_command: str) -> List[str]:
 
 def _setting(setting: Dict[str, float]) -> str:
   names = {'teacher_lr': 'lr_T', 'student_lr': 'lr_S', 'noise_std': 'noise'}
-  return ', '.join(f'{names[k]} {v:g}' for k, v in setting.items())
+  return ', '.join(f'{names[k]} {setting[k]:g}' for k in names
+                   if k in setting)
 
 
 def two_moon(payload: Dict) -> List[str]:
@@ -56,7 +57,11 @@ def two_moon(payload: Dict) -> List[str]:
       f'validation at {config["convergence_factor"]}x steps | test accuracy '
       '| seeds ≥ 99% | seeds ≥ 95% | MPL teacher | mean abs(h) |',
       '|---|---|---|---|---|---|---|---|---|']
-  for name, result in payload['methods'].items():
+  # The protocol's order (the JSON's keys are sorted).
+  from mpl_tf.experiments.two_moon_protocol import METHOD_NAMES  # pylint: disable=g-import-not-at-top
+  order = [n for n in METHOD_NAMES if n in payload['methods']]
+  for name in order:
+    result = payload['methods'][name]
     tuning, summary = result['tuning'], result['summary']
     selected = tuning['selected']
     teacher = (_mean_std(summary['teacher']) if 'teacher' in summary
