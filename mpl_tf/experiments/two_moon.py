@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from mpl_tf import losses
 from mpl_tf import optim
-from mpl_tf.config import MplConfig, OptimConfig
+from mpl_tf.config import ConfigError, MplConfig, OptimConfig
 from mpl_tf.mpl_step import MplStep
 
 NUM_CLASSES = 2
@@ -287,7 +287,11 @@ def main(argv):
   del argv
   from flags import experiment_flags  # pylint: disable=g-import-not-at-top
   from mpl_tf.experiments import two_moon_protocol  # pylint: disable=g-import-not-at-top
-  config, output_dir = experiment_flags.two_moon_protocol_config()
+  try:
+    config, output_dir = experiment_flags.two_moon_protocol_config()
+  except ConfigError as error:   # one line, no traceback, exit status 2
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(2)
   two_moon_protocol.run(config, output_dir, command=' '.join(
       ['python -m mpl_tf.experiments.two_moon', *sys.argv[1:]]))
 

@@ -26,7 +26,7 @@ With noise_std = 0 both views are the same points (the methods without UDA).
 """
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import keras
 import numpy as np
@@ -246,11 +246,3 @@ def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
 def probabilities(model: keras.Model, points: np.ndarray) -> np.ndarray:
   """P(class 1) at `points`: what the figure draws."""
   return tf.nn.softmax(model(points, training=False)).numpy()[:, 1]
-
-
-def make_trainer(config: TwoMoonConfig, kind: str, num_steps: int,
-                 mpl: Optional[MplConfig] = None, num_points: int = 0,
-                 jit_compile: bool = True):
-  if kind == 'mpl':
-    return MplTrainer(config, mpl, num_steps, jit_compile)
-  return SupervisedTrainer(config, num_points, num_steps, jit_compile)
