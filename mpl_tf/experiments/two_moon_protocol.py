@@ -31,9 +31,10 @@ The protocol, the same for every method:
   3. Report: the selected setting retrained on each evaluation seed; test
      accuracy (another separate draw) as mean +- std, and how many seeds
      reach 99% and 95%.
-Whether the step counts are long enough is read off the tuning table:
-`best_validation_by_steps` holds each method's best mean validation accuracy
-at every step count.
+Whether the step counts are long enough: `best_validation_by_steps` holds
+each method's best mean validation accuracy at every step count, and
+`convergence` the selected setting's at `convergence_factor` times the
+longest (not better there: converged).
 """
 
 import dataclasses
