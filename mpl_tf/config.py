@@ -10,6 +10,7 @@ written to `model_dir/config.json`, never a constant hidden in the step.
 
 import dataclasses
 import json
+import math
 from typing import Any, Dict
 
 PSEUDO_LABELS = ('sampled', 'argmax', 'soft')
@@ -264,8 +265,19 @@ def _check_positive(name: str, value) -> None:
     raise ConfigError(f'{name}={value} must be positive.')
 
 
+def _check_finite(config) -> None:
+  """Every float field must be a finite number: nan passes `<= 0` checks."""
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if dataclasses.is_dataclass(value):
+      _check_finite(value)
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f'{field.name}={value} must be a finite number.')
+
+
 def validate(config: Config) -> Config:
   """Raises ConfigError naming the field and the fix; returns the config."""
+  _check_finite(config)
   mpl, optim, data = config.mpl, config.optim, config.data
   _check_choice('pseudo_label', mpl.pseudo_label, PSEUDO_LABELS)
   _check_choice('feedback', mpl.feedback, FEEDBACKS)

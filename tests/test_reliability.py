@@ -284,6 +284,26 @@ class BadInputTest(tf.test.TestCase):
         self._assert_refused(ValueError, f'{path}.*({pattern}).*prepare',
                              data_dir)
 
+  def test_corrupt_manifest_names_the_file_and_the_fix(self):
+    data_dir = self._damaged_data()
+    path = os.path.join(data_dir, records.MANIFEST_NAME)
+    with open(path) as f:
+      text = f.read()
+    with open(path, 'w') as f:
+      f.write(text[:len(text) // 2])   # a write cut off midway
+    self._assert_refused(ValueError, f'{path}.*not valid JSON.*prepare',
+                         data_dir)
+
+  def test_non_finite_numbers_are_refused_by_name(self):
+    for flag in ('--teacher_lr=nan', '--student_lr=inf', '--uda_weight=nan',
+                 '--ema_decay=nan', '--weight_decay=inf'):
+      with self.subTest(flag):
+        name = flag[2:].split('=')[0]
+        # Refused when the flags are read, before any run starts.
+        with self.assertRaisesRegex(ConfigError,
+                                    f'^{name}=(nan|inf) must be .*finite'):
+          _config(os.path.join(_tempdir(self), 'run'), self.data_dir, flag)
+
   def test_missing_split_and_class_without_labels(self):
     data_dir = self._damaged_data()
     for path in records.split_files(data_dir, 'validation'):

@@ -344,7 +344,7 @@ def read_manifest(data_dir: str) -> Dict[str, Any]:
   path = os.path.join(data_dir, MANIFEST_NAME)
   try:
     with tf.io.gfile.GFile(path, 'r') as f:
-      return json.loads(f.read())
+      text = f.read()
   except tf.errors.NotFoundError:
     raise FileNotFoundError(
         f'No {MANIFEST_NAME} in {data_dir!r}: the data set there is not '
@@ -353,6 +353,15 @@ def read_manifest(data_dir: str) -> Dict[str, Any]:
         f'--dataset set to it and --data_dir={data_dir}; for any other, run '
         f'`python -m mpl_tf.data.prepare --out_dir={data_dir} ...` (see '
         f'docs/data.md).') from None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as error:
+    raise ValueError(
+        f'{path} is not valid JSON ({error}): the prepared data set in '
+        f'{data_dir!r} is damaged (a copy or write cut off?). Prepare it '
+        f'again into an empty directory: an offline set (mnist5k, digits) '
+        f'by training with --dataset set to it, any other with `python -m '
+        f'mpl_tf.data.prepare --out_dir=...` (docs/data.md).') from None
 
 
 def per_channel_mean_std(images: np.ndarray) -> Tuple[List[float],
