@@ -162,6 +162,23 @@ def _labeled_class_counts(data_dir: str, manifest: Dict[str, Any]):
                              lambda total, one: total + one).numpy().tolist()
 
 
+def check_not_in_a_file(directory: str, flag: str) -> str:
+  """Raises ConfigError if a local directory path runs into a file.
+
+  Returns the nearest existing ancestor (the directory itself if it
+  exists). Remote paths (gs://) are left to their first read or write.
+  """
+  if storage.has_scheme(directory):
+    return directory
+  path = os.path.abspath(directory)
+  while not tf.io.gfile.exists(path):
+    path = os.path.dirname(path)
+  if not tf.io.gfile.isdir(path):
+    raise ConfigError(f'{flag} {directory!r} cannot be a directory: {path!r} '
+                      f'is a file. Pass a --{flag} in a directory.')
+  return path
+
+
 def check_writable(model_dir: str) -> None:
   """Raises ConfigError unless model_dir can be created and written to.
 
@@ -172,12 +189,7 @@ def check_writable(model_dir: str) -> None:
   """
   if storage.has_scheme(model_dir):
     return
-  path = os.path.abspath(model_dir)
-  while not tf.io.gfile.exists(path):
-    path = os.path.dirname(path)
-  if not tf.io.gfile.isdir(path):
-    raise ConfigError(f'model_dir {model_dir!r} cannot be created: {path!r} '
-                      f'is a file. Pass a --model_dir in a directory.')
+  path = check_not_in_a_file(model_dir, 'model_dir')
   # Permissions have no tf.io.gfile call; local paths only.
   if not os.access(path, os.W_OK | os.X_OK):
     raise ConfigError(f'model_dir {model_dir!r} is not writable ({path!r} '
@@ -591,6 +603,7 @@ def _preflight(config: Config, strategy) -> Dict[str, Any]:
   manifest, error = None, None
   try:
     check_writable(config.run.model_dir)
+    check_not_in_a_file(config.data.data_dir, 'data_dir')
     if chief:
       manifest = offline.ensure_prepared(config.data)
       check_data(config, manifest)

@@ -294,6 +294,13 @@ class BadInputTest(tf.test.TestCase):
     self._assert_refused(ValueError, f'{path}.*not valid JSON.*prepare',
                          data_dir)
 
+  def test_data_dir_under_a_file_is_named(self):
+    a_file = os.path.join(_tempdir(self), 'a_file')
+    with open(a_file, 'w') as f:
+      f.write('not a directory')
+    self._assert_refused(ConfigError, f'data_dir .*{a_file}.* is a file.*'
+                         f'--data_dir', os.path.join(a_file, 'data'))
+
   def test_non_finite_numbers_are_refused_by_name(self):
     for flag in ('--teacher_lr=nan', '--student_lr=inf', '--uda_weight=nan',
                  '--ema_decay=nan', '--weight_decay=inf'):
