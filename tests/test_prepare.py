@@ -476,6 +476,18 @@ class FolderAndNpzSourceTest(tf.test.TestCase):
           out_dir=out_dir))
     self.assertEqual(sorted(os.listdir(root)), ['train'])
 
+  def test_folder_with_one_class_is_refused_and_nothing_is_written(self):
+    root = self.get_temp_dir()
+    _write_image_folder(os.path.join(root, 'train'), [[(8, 8)] * 4])
+    out_dir = os.path.join(root, 'prepared')
+    with self.assertRaisesRegex(ValueError, r'1 class \(class_0\).*at least '
+                                r'2 classes'):
+      prepare.prepare(prepare.PrepareConfig(
+          source='folder', train_dir=os.path.join(root, 'train'),
+          split_rule='custom', labeled_per_class=1, num_test=1,
+          out_dir=out_dir))
+    self.assertEqual(sorted(os.listdir(root)), ['train'])
+
   def test_npz_source(self):
     root = self.get_temp_dir()
     images, test_images = _random_images(60, 8, 8), _random_images(9, 8, 8)

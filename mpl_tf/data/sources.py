@@ -302,6 +302,12 @@ def open_folder(train_dir: str, test_dir: Optional[str] = None) -> Source:
   """
   train_dir = storage.absolute(train_dir)
   class_names = _class_folders(train_dir, 'train')
+  if len(class_names) < 2:
+    raise ValueError(
+        f'The train folder {train_dir!r} has 1 class ({class_names[0]}): '
+        f'a classifier needs at least 2 classes. Put the images of each '
+        f'class in a sub-folder named after it (e.g. {train_dir}/cat/1.jpg, '
+        f'{train_dir}/dog/2.jpg).')
   paths, labels = _list_class_folder(train_dir, class_names, 'train')
   train = FolderSplit(f'folder {train_dir}', paths, labels)
   test = None
