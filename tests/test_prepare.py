@@ -472,8 +472,8 @@ class FolderAndNpzSourceTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, f'Cannot use image file {broken}'):
       prepare.prepare(prepare.PrepareConfig(
           source='folder', train_dir=os.path.join(root, 'train'),
-          split_rule='custom', labeled_per_class=1, num_test=2,
-          out_dir=out_dir))
+          split_rule='custom', labeled_per_class=1, validation_per_class=1,
+          num_test=1, out_dir=out_dir))
     self.assertEqual(sorted(os.listdir(root)), ['train'])
 
   def test_folder_with_one_class_is_refused_and_nothing_is_written(self):
@@ -485,6 +485,18 @@ class FolderAndNpzSourceTest(tf.test.TestCase):
       prepare.prepare(prepare.PrepareConfig(
           source='folder', train_dir=os.path.join(root, 'train'),
           split_rule='custom', labeled_per_class=1, num_test=1,
+          out_dir=out_dir))
+    self.assertEqual(sorted(os.listdir(root)), ['train'])
+
+  def test_custom_split_without_validation_is_refused(self):
+    root = self.get_temp_dir()
+    _write_image_folder(os.path.join(root, 'train'), [[(8, 8)] * 4] * 2)
+    out_dir = os.path.join(root, 'prepared')
+    with self.assertRaisesRegex(prepare.PrepareError, 'no validation images'
+                                '.*--validation_per_class=N'):
+      prepare.prepare(prepare.PrepareConfig(
+          source='folder', train_dir=os.path.join(root, 'train'),
+          split_rule='custom', labeled_per_class=1, num_test=2,
           out_dir=out_dir))
     self.assertEqual(sorted(os.listdir(root)), ['train'])
 
@@ -520,7 +532,8 @@ class FolderAndNpzSourceTest(tf.test.TestCase):
              y_train=np.arange(30) % 2)
     out_dir = os.path.join(self.get_temp_dir(), 'out')
     common = ['--source=npz', f'--npz_path={path}', '--split_rule=custom',
-              '--labeled_per_class=2', f'--out_dir={out_dir}']
+              '--labeled_per_class=2', '--validation_per_class=1',
+              f'--out_dir={out_dir}']
     status, stderr = _run_cli(*common)
     self.assertEqual(status, 2)
     self.assertIn('no test split', stderr)

@@ -10,6 +10,7 @@ are recorded by benchmarks/kill_resume.py (too slow for a test).
 
 import dataclasses
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -293,6 +294,18 @@ class BadInputTest(tf.test.TestCase):
       f.write(text[:len(text) // 2])   # a write cut off midway
     self._assert_refused(ValueError, f'{path}.*not valid JSON.*prepare',
                          data_dir)
+
+  def test_data_without_validation_or_test_images_is_refused(self):
+    for split, flag in (('validation', '--validation_per_class=N'),
+                        ('test', '--num_test=N')):
+      with self.subTest(split):
+        data_dir = self._damaged_data()
+        manifest = records.read_manifest(data_dir)
+        manifest['counts'][split] = 0
+        with open(os.path.join(data_dir, records.MANIFEST_NAME), 'w') as f:
+          json.dump(manifest, f)
+        self._assert_refused(ValueError, f'no {split} images.*{flag}',
+                             data_dir)
 
   def test_data_dir_under_a_file_is_named(self):
     a_file = os.path.join(_tempdir(self), 'a_file')

@@ -393,6 +393,11 @@ def plan_splits(config: PrepareConfig, source: sources.Source
   except ValueError as error:
     raise PrepareError(f'{config.split_rule} split of {train.description}: '
                        f'{error}') from None
+  if not len(indices['validation']):
+    raise PrepareError(
+        f'The {config.split_rule} split of {train.description} has no '
+        f'validation images, which model selection needs: pass '
+        f'--validation_per_class=N (or --num_validation=N).')
   plan = {split: (train, indices[split]) for split in records.SPLITS}
   if test is not None:
     plan['test'] = (test, np.arange(len(test), dtype=np.int64))
