@@ -127,6 +127,15 @@ def check_data(config: Config, manifest: Dict[str, Any]) -> None:
   teacher's knowledge of it come from nowhere else), and the records must be
   readable, of the manifest's size and channels, with labels in range.
   """
+  for split in ('validation', 'test'):
+    if not manifest.get('counts', {}).get(split):
+      raise ValueError(
+          f'The data set in {config.data.data_dir!r} has no {split} images, '
+          f'which training evaluates on. Prepare it again with a {split} '
+          f'split: `python -m mpl_tf.data.prepare ... ' +
+          ('--validation_per_class=N` (or --num_validation=N)'
+           if split == 'validation' else '--num_test=N` (or --test_dir)') +
+          '; for an offline set, --num_validation / --num_test.')
   pipeline.check_manifest(config, manifest)
   data_dir = config.data.data_dir
   pipeline.check_records(config, manifest)

@@ -60,15 +60,6 @@ def check_manifest(config: config_lib.Config,
                    manifest: Dict[str, Any]) -> None:
   """Raises ValueError when the prepared images cannot feed this config."""
   data = config.data
-  for split in ('validation', 'test'):
-    if not manifest.get('counts', {}).get(split):
-      raise ValueError(
-          f'The data set in {data.data_dir!r} has no {split} images, which '
-          f'every run evaluates on. Prepare it again with a {split} split: '
-          f'`python -m mpl_tf.data.prepare ... ' +
-          ('--validation_per_class=N` (or --num_validation=N)'
-           if split == 'validation' else '--num_test=N` (or --test_dir)') +
-          '; for an offline set, --num_validation / --num_test.')
   stored = manifest.get('image_size')
   if data.crop == 'pad_crop':
     if stored is None:
