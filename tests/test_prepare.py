@@ -476,29 +476,26 @@ class FolderAndNpzSourceTest(tf.test.TestCase):
           num_test=1, out_dir=out_dir))
     self.assertEqual(sorted(os.listdir(root)), ['train'])
 
-  def test_folder_with_one_class_is_refused_and_nothing_is_written(self):
+  def _assert_folder_refused(self, sizes, error, pattern, **fields):
+    """prepare on a folder of `sizes` images fails; nothing is written."""
     root = self.get_temp_dir()
-    _write_image_folder(os.path.join(root, 'train'), [[(8, 8)] * 4])
-    out_dir = os.path.join(root, 'prepared')
-    with self.assertRaisesRegex(ValueError, r'1 class \(class_0\).*at least '
-                                r'2 classes'):
+    _write_image_folder(os.path.join(root, 'train'), sizes)
+    with self.assertRaisesRegex(error, pattern):
       prepare.prepare(prepare.PrepareConfig(
           source='folder', train_dir=os.path.join(root, 'train'),
-          split_rule='custom', labeled_per_class=1, num_test=1,
-          out_dir=out_dir))
+          split_rule='custom', labeled_per_class=1,
+          out_dir=os.path.join(root, 'prepared'), **fields))
     self.assertEqual(sorted(os.listdir(root)), ['train'])
 
+  def test_folder_with_one_class_is_refused_and_nothing_is_written(self):
+    self._assert_folder_refused([[(8, 8)] * 4], ValueError,
+                                r'1 class \(class_0\).*at least 2 classes',
+                                num_test=1)
+
   def test_custom_split_without_validation_is_refused(self):
-    root = self.get_temp_dir()
-    _write_image_folder(os.path.join(root, 'train'), [[(8, 8)] * 4] * 2)
-    out_dir = os.path.join(root, 'prepared')
-    with self.assertRaisesRegex(prepare.PrepareError, 'no validation images'
-                                '.*--validation_per_class=N'):
-      prepare.prepare(prepare.PrepareConfig(
-          source='folder', train_dir=os.path.join(root, 'train'),
-          split_rule='custom', labeled_per_class=1, num_test=2,
-          out_dir=out_dir))
-    self.assertEqual(sorted(os.listdir(root)), ['train'])
+    self._assert_folder_refused(
+        [[(8, 8)] * 4] * 2, prepare.PrepareError,
+        'no validation images.*--validation_per_class=N', num_test=2)
 
   def test_npz_source(self):
     root = self.get_temp_dir()
