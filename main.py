@@ -11,8 +11,14 @@ traceback.
 import os
 import signal
 import sys
+import warnings
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Before TensorFlow starts its threads or allocates: large buffers are reused
+# instead of being faulted in again every step (MPL_TF_MALLOC_TUNING=0 turns
+# it off; mpl_tf/malloc_tuning.py says why).
+from mpl_tf import malloc_tuning  # pylint: disable=g-import-not-at-top
+
+malloc_tuning.tune()
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
@@ -40,6 +46,13 @@ def main(argv):
   if len(argv) > 1:
     _user_error(f'unexpected arguments: {" ".join(argv[1:])}; every setting '
                 f'is a --flag (python main.py --helpfull).')
+  verbose = absl_flags.FLAGS.verbose
+  if not verbose:
+    # TensorFlow's C++ start-up lines (CUDA probing on a machine without a
+    # GPU, CPU feature notes) and Python warnings of its dependencies; a
+    # user's own TF_CPP_MIN_LOG_LEVEL wins.
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+    warnings.filterwarnings('ignore')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mpl_tf import app as mpl_app  # pylint: disable=g-import-not-at-top
   from mpl_tf.cluster import StopRequested  # pylint: disable=g-import-not-at-top
@@ -47,11 +60,19 @@ def main(argv):
   from mpl_tf.train import NonFiniteError  # pylint: disable=g-import-not-at-top
   # TensorFlow's INFO/WARNING chatter (e.g. keras-cv's vectorisation notes,
   # checkpoint timings) would bury the progress lines; errors still show.
-  tf.get_logger().setLevel('ERROR')
-  logging.set_verbosity(logging.ERROR)
+  if not verbose:
+    tf.get_logger().setLevel('ERROR')
+    logging.set_verbosity(logging.ERROR)
   try:
     config = definitions.to_config()
-    print(config.to_json())
+    if verbose:
+      print(config.to_json())
+    else:
+      print(config.summary())
+      if config.run.mode == 'train':
+        print(f'  (every setting: '
+              f'{os.path.join(config.run.model_dir, "config.json")}; '
+              f'--verbose prints them here)')
     mpl_app.run(config)
   except (ConfigError, FileNotFoundError, ValueError, NonFiniteError) as error:
     # Data and config modules raise these with a message naming the fix;

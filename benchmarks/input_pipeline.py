@@ -146,4 +146,6 @@ def main():
 
 
 if __name__ == '__main__':
+  from mpl_tf import malloc_tuning  # pylint: disable=g-import-not-at-top
+  malloc_tuning.tune()  # as main.py does (mpl_tf/malloc_tuning.py)
   main()

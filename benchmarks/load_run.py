@@ -125,7 +125,8 @@ def main():
     train.Progress.update = original_update
     sampler.stop.set()
 
-  print(f'\n{args.minutes:g} minutes of flags/demo.cfg (wrn-28-2, mnist5k), '
+  print(f'\n{args.minutes:g} minutes of flags/demo.cfg ({config.model.name}, '
+        f'{config.data.dataset} {config.data.image_size}px), '
         f'steps_per_loop={config.run.steps_per_loop}, checkpoint every '
         f'{config.run.checkpoint_every} steps')
   print('| interval | step at end | steps/s | max VmRSS (MB) | VmRSS at end '

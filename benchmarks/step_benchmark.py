@@ -3,6 +3,9 @@
   .venv/bin/python benchmarks/step_benchmark.py                 # default grid
   .venv/bin/python benchmarks/step_benchmark.py --shapes=small  # minutes
   .venv/bin/python benchmarks/step_benchmark.py --cases=mpl_exact:64x7:float32:noxla
+  .venv/bin/python benchmarks/step_benchmark.py --malloc=on,off --cases=...
+  .venv/bin/python benchmarks/step_benchmark.py --model=wrn-10-2 --image_size=16 \
+      --cases=mpl_exact:8x3:float32:noxla     # the README demo's step
 
 Each case runs in its own fresh Python process, so its peak RSS, its first
 call (trace) and its allocator state are its own. A case is
@@ -21,7 +24,8 @@ call (trace) and its allocator state are its own. A case is
 
 The step runs inside the product's device loop (device_loop.make_train_loop, the
 same tf.function, strategy.run and metric reduction that training uses) on
-WRN-28-2, CIFAR shapes (32x32x3, 10 classes), reading one constant batch
+WRN-28-2, CIFAR shapes (32x32x3, 10 classes; --model and --image_size
+change them), reading one constant batch
 from a repeated dataset, so the input pipeline costs nothing here; its own
 rate is measured separately (benchmarks/input_pipeline.py's stream) and
 printed beside the steps' consumption.
@@ -31,7 +35,9 @@ steady-state seconds per step over --steps steps (after one warm-up call),
 images per step and per second, FLOPs per step, achieved GFLOP/s, the
 process's fp32 (and, for bf16 cases, bf16) matmul peak measured in the same
 process right before the step, the ratio, user and system CPU seconds per
-step (getrusage), and peak RSS (ru_maxrss, the whole process).
+step and minor page faults per step (getrusage), and peak RSS (ru_maxrss,
+the whole process). `--malloc=on,off` runs every case with and without the
+glibc malloc tuning that main.py applies (mpl_tf/malloc_tuning.py).
 
 FLOPs per step are counted from the model (benchmarks/flops.py: conv and
 dense multiply-accumulates of one image x 2 = F) and the passes each step
@@ -151,7 +157,8 @@ def _build_loop(case: dict):
   from mpl_tf.uda_step import UdaStep  # pylint: disable=g-import-not-at-top
 
   batch, unlabeled = case['batch'], case['batch'] * case['mu']
-  model_cfg = config_lib.ModelConfig(name='wrn-28-2',
+  size = case['image_size']
+  model_cfg = config_lib.ModelConfig(name=case['model'],
                                      precision=case['precision'])
   optim_cfg = config_lib.OptimConfig(labeled_batch_size=batch,
                                      uda_ratio=case['mu'])
@@ -163,7 +170,7 @@ def _build_loop(case: dict):
   teacher_lr, student_lr = optim.learning_rates(optim_cfg)
   strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
   with strategy.scope():
-    build = lambda name: build_model(model_cfg, 10, 32, name)
+    build = lambda name: build_model(model_cfg, 10, size, name)
     if case['step'] == 'supervised':
       model = build('supervised')
       replica_step = SupervisedStep(
@@ -186,7 +193,7 @@ def _build_loop(case: dict):
           ema_student=ema_student, global_labeled_batch=batch,
           global_unlabeled_batch=unlabeled))
   rng = np.random.default_rng(0)
-  images = lambda n: rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
+  images = lambda n: rng.normal(size=(n, size, size, 3)).astype(np.float32)
   inputs = {'labeled_images': images(batch),
             'labels': rng.integers(0, 10, batch).astype(np.int32)}
   if case['step'] != 'supervised':
@@ -200,6 +207,10 @@ def _build_loop(case: dict):
 
 def run_worker(case: dict, steps: int) -> dict:
   """Measures one case in this (fresh) process."""
+  # As main.py does, before TensorFlow allocates (off when the parent set
+  # MPL_TF_MALLOC_TUNING=0 for this case).
+  from mpl_tf import malloc_tuning  # pylint: disable=g-import-not-at-top
+  malloc = malloc_tuning.summary(malloc_tuning.tune())
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   peaks = {'float32': _matmul_peak(tf.float32)}
   if case['precision'] == 'mixed_bfloat16':
@@ -228,9 +239,11 @@ def run_worker(case: dict, steps: int) -> dict:
       matmul_peak_gflops=peaks, fraction_of_peak=flops / seconds / 1e9 / peak,
       user_cpu_per_step=(after.ru_utime - usage.ru_utime) / steps,
       system_cpu_per_step=(after.ru_stime - usage.ru_stime) / steps,
+      minor_faults_per_step=(after.ru_minflt - usage.ru_minflt) / steps,
       peak_rss_gb=after.ru_maxrss / 1024 ** 2,
       peak_rss_after_first_call_gb=rss_after_first_call / 1024 ** 2,
-      allocator=os.environ.get('LD_PRELOAD', '') or 'default')
+      allocator=os.environ.get('LD_PRELOAD', '') or 'glibc',
+      malloc_tuning=malloc)
 
 
 # ----------------------------------------------------------------- parent --
@@ -249,7 +262,9 @@ def _pipeline_images_per_second(batch: int, mu: int) -> float:
 
 
 def _row(r: dict) -> str:
-  return (f'| {r["step"]} | {r["batch"]}x{r["mu"]} | {r["precision"]} | '
+  return (f'| {r["step"]} | {r["model"]} {r["image_size"]}px | '
+          f'{r["batch"]}x{r["mu"]} | {r["precision"]} | '
+          f'{"off" if r["malloc_tuning"].startswith("all=off") else "on"} | '
           f'{"on" if r["xla"] else "off"} | {r["seconds_per_step"]:.3f} | '
           f'{r["images_per_second"]:.0f} | {r["gflops_per_step"]:.1f} | '
           f'{r["achieved_gflops"]:.1f} | '
@@ -258,7 +273,7 @@ def _row(r: dict) -> str:
              if 'bfloat16' in r['matmul_peak_gflops'] else '') +
           f' | {r["fraction_of_peak"]:.0%} | {r["first_call_seconds"]:.1f} | '
           f'{r["user_cpu_per_step"]:.2f} | {r["system_cpu_per_step"]:.2f} | '
-          f'{r["peak_rss_gb"]:.2f} |')
+          f'{r["minor_faults_per_step"]:,.0f} | {r["peak_rss_gb"]:.2f} |')
 
 
 def main():
@@ -271,14 +286,26 @@ def main():
   parser.add_argument('--steps', type=int, default=0,
                       help='Timed steps per case (default: 3 for the '
                            'unlabeled steps at 64x7, 10 otherwise).')
+  parser.add_argument('--malloc', default='on',
+                      help='on | off | on,off: run each case with the '
+                           'product\'s glibc malloc tuning '
+                           '(mpl_tf/malloc_tuning.py), without it '
+                           '(MPL_TF_MALLOC_TUNING=0), or both.')
   parser.add_argument('--skip_pipeline', action='store_true')
   parser.add_argument('--output', default=os.path.join(
       REPO, 'benchmarks', 'step_benchmark.json'))
+  parser.add_argument('--model', default='wrn-28-2',
+                      help='The network of every case (the README demo: '
+                           'wrn-10-2).')
+  parser.add_argument('--image_size', type=int, default=32,
+                      help='Image side of every case (the demo: 16).')
   parser.add_argument('--worker', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
 
   if args.worker:
-    print(json.dumps(run_worker(parse_case(args.worker), args.steps)))
+    case = dict(parse_case(args.worker), model=args.model,
+                image_size=args.image_size)
+    print(json.dumps(run_worker(case, args.steps)))
     return
 
   names = args.cases.split(',') if args.cases else [
@@ -286,19 +313,25 @@ def main():
       if c.split(':')[1] in args.shapes.split(',') or (
           'big' in args.shapes and c.split(':')[1] == '960x1')]
   cases = [parse_case(name) for name in names]
-  header = ('| step | BxMU | precision | XLA | s/step | img/s | GFLOP/step | '
-            'GFLOP/s | matmul peak GFLOP/s | of peak | first call s | '
-            'user s/step | sys s/step | peak RSS GB |')
+  header = ('| step | network | BxMU | precision | malloc tuning | XLA | s/step | '
+            'img/s | GFLOP/step | GFLOP/s | matmul peak GFLOP/s | of peak | '
+            'first call s | user s/step | sys s/step | minor faults/step | '
+            'peak RSS GB |')
   print(header)
   print('|' + '---|' * (header.count('|') - 1))
   results = []
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=REPO)
-  for case in cases:
+  settings = args.malloc.split(',')
+  if not settings or set(settings) - {'on', 'off'}:
+    raise SystemExit(f'--malloc={args.malloc!r}: on, off or on,off.')
+  for case, malloc in [(c, m) for c in cases for m in settings]:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=REPO,
+               MPL_TF_MALLOC_TUNING='1' if malloc == 'on' else '0')
     steps = args.steps or (3 if case['step'] != 'supervised' and
                            case['batch'] * case['mu'] >= 448 else 10)
     process = subprocess.run(
         [sys.executable, os.path.abspath(__file__), '--worker', case['name'],
-         '--steps', str(steps)], cwd=REPO, env=env, capture_output=True,
+         '--steps', str(steps), '--model', args.model, '--image_size',
+         str(args.image_size)], cwd=REPO, env=env, capture_output=True,
         text=True)
     if process.returncode:
       sys.stderr.write(process.stderr[-3000:])

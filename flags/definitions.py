@@ -107,6 +107,11 @@ _HELP = {
                       'splits (a multiple of steps_per_loop; 0 = at the end).',
         'eval_batch_size': 'Global evaluation batch size.',
         'eval_median_last': 'Report the median of the last k evaluations.',
+        'eval_all_networks': 'At every evaluation also measure the validation '
+                             'top-1 of the teacher, the student, the '
+                             'finetuned student and the supervised baseline '
+                             '(for model_dir/curves.png); off: the EMA '
+                             'student alone, the others at the end.',
         'supervised_baseline': 'Also train a supervised-only model on the '
                                'same labeled images, for comparison.',
         'supervised_steps': 'Steps of that baseline (0 = as many as MPL).',
@@ -117,6 +122,9 @@ _HELP = {
                       'EMA student in model_dir, else its latest checkpoint.',
         'predict_files': 'For --mode=predict: comma-separated image files or '
                          'globs.',
+        'nonfinite_skip_limit': 'With --nonfinite=skip: stop after this many '
+                                'non-finite steps in a row (the state itself '
+                                'is then broken; skipping cannot recover).',
         'deterministic': 'Enable TensorFlow op determinism: bitwise-'
                          'reproducible runs and resumes on CPU (slower).',
     },
@@ -206,6 +214,13 @@ def _flag_name(group: str, field: str) -> str:
 
 def define(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> None:
   """Declares every flag on `flag_values` (absl's global FLAGS by default)."""
+  # The console's, not the Config's: it changes what is printed, never what
+  # is computed, so it is not in config.json and a run resumes across it.
+  absl_flags.DEFINE_bool(
+      'verbose', False, 'Print the whole configuration and TensorFlow\'s own '
+      'start-up messages and warnings (by default: a two-line summary; the '
+      'whole configuration is in model_dir/config.json).',
+      flag_values=flag_values)
   for (group, field), (choices, help_text) in _ENUMS.items():
     absl_flags.DEFINE_enum(_flag_name(group, field),
                            getattr(_DEFAULTS[group], field), list(choices),

@@ -202,6 +202,10 @@ class RunConfig:
   eval_every: int = 0            # a multiple of steps_per_loop; 0 = at the end
   eval_batch_size: int = 250     # global
   eval_median_last: int = 5      # report the median of the last k evals
+  # Also the teacher's, student's, finetuned student's and supervised
+  # baseline's validation top-1 at every evaluation (curves.png), not only
+  # the EMA student's: more evaluation time, no effect on training.
+  eval_all_networks: bool = False
   # Train a supervised-only model on the same labeled images in the same run.
   supervised_baseline: bool = True
   supervised_steps: int = 0      # 0 = as many steps as the MPL run
@@ -215,6 +219,11 @@ class RunConfig:
   # every network and optimizer slot as before that step, counts it
   # (health/skipped_steps) and goes on. See docs/reliability.md.
   nonfinite: str = 'stop'
+  # Under 'skip': this many non-finite steps in a row stop the run, since
+  # the state they all start from is then broken (e.g. weights grown so large
+  # by one finite but huge update that every forward pass overflows) and
+  # skipping would finish the run with networks that output NaN.
+  nonfinite_skip_limit: int = 20
   # tf.config.experimental.enable_op_determinism(): bitwise-reproducible
   # runs and resumes on CPU, at some speed (docs/reliability.md).
   deterministic: bool = False
@@ -252,6 +261,34 @@ class Config:
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  def summary(self) -> str:
+    """Data, network, algorithm and the MPL choices, in two lines.
+
+    What the console shows; the whole configuration is config.json.
+    """
+    data, optim, run, mpl = self.data, self.optim, self.run, self.mpl
+    stages = [f'{optim.num_steps} steps']
+    if self.finetune.steps:
+      stages.append(f'finetune {self.finetune.steps} steps')
+    if run.supervised_baseline and run.algorithm != 'supervised':
+      stages.append('supervised baseline')
+    first = (f'{run.mode} {run.algorithm}: {data.dataset} '
+             f'({data.image_size}x{data.image_size}, {data.data_dir}), '
+             f'{self.model.name}, B={optim.labeled_batch_size} '
+             f'mu={optim.uda_ratio}, {", ".join(stages)}, {run.strategy}; '
+             f'model_dir {run.model_dir}')
+    if run.algorithm not in ('mpl', 'pseudo_labels', 'uda'):
+      return first
+    baseline = (f'baseline {mpl.baseline_decay} ({mpl.baseline_init})'
+                if mpl.baseline_decay else 'no baseline')
+    second = (f'  MPL: pseudo_label={mpl.pseudo_label} '
+              f'feedback={mpl.feedback} sign={mpl.feedback_sign} '
+              f'{baseline} mpl_weight={mpl.mpl_weight} '
+              f'student_view={mpl.student_view}; UDA weight '
+              f'{mpl.uda_weight} T={mpl.uda_temperature} threshold '
+              f'{mpl.uda_threshold}')
+    return f'{first}\n{second}'
 
 
 def _check_choice(name: str, value: str, choices) -> None:
@@ -337,6 +374,7 @@ def validate(config: Config) -> Config:
   _check_choice('strategy', run.strategy, STRATEGIES)
   _check_choice('algorithm', run.algorithm, ALGORITHMS)
   _check_choice('nonfinite', run.nonfinite, NONFINITE_POLICIES)
+  _check_positive('nonfinite_skip_limit', run.nonfinite_skip_limit)
   if run.algorithm == 'pseudo_labels' and (mpl.mpl_weight or mpl.uda_weight):
     raise ConfigError(
         f'algorithm=pseudo_labels is the MPL step without feedback or UDA, '

@@ -51,6 +51,12 @@ class NonFiniteGuard:
     make = lambda value, name: tf.Variable(
         value, dtype=tf.int64, trainable=False, name=name, aggregation=_FIRST)
     self.skipped_steps = make(0, 'skipped_steps')
+    # Non-finite steps in a row up to now. Not checkpointed (a resumed run
+    # counts afresh): the loop stops a 'skip' run when it reaches
+    # run.nonfinite_skip_limit, because then the state every step starts
+    # from is itself broken (finite weights so large that the next forward
+    # pass overflows) and skipping would go on to the end with it.
+    self.consecutive_skipped = make(0, 'consecutive_skipped_steps')
     # The first step with a non-finite term (-1: none yet), and which terms
     # were non-finite then, as bits in the order of `term_names`.
     self.first_step = make(-1, 'first_nonfinite_step')
@@ -83,6 +89,8 @@ class NonFiniteGuard:
     self.first_terms.assign(tf.where(first, bits, self.first_terms))
     self.first_step.assign(tf.where(first, step, self.first_step))
     self.skipped_steps.assign_add(tf.cast(tf.logical_not(ok), tf.int64))
+    self.consecutive_skipped.assign(tf.where(
+        ok, tf.constant(0, tf.int64), self.consecutive_skipped + 1))
     return ok
 
   def restore_unless(self, ok: tf.Tensor, snapshot: List[tf.Tensor]) -> None:

@@ -2,6 +2,12 @@
 
 On a terminal it rewrites one line every step; otherwise (pipes, CI) it
 prints a new line every `log_every` steps, so logs stay short.
+
+The first update of a phase comes after its first device loop, which
+includes tracing: the rate is measured from there on, and until a second
+update can measure it the line says "measuring" instead of a rate. The ETA
+covers this phase and the phases after it (`later_steps`, given in steps of
+this phase by their cost), and includes the evaluations run between loops.
 """
 
 import sys
@@ -19,12 +25,13 @@ def _duration(seconds: float) -> str:
 class Progress:
 
   def __init__(self, label: str, total: int, log_every: int, stream=None,
-               start_step: int = 0):
+               start_step: int = 0, later_steps: float = 0.0):
     self.label, self.total, self.log_every = label, total, log_every
     self.stream = stream or sys.stdout
     self.interactive = self.stream.isatty()
     self.start = time.time()
     self.start_step = start_step
+    self.later_steps = later_steps
     self._first_step_time = None
     self._first_step = None
 
@@ -37,11 +44,17 @@ class Progress:
             or step == self.start_step + 1 or step == self.total):
       return
     measured = step - self._first_step
-    rate = measured / (now - self._first_step_time) if measured else 0.0
-    eta = (self.total - step) / rate if rate else 0.0
+    if measured and now > self._first_step_time:
+      rate = measured / (now - self._first_step_time)
+      remaining = (self.total - step) / rate
+      timing = f'{rate:.2f} steps/s | ETA {_duration(remaining)}'
+      if self.later_steps:
+        everything = remaining + self.later_steps / rate
+        timing += f' (all phases {_duration(everything)})'
+    else:
+      timing = 'measuring steps/s'
     values = ' '.join(f'{k.split("/")[-1]}={v:.4g}' for k, v in scalars.items())
-    line = (f'{self.label} {step}/{self.total} | {rate:.2f} steps/s | '
-            f'ETA {_duration(eta)} | {values}')
+    line = f'{self.label} {step}/{self.total} | {timing} | {values}'
     if self.interactive:
       self.stream.write('\r' + line[:200] + '\x1b[K')
     else:

@@ -39,6 +39,7 @@ import keras
 import tensorflow as tf
 
 from mpl_tf import cluster
+from mpl_tf import curves
 from mpl_tf import device_loop
 from mpl_tf import distribute
 from mpl_tf import optim
@@ -64,8 +65,10 @@ _SHOWN = ('teacher/supervised_loss', 'teacher/uda_loss',
 # Run fields that may change between a run and its resumption.
 _RESUMABLE_RUN_FIELDS = (
     'mode', 'model_dir', 'strategy', 'tpu', 'steps_per_loop',
-    'checkpoint_every', 'keep_checkpoints', 'jit_compile', 'eval_every', 'eval_batch_size', 'eval_median_last',
-    'export_dir', 'checkpoint', 'predict_files', 'nonfinite', 'deterministic')
+    'checkpoint_every', 'keep_checkpoints', 'jit_compile', 'eval_every',
+    'eval_batch_size', 'eval_median_last', 'eval_all_networks',
+    'export_dir', 'checkpoint', 'predict_files', 'nonfinite',
+    'nonfinite_skip_limit', 'deterministic')
 _HISTORY_FILE = 'eval_history.json'
 _IMAGES_SHOWN = 4
 
@@ -354,14 +357,19 @@ class _Phase:
           tf.summary.image(f'inputs/{key}', images / augment.MAX_PIXEL,
                            step=0, max_outputs=_IMAGES_SHOWN)
 
-  def train(self, on_eval: Optional[Callable] = None) -> Dict[str, float]:
-    """Runs the remaining steps; returns the last loop's mean metrics."""
+  def train(self, on_eval: Optional[Callable] = None,
+            later_steps: float = 0.0) -> Dict[str, float]:
+    """Runs the remaining steps; returns the last loop's mean metrics.
+
+    `later_steps`: the phases after this one, in steps of this one (by
+    their cost), which the progress line's ETA includes.
+    """
     run = self.config.run
     step = self.restore()
     if step == 0 and self.write_images:
       self._write_images()
     progress = Progress(self.name, self.num_steps, run.steps_per_loop,
-                        start_step=step)
+                        start_step=step, later_steps=later_steps)
     iterator = iter(self.strategy.distribute_datasets_from_function(
         lambda context: self.dataset_fn(context, step)))
     metrics = {}
@@ -424,11 +432,46 @@ class _Phase:
       raise NonFiniteError(
           f'{self.name}: non-finite value (NaN or Inf) at '
           f'{self.guard.describe()}; the run stopped without saving it, '
-          f'{self._last_checkpoint()}. Lower the learning rates or '
-          f'--grad_clip_norm, check the data, or pass --nonfinite=skip to '
-          f'leave such steps out.')
+          f'{self._last_checkpoint()}. {self._what_next()}')
+    in_a_row = read_step(self.guard.consecutive_skipped)
+    if in_a_row >= self.config.run.nonfinite_skip_limit:
+      self.writer.flush()
+      raise NonFiniteError(
+          f'{self.name}: the last {in_a_row} steps (up to step {step}) were '
+          f'all non-finite and skipped (--nonfinite_skip_limit='
+          f'{self.config.run.nonfinite_skip_limit}; the first at '
+          f'{self.guard.describe()}): the state they start from is '
+          f'itself broken, e.g. weights that one huge but finite update made '
+          f'so large that every forward pass overflows, and its networks '
+          f'would score 0 (NaN outputs); {self._last_checkpoint()}, which '
+          f'may hold that state. {self._what_next(broken=True)}')
     print(f'{self.name}: {skipped} non-finite step(s) skipped so far '
           f'(the first at {self.guard.describe()}).')
+
+  def _what_next(self, broken: bool = False) -> str:
+    """The advice after a non-finite stop, which must fit check_model_dir.
+
+    Other learning rates or clipping are another configuration, which the
+    same model_dir refuses (it holds this run's config.json): the advice
+    says what to do with that directory.
+    """
+    model_dir, latest = self.config.run.model_dir, self.checkpoints.latest
+    advice = (f'Lower learning rates or --grad_clip_norm are another '
+              f'configuration, which model_dir {model_dir!r} refuses (it '
+              f'resumes only its own): ')
+    if self.name == self.config.run.algorithm and not latest:
+      advice += (f'it holds no checkpoint yet, only this attempt\'s '
+                 f'config.json and logs, so delete it (rm -r {model_dir}) or '
+                 f'pass another --model_dir for them')
+    else:
+      advice += ('pass another --model_dir for them (or delete this one to '
+                 'start over)')
+    advice += '; check the data'
+    if not broken:
+      advice += ('; or run the same command with --nonfinite=skip to ' +
+                 ('go on from the last checkpoint' if latest else
+                  'start again') + ', leaving such steps out')
+    return advice + '.'
 
 
 class _Evaluations:
@@ -439,10 +482,13 @@ class _Evaluations:
   model_dir/checkpoints/best by its own CheckpointManager.
   """
 
-  def __init__(self, config: Config, strategy, manifest, selected, directory):
+  def __init__(self, config: Config, strategy, manifest, selected, directory,
+               others: Optional[Dict[str, keras.Model]] = None):
     self.config, self.strategy, self.manifest = config, strategy, manifest
     self.evaluator = Evaluator(strategy)
     self.selected = selected
+    # Validated too (run.eval_all_networks), for the curves alone.
+    self.others = others if config.run.eval_all_networks else {}
     self.history_path = os.path.join(directory, _HISTORY_FILE)
     self.history = []
     self.best = cluster.Checkpoints(
@@ -466,6 +512,8 @@ class _Evaluations:
     entry = {'step': step,
              'validation': self.evaluate(self.selected, 'validation'),
              'test': self.evaluate(self.selected, 'test')}
+    others = {name: self.evaluate(model, 'validation')['top1']
+              for name, model in self.others.items()}
     best_so_far = max((e['validation']['top1'] for e in self.history),
                       default=-1.0)
     self.history = [e for e in self.history if e['step'] != step] + [entry]
@@ -477,9 +525,37 @@ class _Evaluations:
       for split in ('validation', 'test'):
         for key in ('top1', 'top5', 'loss'):
           tf.summary.scalar(f'{split}/{key}', entry[split][key], step=step)
+      for name, top1 in others.items():
+        tf.summary.scalar(f'validation/top1_{name}', top1, step=step)
     print(f'  step {step}: {self.selected.name} top-1 validation '
-          f'{entry["validation"]["top1"]:.4f}, test {entry["test"]["top1"]:.4f}')
+          f'{entry["validation"]["top1"]:.4f}, test {entry["test"]["top1"]:.4f}'
+          + ''.join(f'; {name} validation {top1:.4f}'
+                    for name, top1 in others.items()))
     return entry
+
+
+def validation_curve(config: Config, strategy, manifest, model: keras.Model,
+                     directory: str) -> Optional[Callable]:
+  """A phase's on_eval logging `model`'s validation top-1, or None.
+
+  For the finetuning and supervised phases under run.eval_all_networks: their
+  curves in curves.png (the networks are evaluated on both splits at the
+  end either way).
+  """
+  if not config.run.eval_all_networks:
+    return None
+  evaluator = Evaluator(strategy)
+  writer = cluster.summary_writer(strategy, os.path.join(directory, 'logs',
+                                                         'eval'))
+
+  def on_eval(step: int) -> None:
+    top1 = evaluate_split(evaluator, config, manifest, model,
+                          'validation')['top1']
+    with writer.as_default():
+      tf.summary.scalar('validation/top1', top1, step=step)
+    writer.flush()
+
+  return on_eval
 
 
 def _dataset_fn(config: Config, manifest, kind: str, batch_size: int = 0):
@@ -534,6 +610,8 @@ class _Training:
   step_counter: tf.Variable
   networks: Dict[str, keras.Model]   # reported at the end, by name
   selected: keras.Model              # selected on validation, finetuned, served
+  # Validated at every evaluation under run.eval_all_networks (curves.png).
+  others: Dict[str, keras.Model] = dataclasses.field(default_factory=dict)
 
 
 def _build_training(config: Config, strategy, manifest, build,
@@ -566,7 +644,8 @@ def _build_training(config: Config, strategy, manifest, build,
     networks = {f'{algorithm}_ema_student': ema_student,
                 f'{algorithm}_student': student,
                 f'{algorithm}_teacher': teacher}
-    return _Training(phase, step.step, networks, ema_student)
+    return _Training(phase, step.step, networks, ema_student,
+                     {'student': student, 'teacher': teacher})
   if algorithm == 'uda':
     model, ema_model = build('uda'), build('uda_ema')
     ema_model.set_weights(model.get_weights())
@@ -581,7 +660,7 @@ def _build_training(config: Config, strategy, manifest, build,
         optim_cfg.num_steps, ('labeled', 'unlabeled'), model_dir,
         [model, ema_model], step.guard, stop)
     return _Training(phase, step.step, {'uda_ema': ema_model, 'uda': model},
-                     ema_model)
+                     ema_model, {'uda': model})
   if algorithm == 'supervised':
     model = build('supervised')
     optimizer = optim.make_optimizer(teacher_lr, optim_cfg, 'optimizer', model)
@@ -674,14 +753,15 @@ def _run(config: Config, strategy, manifest,
   with strategy.scope():
     training = _build_training(config, strategy, manifest, build, stop)
   print(f'{run_cfg.algorithm}: {config.model.name}, '
-        f'{training.selected.count_params():,} parameters per network; '
-        f'{config.mpl}')
+        f'{training.selected.count_params():,} parameters per network')
 
   evaluations = _Evaluations(config, strategy, manifest, training.selected,
-                             model_dir)
+                             model_dir, training.others)
   evaluations.load_history(training.phase.restore())
+  costs = phase_costs(config)
   start = time.time()
-  training.phase.train(evaluations.record)
+  training.phase.train(evaluations.record, sum(costs[1:]) / costs[0] *
+                       optim_cfg.num_steps if costs[0] else 0.0)
   timings = {'train_seconds': time.time() - start}
   final_step = read_step(training.step_counter)
   if not evaluations.history or evaluations.history[-1]['step'] != final_step:
@@ -691,7 +771,8 @@ def _run(config: Config, strategy, manifest,
   results: Dict[str, Any] = {}
   if config.finetune.steps:
     finetuned, seconds = _finetune(config, strategy, manifest,
-                                   training.selected, build, stop)
+                                   training.selected, build, stop,
+                                   costs[2] / costs[1] if costs[1] else 0.0)
     models[f'{next(iter(training.networks))}_finetuned'] = finetuned
     timings['finetune_seconds'] = seconds
   if run_cfg.supervised_baseline and run_cfg.algorithm != 'supervised':
@@ -708,7 +789,8 @@ def _run(config: Config, strategy, manifest,
           os.path.join(model_dir, 'supervised'), stop)
       phase.write_images = False
     start = time.time()
-    phase.train()
+    phase.train(validation_curve(config, strategy, manifest, supervised,
+                                 os.path.join(model_dir, 'supervised')))
     timings['supervised_seconds'] = time.time() - start
     models['supervised'] = supervised
 
@@ -726,11 +808,33 @@ def _run(config: Config, strategy, manifest,
   cluster.chief_only(strategy, write_json,
                      os.path.join(model_dir, 'results.json'), results)
   _print_results(results, models)
+  if cluster.is_chief(strategy):
+    drawn = curves.write_curves(model_dir, optim_cfg.num_steps)
+    if drawn:
+      print(f'curves: {drawn}')
   return results
 
 
+def phase_costs(config: Config) -> List[float]:
+  """[main, finetune, supervised baseline]: each phase's whole work.
+
+  In images through a forward and backward pass (the FLOP counts of
+  benchmarks/step_benchmark.py), for the ETA over the remaining phases.
+  """
+  optim_cfg, run_cfg = config.optim, config.run
+  batch, mu = optim_cfg.labeled_batch_size, optim_cfg.uda_ratio
+  per_step = {'mpl': batch * (3 + 3 * mu), 'pseudo_labels': batch * (3 + 3 * mu),
+              'uda': batch * (1 + 2 * mu)}.get(run_cfg.algorithm, batch)
+  finetune = config.finetune.steps * (config.finetune.batch_size or batch)
+  supervised = ((run_cfg.supervised_steps or optim_cfg.num_steps) * batch
+                if run_cfg.supervised_baseline and
+                run_cfg.algorithm != 'supervised' else 0)
+  return [float(optim_cfg.num_steps * per_step), float(finetune),
+          float(supervised)]
+
+
 def _finetune(config: Config, strategy, manifest, ema_student, build,
-              stop: cluster.StopRequest):
+              stop: cluster.StopRequest, later_steps: float):
   """Trains a copy of the EMA student on the labeled images alone."""
   finetune = config.finetune
   batch_size = finetune.batch_size or config.optim.labeled_batch_size
@@ -750,19 +854,43 @@ def _finetune(config: Config, strategy, manifest, ema_student, build,
         model_key='ema_student')
     phase.write_images = False
   start = time.time()
-  phase.train()
+  phase.train(validation_curve(config, strategy, manifest, finetuned,
+                               os.path.join(config.run.model_dir, 'finetune')),
+              later_steps * finetune.steps)
   return finetuned, time.time() - start
 
 
+# What each reported network is, after its results.json key's suffix.
+_WHAT = {'ema_student_finetuned': 'student (EMA), after finetuning',
+         'ema_student': 'student (EMA), before finetuning',
+         'student': 'student, no EMA', 'teacher': 'teacher',
+         'uda_ema': 'UDA model (EMA)', 'uda': 'UDA model, no EMA',
+         'supervised': 'supervised, same labels'}
+
+
+def _describe(name: str) -> str:
+  for suffix, what in _WHAT.items():
+    if name == suffix or name.endswith('_' + suffix):
+      return what
+  return ''
+
+
 def _print_results(results, models) -> None:
-  print('\n{:<28}{:>16}{:>12}'.format('model', 'validation top-1',
-                                      'test top-1'))
-  for name in models:
-    print('{:<28}{:>16.4f}{:>12.4f}'.format(
-        name, results[name]['validation']['top1'], results[name]['test']['top1']))
+  """The final table: every network on the same validation and test images."""
+  test_count = results[next(iter(models))]['test'].get('count')
+  print('\n{:<27}{:<34}{:>11}{:>11}'.format(
+      'top-1 of', '', 'validation', 'test') + (f' ({test_count} images)'
+                                            if test_count else ''))
+  # The supervised baseline first: what the labels alone give.
+  order = sorted(models, key=lambda name: name != 'supervised')
+  for name in order:
+    print('{:<27}{:<34}{:>11.4f}{:>11.4f}'.format(
+        name, _describe(name), results[name]['validation']['top1'],
+        results[name]['test']['top1']))
   history = results['selected_history']
   if history:
     best, median = history['best_on_validation'], history['median_last']
-    print(f'{next(iter(models))}, best on validation (step {best["step"]}): test top-1 '
-          f'{best["test"]["top1"]:.4f}; median of the last {median["k"]} '
-          f'evaluations: test top-1 {median["test"]["top1"]:.4f}')
+    print(f'{next(iter(models))}, best on validation (step {best["step"]}): '
+          f'test top-1 {best["test"]["top1"]:.4f}; median of the last '
+          f'{median["k"]} evaluations: test top-1 '
+          f'{median["test"]["top1"]:.4f}')

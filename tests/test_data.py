@@ -154,6 +154,26 @@ class OfflineTest(tf.test.TestCase):
     self.assertEqual(self.manifest['split_params']['labeled_per_class'], 5)
     self.assertEqual(self.manifest['image_size'], 32)
 
+  def test_smaller_image_size_is_the_2x2_mean_and_is_redrawn(self):
+    full, labels = offline.load_source('digits')
+    half, half_labels = offline.load_source('digits', image_size=16)
+    expected = full.reshape(-1, 16, 2, 16, 2, 3).astype(np.float64).mean(
+        axis=(2, 4))
+    self.assertEqual(half.shape, (len(full), 16, 16, 3))
+    np.testing.assert_array_equal(half_labels, labels)
+    self.assertLessEqual(np.abs(half - expected).max(), 0.5 + 1e-6)
+    # A set prepared at 32 pixels is not reused for 16, nor the reverse.
+    data_config = dataclasses.replace(
+        self.data_config, data_dir=os.path.join(self.get_temp_dir(), 'd'))
+    self.assertEqual(offline.ensure_prepared(data_config)['image_size'], 32)
+    small = dataclasses.replace(data_config, image_size=16)
+    manifest = offline.ensure_prepared(small)
+    self.assertEqual(manifest['image_size'], 16)
+    self.assertEqual(manifest['counts'], self.manifest['counts'])
+    self.assertEqual(offline.ensure_prepared(data_config)['image_size'], 32)
+    with self.assertRaisesRegex(ValueError, '--image_size between 8 and 32'):
+      offline.ensure_prepared(dataclasses.replace(data_config, image_size=40))
+
   def test_prepared_elsewhere_matches_dataset_then_source(self):
     for key in ('dataset', 'source'):  # 'source' only in older manifests.
       with self.subTest(key):

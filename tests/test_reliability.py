@@ -156,6 +156,7 @@ class NonFiniteStepTest(tf.test.TestCase):
 def _poison_train_stream(test_case, poisoned_step):
   """Makes the training batch of `poisoned_step` (0-based) hold a NaN."""
   original = pipeline.train_dataset
+  test_case._clean_train_dataset = original  # pylint: disable=protected-access
 
   def train_dataset(config, manifest, context, start_step=0):
     dataset = original(config, manifest, context, start_step)
@@ -218,6 +219,58 @@ class NonFiniteLoopTest(DataDirTestCase):
             for event in tf.compat.v1.train.summary_iterator(path)
             for value in event.summary.value}
     self.assertIn('health/skipped_steps', tags)
+
+  def test_stop_before_a_checkpoint_says_what_to_do_with_model_dir(self):
+    # NaN in the first step: no checkpoint exists when the run stops.
+    model_dir = _tempdir(self)
+    _poison_train_stream(self, poisoned_step=0)
+    with self.assertRaises(train.NonFiniteError) as stopped:
+      train.run(self._config(model_dir))
+    message = str(stopped.exception)
+    self.assertIn('there is no checkpoint yet', message)
+    self.assertIn(f'rm -r {model_dir}', message)
+    self.assertIn('--nonfinite=skip to start again', message)
+    # Why: the lower rates the message suggests are refused in that
+    # model_dir (it holds the attempt's config.json) ...
+    with self.assertRaisesRegex(ConfigError, 'different configuration'):
+      train.run(self._config(model_dir, '--teacher_lr=0.01'))
+    # ... and run once it is deleted, as the message says.
+    pipeline.train_dataset = self._clean_train_dataset
+    shutil.rmtree(model_dir)
+    train.run(self._config(model_dir, '--teacher_lr=0.01', '--num_steps=1'))
+    self.assertTrue(tf.train.latest_checkpoint(
+        os.path.join(model_dir, 'checkpoints')).endswith('ckpt-1'))
+
+  def test_skip_stops_when_the_state_itself_makes_every_step_non_finite(self):
+    # The explanation of "0.0000 top-1 after --nonfinite=skip": a teacher
+    # rate of 1e30 makes the first update finite but enormous; from those
+    # weights every forward pass overflows, so every later step is skipped
+    # and restored to the same broken state. Skip mode used to finish such
+    # a run; it now stops after nonfinite_skip_limit steps in a row.
+    model_dir = _tempdir(self)
+    config = self._config(model_dir, '--nonfinite=skip', '--teacher_lr=1e30',
+                          '--teacher_warmup_steps=0', '--num_steps=6',
+                          '--nonfinite_skip_limit=3')
+    with self.assertRaisesRegex(
+        train.NonFiniteError,
+        r'mpl: the last 3 steps \(up to step 4\) were all non-finite and '
+        r'skipped.*state they start from is itself broken.*rm -r|another '
+        r'--model_dir'):
+      train.run(config)
+    # The state it saved is finite, which is why the save check let it
+    # through, but the teacher's weights are enormous: the broken state.
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir,
+                                                     'checkpoints'))
+    reader = tf.train.load_checkpoint(latest)
+    largest = 0.0
+    for name, _ in tf.train.list_variables(latest):
+      value = np.asarray(reader.get_tensor(name))
+      if np.issubdtype(value.dtype, np.floating):
+        self.assertTrue(np.all(np.isfinite(value)), name)
+        # (the teacher's weights may be saved under its optimizer's path)
+        if name.startswith('teacher') and value.size:
+          largest = max(largest, float(np.abs(value).max()))
+    self.assertGreater(largest, 1e20)
 
 
 def _rewrite_record(data_dir, split, index, serialized=None, corrupt=False):

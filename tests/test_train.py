@@ -18,6 +18,7 @@ from absl import flags as absl_flags
 
 from flags import definitions
 from mpl_tf import app
+from mpl_tf import curves
 from mpl_tf import train
 from mpl_tf.config import ConfigError
 from tests.testing import DataDirTestCase
@@ -40,7 +41,8 @@ def _config(model_dir, data_dir, *extra):
                '--labeled_batch_size=4', '--uda_ratio=2', '--num_steps=3',
                '--supervised_steps=2', '--eval_every=2', '--steps_per_loop=1',
                '--checkpoint_every=1', '--num_validation=100',
-               '--num_test=100', '--labeled_per_class=2', *extra])
+               '--num_test=100', '--labeled_per_class=2',
+               '--finetune_steps=0', '--image_size=32', *extra])
   return definitions.to_config(flag_values)
 
 
@@ -81,6 +83,24 @@ class TrainEndToEndTest(DataDirTestCase):
         os.path.join(model_dir, 'checkpoints', 'best')))
     self.assertTrue(tf.io.gfile.glob(
         os.path.join(model_dir, 'logs', 'train', 'events.*')))
+    # demo.cfg's eval_all_networks: every network's validation curve, at
+    # eval_every (2) and at the end of each phase, drawn in curves.png.
+    logs = lambda d: curves.read_scalars(os.path.join(model_dir, d))
+    evaluated = logs('logs/eval')
+    for tag in ('validation/top1', 'validation/top1_teacher',
+                'validation/top1_student'):
+      self.assertEqual([step for step, _ in evaluated[tag]], [2, 3], tag)
+    self.assertAllClose(evaluated['validation/top1'][-1][1],
+                        results['mpl_ema_student']['validation']['top1'])
+    self.assertAllClose(evaluated['validation/top1_teacher'][-1][1],
+                        results['mpl_teacher']['validation']['top1'])
+    for phase in ('finetune', 'supervised'):
+      self.assertEqual(
+          [step for step, _ in logs(f'{phase}/logs/eval')['validation/top1']],
+          [2], phase)
+    self.assertIn('mpl/h', logs('logs/train'))
+    with open(os.path.join(model_dir, 'curves.png'), 'rb') as f:
+      self.assertEqual(f.read(8), b'\x89PNG\r\n\x1a\n')
 
     # The other modes on this run: export serves the finetuned student and
     # evaluating the export reproduces the loop's evaluation of it.

@@ -10,7 +10,10 @@ student, works with no network:
 * 'digits': scikit-learn's 1,797 UCI digits (8x8, values 0..16), scaled to
   0..255 and resized to 32x32 bilinearly, 3 channels.
 
-Both become 32x32x3 uint8 so the same CIFAR-sized networks run on them.
+Both become 32x32x3 uint8 so the same CIFAR-sized networks run on them;
+a smaller `image_size` (8..32) averages that image down (area resize), which
+makes every convolution 4x cheaper at 16x16: the README's demo trains on
+16x16 digits to fit its time budget on two CPU cores.
 `prepare` draws the four splits by seed with the 'custom' rule of
 `splits.py` and writes them with `prepare.write_prepared`, the writer of the
 data-preparation command; `ensure_prepared` makes a run prepare its data
@@ -34,7 +37,8 @@ from mpl_tf.data import records
 from mpl_tf.data import sources
 from mpl_tf.data import splits
 
-IMAGE_SIZE = 32
+IMAGE_SIZE = 32      # the sources' size; image_size may ask for less
+MIN_IMAGE_SIZE = 8   # two stride-2 stages of the CIFAR networks still see 2x2
 CHANNELS = 3
 SOURCES = config_lib.OFFLINE_DATASETS
 _MNIST5K_RELATIVE_PATH = os.path.join('data', 'data', 'mnist_5k.csv.gz')
@@ -84,13 +88,32 @@ def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
   return _gray_to_rgb(images), digits.target.astype(np.int64)
 
 
-def load_source(name: str) -> Tuple[np.ndarray, np.ndarray]:
-  """All images (uint8 [N, 32, 32, 3]) and labels (int64 [N]) of a source."""
+def _downsize(images: np.ndarray, image_size: int) -> np.ndarray:
+  """uint8 images averaged down to image_size (area: no aliasing)."""
+  resized = tf.image.resize(images.astype(np.float32),
+                            [image_size, image_size], method='area').numpy()
+  return np.clip(np.round(resized), 0, 255).astype(np.uint8)
+
+
+def check_image_size(dataset: str, image_size: int) -> None:
+  if not MIN_IMAGE_SIZE <= image_size <= IMAGE_SIZE:
+    raise ValueError(
+        f'Offline data set {dataset!r} has {IMAGE_SIZE}x{IMAGE_SIZE} images, '
+        f'which can be made smaller, not larger; set --image_size between '
+        f'{MIN_IMAGE_SIZE} and {IMAGE_SIZE} (got {image_size}).')
+
+
+def load_source(name: str, image_size: int = IMAGE_SIZE
+                ) -> Tuple[np.ndarray, np.ndarray]:
+  """All images (uint8 [N, size, size, 3]) and labels (int64 [N])."""
   loaders = {'mnist5k': _load_mnist5k, 'digits': _load_digits}
   if name not in loaders:
     raise ValueError(f'Unknown offline source {name!r}; choose one of '
                      f'{", ".join(loaders)}.')
+  check_image_size(name, image_size)
   images, labels = loaders[name]()
+  if image_size != IMAGE_SIZE:
+    images = _downsize(images, image_size)
   return images, labels.astype(np.int64)
 
 
@@ -106,7 +129,8 @@ def _remove_old_splits(data_dir: str) -> None:
 
 
 def prepare(data_dir: str, source: str, labeled_per_class: int,
-            num_validation: int, num_test: int, seed: int) -> Dict[str, Any]:
+            num_validation: int, num_test: int, seed: int,
+            image_size: int = IMAGE_SIZE) -> Dict[str, Any]:
   """Draws the splits of an offline source, writes them; returns the manifest.
 
   The splits follow the 'custom' rule of `splits.py` (test and validation
@@ -118,7 +142,7 @@ def prepare(data_dir: str, source: str, labeled_per_class: int,
   (the ones training sees) and the source index of every record. Unlabeled
   records keep their labels, for diagnostics only.
   """
-  images, labels = load_source(source)
+  images, labels = load_source(source, image_size)
   params = splits.rule_params('custom', labeled_per_class=labeled_per_class,
                               num_validation=num_validation, num_test=num_test)
   indices = splits.draw(labels, seed, params)
@@ -154,6 +178,7 @@ def _matches(manifest: Dict[str, Any],
       'num_validation': data_config.num_validation,
       'num_test': data_config.num_test,
       'seed': data_config.split_seed,
+      'image_size': data_config.image_size,
   }
   return all(manifest.get(key) == value for key, value in wanted.items())
 
@@ -169,8 +194,8 @@ def ensure_prepared(data_config: config_lib.DataConfig) -> Dict[str, Any]:
   """The manifest of `data_config.data_dir`, preparing offline data if needed.
 
   An existing manifest is reused when it was drawn for the requested data
-  set with the requested labeled_per_class, num_validation, num_test and
-  split_seed; for a data set prepared elsewhere only its name must match
+  set with the requested labeled_per_class, num_validation, num_test,
+  split_seed and image_size; for a data set prepared elsewhere only its name must match
   (the manifest's 'dataset', or 'source' in manifests written before
   'dataset' existed). An offline source is (re)prepared otherwise; any
   other data set must already be prepared.
@@ -178,14 +203,12 @@ def ensure_prepared(data_config: config_lib.DataConfig) -> Dict[str, Any]:
   data_dir, dataset = data_config.data_dir, data_config.dataset
   manifest = _existing_manifest(data_dir)
   if dataset in SOURCES:
-    if data_config.image_size != IMAGE_SIZE:
-      raise ValueError(f'Offline data set {dataset!r} has {IMAGE_SIZE}x'
-                       f'{IMAGE_SIZE} images; set image_size={IMAGE_SIZE}.')
+    check_image_size(dataset, data_config.image_size)
     if manifest is not None and _matches(manifest, data_config):
       return manifest
     return prepare(data_dir, dataset, data_config.labeled_per_class,
                    data_config.num_validation, data_config.num_test,
-                   data_config.split_seed)
+                   data_config.split_seed, data_config.image_size)
   if manifest is not None and _dataset_name(manifest) == dataset:
     return manifest
   found = ('no manifest.json' if manifest is None else

@@ -221,6 +221,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from mpl_tf import malloc_tuning  # pylint: disable=g-import-not-at-top
+  malloc_tuning.tune()  # as main.py does (mpl_tf/malloc_tuning.py)
   from absl import app  # pylint: disable=g-import-not-at-top
   from flags import experiment_flags  # pylint: disable=g-import-not-at-top
   experiment_flags.define_ablation()
