@@ -809,7 +809,12 @@ def _run(config: Config, strategy, manifest,
                      os.path.join(model_dir, 'results.json'), results)
   _print_results(results, models)
   if cluster.is_chief(strategy):
-    drawn = curves.write_curves(model_dir, optim_cfg.num_steps)
+    try:
+      drawn = curves.write_curves(model_dir, optim_cfg.num_steps)
+    except (OSError, ValueError, tf.errors.OpError) as error:
+      # The run itself is done and saved; a picture must not fail it.
+      drawn = ''
+      print(f'curves.png not drawn: {error}')
     if drawn:
       print(f'curves: {drawn}')
   return results
