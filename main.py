@@ -57,7 +57,7 @@ def main(argv):
   from mpl_tf import app as mpl_app  # pylint: disable=g-import-not-at-top
   from mpl_tf.cluster import StopRequested  # pylint: disable=g-import-not-at-top
   from mpl_tf.config import ConfigError  # pylint: disable=g-import-not-at-top
-  from mpl_tf.train import NonFiniteError  # pylint: disable=g-import-not-at-top
+  from mpl_tf.phase import NonFiniteError  # pylint: disable=g-import-not-at-top
   # TensorFlow's INFO/WARNING chatter (e.g. keras-cv's vectorisation notes,
   # checkpoint timings) would bury the progress lines; errors still show.
   if not verbose:

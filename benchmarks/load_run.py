@@ -76,6 +76,7 @@ def main():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
   from flags import definitions  # pylint: disable=g-import-not-at-top
+  from mpl_tf import progress  # pylint: disable=g-import-not-at-top
   from mpl_tf import train  # pylint: disable=g-import-not-at-top
   tf.get_logger().setLevel('ERROR')
 
@@ -100,7 +101,7 @@ def main():
   class _Stop(Exception):
     pass
 
-  original_update = train.Progress.update
+  original_update = progress.Progress.update
 
   def update(progress, step, metrics):
     original_update(progress, step, metrics)
@@ -116,13 +117,13 @@ def main():
     if now >= deadline:
       raise _Stop()
 
-  train.Progress.update = update
+  progress.Progress.update = update
   try:
     train.run(config)
   except _Stop:
     pass
   finally:
-    train.Progress.update = original_update
+    progress.Progress.update = original_update
     sampler.stop.set()
 
   print(f'\n{args.minutes:g} minutes of flags/demo.cfg ({config.model.name}, '

@@ -24,11 +24,12 @@ disk. This module holds the few helpers that need more than one gfile call:
 """
 
 import io
+import json
 import os
 import posixpath
 import re
 import uuid
-from typing import Iterator, List, Sequence, Tuple
+from typing import Any, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -219,3 +220,21 @@ def replace_directory(new_dir: str, final_dir: str,
     _replace_by_rename(new_dir, final_dir)
   else:
     _replace_file_by_file(new_dir, final_dir, last)
+
+
+def write_json(path: str, payload: Any) -> None:
+  """Writes JSON (sorted keys) to a temporary name, then renames it.
+
+  A reader never sees half a file, and a killed write leaves the old one.
+  Creates the directory first.
+  """
+  tf.io.gfile.makedirs(posixpath.dirname(path) if has_scheme(path) else
+                       (os.path.dirname(path) or '.'))
+  with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
+    f.write(json.dumps(payload, indent=2, sort_keys=True))
+  tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+
+
+def read_json(path: str) -> Any:
+  with tf.io.gfile.GFile(path) as f:
+    return json.loads(f.read())

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from mpl_tf import app
 from mpl_tf import optim
+from mpl_tf import phase
 from mpl_tf import train
 from mpl_tf.config import ConfigError, MplConfig, OptimConfig
 from mpl_tf.data import pipeline
@@ -185,7 +186,7 @@ class NonFiniteLoopTest(DataDirTestCase):
     model_dir = _tempdir(self)
     _poison_train_stream(self, poisoned_step=2)
     with self.assertRaisesRegex(
-        train.NonFiniteError,
+        phase.NonFiniteError,
         r'mpl: non-finite value \(NaN or Inf\) at step 3 \(teacher/'
         r'supervised_loss.*\).*the last checkpoint is .*ckpt-2.*'
         r'--nonfinite=skip'):
@@ -224,7 +225,7 @@ class NonFiniteLoopTest(DataDirTestCase):
     # NaN in the first step: no checkpoint exists when the run stops.
     model_dir = _tempdir(self)
     _poison_train_stream(self, poisoned_step=0)
-    with self.assertRaises(train.NonFiniteError) as stopped:
+    with self.assertRaises(phase.NonFiniteError) as stopped:
       train.run(self._config(model_dir))
     message = str(stopped.exception)
     self.assertIn('there is no checkpoint yet', message)
@@ -252,7 +253,7 @@ class NonFiniteLoopTest(DataDirTestCase):
                           '--teacher_warmup_steps=0', '--num_steps=6',
                           '--nonfinite_skip_limit=3')
     with self.assertRaisesRegex(
-        train.NonFiniteError,
+        phase.NonFiniteError,
         r'mpl: the last 3 steps \(up to step 4\) were all non-finite and '
         r'skipped.*state they start from is itself broken.*rm -r|another '
         r'--model_dir'):
@@ -499,7 +500,7 @@ class InterruptedCheckpointWriteTest(tf.test.TestCase):
     with open(os.path.join(torn, 'part-00000-of-00001.data-00000-of-00001'),
               'wb') as f:
       f.write(b'\x00' * 7)
-    self.assertEqual(train.remove_interrupted_writes(directory), [torn])
+    self.assertEqual(phase.remove_interrupted_writes(directory), [torn])
     self.assertFalse(os.path.exists(torn))
     self.assertEqual(tf.train.latest_checkpoint(directory), saved)
-    self.assertEqual(train.remove_interrupted_writes(directory), [])
+    self.assertEqual(phase.remove_interrupted_writes(directory), [])

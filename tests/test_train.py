@@ -19,6 +19,7 @@ from absl import flags as absl_flags
 from flags import definitions
 from mpl_tf import app
 from mpl_tf import curves
+from mpl_tf import preflight
 from mpl_tf import train
 from mpl_tf.config import ConfigError
 from tests.testing import DataDirTestCase
@@ -157,10 +158,10 @@ class TrainEndToEndTest(DataDirTestCase):
     del saved['data']['input_sharding']   # the field came later
     with open(os.path.join(model_dir, 'config.json'), 'w') as f:
       json.dump(saved, f)
-    train.check_model_dir(config)   # the default: the same run
+    preflight.check_model_dir(config)   # the default: the same run
     with self.assertRaisesRegex(ConfigError, "input_sharding: 'files' -> "
                                              "'global_batch'"):
-      train.check_model_dir(_config(model_dir, self.data_dir,
+      preflight.check_model_dir(_config(model_dir, self.data_dir,
                                     '--input_sharding=global_batch'))
 
   def test_uda_and_supervised_algorithms_train_and_report(self):

@@ -10,19 +10,3 @@ ablation: the disputed choices of MplConfig, each varied alone, over seeds,
   on TwoMoon and on the offline digits through mpl_tf.train.run.
 report: renders docs/results.md's tables from the experiments' JSON.
 """
-
-import json
-import os
-from typing import Any, Dict
-
-import tensorflow as tf
-
-
-def write_json(path: str, payload: Dict[str, Any]) -> None:
-  """Writes an experiment's results (sorted keys), creating the directory.
-
-  Through tf.io.gfile, so --output_dir may be a bucket.
-  """
-  tf.io.gfile.makedirs(os.path.dirname(path) or '.')
-  with tf.io.gfile.GFile(path, 'w') as f:
-    f.write(json.dumps(payload, indent=2, sort_keys=True))

@@ -40,8 +40,8 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from mpl_tf import storage
 from mpl_tf.config import Config, MplConfig
-from mpl_tf import experiments
 from mpl_tf.experiments import two_moon as two_moon_lib
 
 TASKS = ('two_moon', 'digits')
@@ -195,7 +195,7 @@ def run_task(config: AblationConfig, task: str, output_dir: Optional[str],
         'runs': rows}
     payload['seconds'] = time.time() - start
     if path:
-      experiments.write_json(path, payload)
+      storage.write_json(path, payload)
   log(f'{task}: {len(configs)} variants x {seeds} seeds in '
       f'{payload["seconds"]:.0f} s' + (f'; wrote {path}' if path else ''))
   for variant, entry in payload['variants'].items():

@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from mpl_tf import experiments
+from mpl_tf import storage
 from mpl_tf.config import MplConfig
 from mpl_tf.experiments import two_moon as two_moon_lib
 from mpl_tf.experiments import two_moon_trainers as trainers
@@ -359,7 +359,7 @@ def run(config: ProtocolConfig, output_dir: Optional[str] = None,
         f'points, each method at its tuned setting')
     json_path = f'{output_dir}/results/two_moon.json'
     payload['seconds'] = time.time() - start
-    experiments.write_json(json_path, payload)
+    storage.write_json(json_path, payload)
     log(f'wrote {json_path} and {figure_path}')
   log(f'total {payload["seconds"]:.0f} s')
   return payload

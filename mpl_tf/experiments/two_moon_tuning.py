@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from mpl_tf import experiments
+from mpl_tf import storage
 from mpl_tf.experiments import two_moon as two_moon_lib
 
 # (name, TwoMoonConfig overrides, MplConfig overrides of the MPL run).
@@ -118,7 +118,7 @@ def run(base: two_moon_lib.TwoMoonConfig, num_seeds: int,
         f'{result["mpl_losses"]}  |h| {result["h_mean_abs"]:.2g} '
         f'({time.time() - setting_start:.0f} s)')
     if path:
-      experiments.write_json(path, payload)
+      storage.write_json(path, payload)
   log(f'{len(payload["settings"])} settings x {num_seeds} seeds in '
       f'{payload["seconds"]:.0f} s' + (f'; wrote {path}' if path else ''))
   return payload
