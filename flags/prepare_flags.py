@@ -1,4 +1,4 @@
-"""Flags of `python -m mpl_tf.data.prepare`, grouped, and their one reader.
+"""Flags of `python prepare.py`, grouped, and their one reader.
 
 `define(flag_values)` declares them; `to_config(flag_values)` reads them
 once into a frozen, validated `mpl_tf.data.prepare.PrepareConfig`. Defaults

@@ -62,7 +62,7 @@ DISABLE_VARIABLE = 'MPL_TF_MALLOC_TUNING'
 
 
 def _glibc():
-  """The process's C library if it is glibc (has mallopt and gnu_get_libc_version)."""
+  """The process's C library if it is glibc (it has gnu_get_libc_version)."""
   try:
     libc = ctypes.CDLL(None)
     libc.gnu_get_libc_version.restype = ctypes.c_char_p

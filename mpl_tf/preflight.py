@@ -77,7 +77,7 @@ def check_data(config: Config, manifest: Dict[str, Any]) -> None:
       raise ValueError(
           f'The data set in {config.data.data_dir!r} has no {split} images, '
           f'which training evaluates on. Prepare it again with a {split} '
-          f'split: `python -m mpl_tf.data.prepare ... ' +
+          f'split: `python prepare.py ... ' +
           ('--validation_per_class=N` (or --num_validation=N)'
            if split == 'validation' else '--num_test=N` (or --test_dir)') +
           '; for an offline set, --num_validation / --num_test.')

@@ -19,7 +19,9 @@ def _duration(seconds: float) -> str:
   seconds = int(max(0, seconds))
   minutes, seconds = divmod(seconds, 60)
   hours, minutes = divmod(minutes, 60)
-  return f'{hours}h{minutes:02d}m{seconds:02d}s' if hours else f'{minutes}m{seconds:02d}s'
+  if hours:
+    return f'{hours}h{minutes:02d}m{seconds:02d}s'
+  return f'{minutes}m{seconds:02d}s'
 
 
 class Progress:

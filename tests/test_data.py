@@ -144,7 +144,7 @@ class OfflineTest(tf.test.TestCase):
     data_dir = os.path.join(self.get_temp_dir(), 'cifar10')
     data_config = config_lib.DataConfig(dataset='cifar10', data_dir=data_dir)
     with self.assertRaisesRegex(
-        FileNotFoundError, "'cifar10' is not prepared.*mpl_tf.data.prepare"):
+        FileNotFoundError, "'cifar10' is not prepared.*python prepare.py"):
       offline.ensure_prepared(data_config)
 
   def test_manifest_names_the_dataset_and_its_rule(self):

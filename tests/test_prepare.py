@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import prepare as prepare_command
 from mpl_tf.data import prepare
 from mpl_tf.data import records
 from mpl_tf.data import sources
@@ -62,7 +63,7 @@ def _run_cli(*flags):
   stderr = io.StringIO()
   with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(
       io.StringIO()):
-    status = prepare.run_cli(['prepare', *flags])
+    status = prepare_command.run_cli(['prepare', *flags])
   return status, stderr.getvalue()
 
 
@@ -578,7 +579,7 @@ class CliTest(tf.test.TestCase):
 
   def test_module_entry_point(self):
     result = subprocess.run(
-        [sys.executable, '-m', 'mpl_tf.data.prepare', '--source=npz',
+        [sys.executable, 'prepare.py', '--source=npz',
          '--npz_path=/missing.npz', f'--out_dir={self.get_temp_dir()}/x'],
         cwd=_REPO, capture_output=True, text=True, timeout=120, check=False)
     self.assertEqual(result.returncode, 2, result.stderr)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Copies a prepared data set (a directory with manifest.json, made by
-# `python -m mpl_tf.data.prepare`, docs/data.md) to gs://$BUCKET/data/<name>,
+# `python prepare.py`, docs/data.md) to gs://$BUCKET/data/<name>,
 # where <name> is the directory's last component, the name the presets'
 # --data_dir ends with. Usage: tpu_scripts/stage_data.sh data/cifar10_4k
 set -euo pipefail

@@ -136,7 +136,7 @@ def prepare(data_dir: str, source: str, labeled_per_class: int,
   The splits follow the 'custom' rule of `splits.py` (test and validation
   drawn at random in total, `labeled_per_class` per class from the rest,
   everything else unlabeled) and are written by the same code as
-  `python -m mpl_tf.data.prepare`. The manifest records the counts of every
+  `python prepare.py`. The manifest records the counts of every
   split and class, the image geometry, how the splits were drawn, the
   per-channel mean/std (0..255 scale) of the labeled plus unlabeled images
   (the ones training sees) and the source index of every record. Unlabeled
@@ -216,8 +216,8 @@ def ensure_prepared(data_config: config_lib.DataConfig) -> Dict[str, Any]:
   raise FileNotFoundError(
       f'Data set {dataset!r} is not prepared in {data_dir!r} ({found}). '
       f'Only the offline data sets ({", ".join(SOURCES)}) are prepared '
-      f'automatically; prepare {dataset!r} with `python -m '
-      f'mpl_tf.data.prepare --out_dir={data_dir} --dataset={dataset} ...` '
+      f'automatically; prepare {dataset!r} with `python '
+      f'prepare.py --out_dir={data_dir} --dataset={dataset} ...` '
       f'(docs/data.md gives the commands for CIFAR-10, SVHN, ImageNet and '
       f'folders of images), or from arrays in code with '
       f'mpl_tf.data.records.write_split() and records.write_manifest() '

@@ -1,16 +1,14 @@
-"""Prepares a data set for training: `python -m mpl_tf.data.prepare ...`.
+"""Prepares a data set for training (the library of `python prepare.py`).
 
 Reads a source (a prepared TFDS data set, a folder of class sub-folders, or
 an .npz of arrays; see `sources.py`), draws the labeled, unlabeled,
 validation and test splits by seed from the labels alone (`splits.py`),
 then streams the images once into TFRecord shards (`records.py`) and writes
-`manifest.json` last. Run from the repository root, e.g.:
+`manifest.json` last. The command line (prepare.py at the repository root)
+reads its flags (flags/prepare_flags.py) into a PrepareConfig and calls
+`prepare`; this module reads no flags.
 
-  python -m mpl_tf.data.prepare --source=tfds --tfds_name=cifar10 \\
-      --tfds_data_dir=~/tensorflow_datasets --split_rule=cifar10_4k \\
-      --out_dir=data/cifar10_4k
-
-The command writes into a hidden sibling of `out_dir` (`.<name>.tmp-...`)
+`prepare` writes into a hidden sibling of `out_dir` (`.<name>.tmp-...`)
 and puts it in place only when everything is written, so a failed or
 interrupted run leaves the previous `out_dir` (if any) untouched. Every path
 may be on any file system TensorFlow reads (gs://...; see `storage.py`): a
@@ -28,7 +26,6 @@ import contextlib
 import dataclasses
 import io
 import os
-import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -469,52 +466,3 @@ def prepare(config: PrepareConfig,
       f'; image_size {manifest["image_size"]}; train with '
       f'--dataset={manifest["dataset"]} --data_dir={out_dir}')
   return manifest
-
-
-_USAGE = """\
-Prepares a data set for mpl_tf training (see docs/data.md).
-
-  python -m mpl_tf.data.prepare --source=tfds --tfds_name=cifar10 \\
-      --tfds_data_dir=~/tensorflow_datasets --split_rule=cifar10_4k \\
-      --out_dir=data/cifar10_4k
-  python -m mpl_tf.data.prepare --source=folder --train_dir=photos/train \\
-      --test_dir=photos/test --split_rule=custom --labeled_per_class=20 \\
-      --validation_per_class=10 --out_dir=data/photos
-"""
-
-
-def run_cli(argv: Sequence[str]) -> int:
-  """The command line: parses argv, prepares; returns the exit status.
-
-  0 on success; 2, with one message on stderr and no traceback, for bad
-  flags, missing data or bad images.
-  """
-  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
-  from flags import prepare_flags  # pylint: disable=g-import-not-at-top
-  flag_values = absl_flags.FlagValues()
-  prepare_flags.define(flag_values)
-  if any(arg in ('-h', '--help', '-help', '--helpfull') for arg in argv[1:]):
-    print(_USAGE + '\n' + flag_values.get_help())
-    return 0
-  try:
-    leftover = flag_values(list(argv))
-    if len(leftover) > 1:
-      raise absl_flags.Error(f'unexpected arguments: {" ".join(leftover[1:])}')
-  except absl_flags.Error as error:
-    print(f'error: {error}\nRun with --help to list the flags.',
-          file=sys.stderr)
-    return 2
-  try:
-    prepare(prepare_flags.to_config(flag_values), log=print)
-  except (ValueError, FileNotFoundError, ImportError) as error:
-    # Source readers, split rules and writers raise these naming the fix.
-    print(f'error: {error}', file=sys.stderr)
-    return 2
-  return 0
-
-
-if __name__ == '__main__':
-  # Run the importable copy of this module, so its classes are the ones
-  # flags/prepare_flags.py builds (not a second copy named __main__).
-  from mpl_tf.data import prepare as _prepare  # pylint: disable=import-self,g-import-not-at-top
-  sys.exit(_prepare.run_cli(sys.argv))

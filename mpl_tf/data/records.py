@@ -1,7 +1,7 @@
 """The one TFRecord schema of mpl_tf: writer, parser and checker side by side.
 
 Every prepared data set (the offline ones made by `offline.py`, and the ones
-made by `python -m mpl_tf.data.prepare`) is a directory of TFRecord shards
+made by `python prepare.py`) is a directory of TFRecord shards
 plus a `manifest.json`. Keeping the writer, the parser and the checker in one
 module means they cannot drift apart, and the manifest lets the input
 pipeline size its padding and normalise without a pass over the data.
@@ -46,7 +46,7 @@ _FEATURES = {
 }
 _JPEG_MAGIC = b'\xff\xd8\xff'
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
-_REPREPARE = ('prepare the data set again (python -m mpl_tf.data.prepare, '
+_REPREPARE = ('prepare the data set again (python prepare.py, '
               'or delete manifest.json of an offline set)')
 
 
@@ -314,7 +314,7 @@ def split_files(data_dir: str, split: str) -> List[str]:
         f'{pattern}). Prepare the data set first: for an offline data set '
         f'(mnist5k, digits) run training with --dataset set to it and '
         f'--data_dir={data_dir}, which prepares it; for CIFAR-10, SVHN, '
-        f'ImageNet or your own images run `python -m mpl_tf.data.prepare '
+        f'ImageNet or your own images run `python prepare.py '
         f'--out_dir={data_dir} ...` (see docs/data.md); from arrays in code, '
         f'call mpl_tf.data.records.write_split().')
   return files
@@ -351,7 +351,7 @@ def read_manifest(data_dir: str) -> Dict[str, Any]:
         f'prepared. For an offline data set (mnist5k, digits) call '
         f'mpl_tf.data.offline.ensure_prepared() or run training with '
         f'--dataset set to it and --data_dir={data_dir}; for any other, run '
-        f'`python -m mpl_tf.data.prepare --out_dir={data_dir} ...` (see '
+        f'`python prepare.py --out_dir={data_dir} ...` (see '
         f'docs/data.md).') from None
   try:
     return json.loads(text)
@@ -360,15 +360,8 @@ def read_manifest(data_dir: str) -> Dict[str, Any]:
         f'{path} is not valid JSON ({error}): the prepared data set in '
         f'{data_dir!r} is damaged (a copy or write cut off?). Prepare it '
         f'again into an empty directory: an offline set (mnist5k, digits) '
-        f'by training with --dataset set to it, any other with `python -m '
-        f'mpl_tf.data.prepare --out_dir=...` (docs/data.md).') from None
-
-
-def per_channel_mean_std(images: np.ndarray) -> Tuple[List[float],
-                                                      List[float]]:
-  """Per-channel mean and std of uint8 images on the 0..255 scale."""
-  pixels = np.asarray(images, dtype=np.float64).reshape(-1, images.shape[-1])
-  return pixels.mean(axis=0).tolist(), pixels.std(axis=0).tolist()
+        f'by training with --dataset set to it, any other with `python '
+        f'prepare.py --out_dir=...` (docs/data.md).') from None
 
 
 # ---------------------------------------------------------------------------
