@@ -1,12 +1,15 @@
-"""The progress line: "measuring" until a rate exists, then rate and ETA.
+"""The console: the progress line and the configuration summary.
 
-The clock is faked, so the expected rate and ETA are computed by hand.
+The progress line says "measuring" until a rate exists, then rate and ETA;
+the clock is faked, so the expected rate and ETA are computed by hand. The
+summary names data, network, algorithm and every MPL choice in two lines.
 """
 
 import io
 import unittest
 from unittest import mock
 
+from mpl_tf import config as config_lib
 from mpl_tf import progress as progress_lib
 
 
@@ -43,6 +46,32 @@ class ProgressTest(unittest.TestCase):
     _, second = self._lines(later_steps=150.0)
     # 500 + 150 steps of this phase's cost at 2.5 steps/s: 260 s.
     self.assertIn('ETA 3m20s (all phases 4m20s)', second)
+
+
+class SummaryTest(unittest.TestCase):
+
+  def test_two_lines_name_the_data_network_and_every_mpl_choice(self):
+    config = config_lib.Config(
+        mpl=config_lib.MplConfig(pseudo_label='soft', feedback='taylor',
+                                 feedback_sign='released_code',
+                                 baseline_decay=0.99,
+                                 baseline_init='uniform_sqrt3'),
+        finetune=config_lib.FinetuneConfig(steps=7))
+    first, second = config.summary().splitlines()
+    for part in ('train mpl: mnist5k (32x32, data/mnist5k)', 'wrn-28-2',
+                 'B=16 mu=4', '1000 steps, finetune 7 steps, supervised '
+                 'baseline', 'one_device'):
+      self.assertIn(part, first)
+    for part in ('pseudo_label=soft', 'feedback=taylor',
+                 'sign=released_code', 'baseline 0.99 (uniform_sqrt3)',
+                 'mpl_weight=1.0', 'student_view=aug', 'UDA weight 1.0',
+                 'T=0.7', 'threshold 0.6'):
+      self.assertIn(part, second)
+
+  def test_supervised_runs_have_no_mpl_line(self):
+    config = config_lib.Config(run=config_lib.RunConfig(
+        algorithm='supervised'))
+    self.assertEqual(len(config.summary().splitlines()), 1)
 
 
 if __name__ == '__main__':
