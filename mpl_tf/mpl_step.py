@@ -186,7 +186,8 @@ class MplStep:
     replica_context = tf.distribute.get_replica_context()
     n_labeled, n_unlabeled = self.global_labeled_batch, self.global_unlabeled_batch
 
-    # Algorithm 1: Sample an unlabeled example x_u and a labeled example x_l, y_l
+    # Algorithm 1: Sample an unlabeled example x_u and a labeled example
+    # Algorithm 1:   x_l, y_l
     images_labeled = batch['labeled_images']
     labels = tf.cast(batch['labels'], tf.int32)
     images_ori = batch['unlabeled_images_ori']
@@ -224,7 +225,8 @@ class MplStep:
         first_row=replica_id * local_unlabeled, global_rows=n_unlabeled)
 
     # Algorithm 1: Update the student using the pseudo label y_hat_u:
-    # Algorithm 1:   theta_S(t+1) = theta_S(t) - eta_S grad_S CE(y_hat_u, S(x_u; theta_S))|theta_S(t)
+    # Algorithm 1:   theta_S(t+1) = theta_S(t)
+    # Algorithm 1:       - eta_S grad_S CE(y_hat_u, S(x_u; theta_S))|theta_S(t)
     student_vars = self.student.trainable_variables
     with tf.GradientTape() as student_tape:
       student_logits = self.student(
@@ -249,7 +251,8 @@ class MplStep:
                  ema.decay_at(self.step, self.optim_config.ema_decay))
 
     # Algorithm 1: Compute the teacher's feedback coefficient as in Equation 12:
-    # Algorithm 1:   h = eta_S * (grad_S' CE(y_l, S(x_l; theta_S(t+1))))^T * grad_S CE(y_hat_u, S(x_u; theta_S(t)))
+    # Algorithm 1:   h = eta_S * (grad_S' CE(y_l, S(x_l; theta_S(t+1))))^T
+    # Algorithm 1:         * grad_S CE(y_hat_u, S(x_u; theta_S(t)))
     student_labeled_loss_new, student_labeled_grads_new = (
         self._labeled_loss_at_new_weights(images_labeled, labels))
     h_raw = feedback_coefficient(
@@ -276,17 +279,22 @@ class MplStep:
         teacher_logits_unlabeled = teacher_logits[cfg.student_view]
     with teacher_tape:
       # Algorithm 1: Compute the teacher's gradient from the student's feedback:
-      # Algorithm 1:   g_T(t) = h * grad_T CE(y_hat_u, T(x_u; theta_T))|theta_T(t)
+      # Algorithm 1:   g_T(t) =
+      # Algorithm 1:       h * grad_T CE(y_hat_u, T(x_u; theta_T))|theta_T(t)
       # ('soft' makes this CE(stop_grad(softmax(z)), z): zero gradient.)
       teacher_mpl_term = losses.cross_entropy(
           pseudo_targets, teacher_logits_unlabeled, n_unlabeled)
       # Algorithm 1: Compute the teacher's gradient on labeled data:
-      # Algorithm 1:   g_T,supervised(t) = grad_T CE(y_l, T(x_l; theta_T))|theta_T(t)
+      # Algorithm 1:   g_T,supervised(t) =
+      # Algorithm 1:       grad_T CE(y_l, T(x_l; theta_T))|theta_T(t)
       teacher_supervised_loss = losses.cross_entropy(
           losses.one_hot(labels, teacher_logits['labeled']),
           teacher_logits['labeled'], n_labeled, cfg.label_smoothing)
-      # Algorithm 1: Compute the teacher's gradient on the UDA loss with unlabeled data:
-      # Algorithm 1:   g_T,UDA(t) = grad_T CE(StopGradient(T(x_u)), T(RandAugment(x_u)))|theta_T(t)
+      # Algorithm 1: Compute the teacher's gradient on the UDA loss with
+      # Algorithm 1:   unlabeled data:
+      # Algorithm 1:   g_T,UDA(t) =
+      # Algorithm 1:       grad_T CE(StopGradient(T(x_u)), T(RandAugment(x_u)))
+      # Algorithm 1:       |theta_T(t)
       #   (weighted by its linear ramp)
       teacher_uda_loss, uda_mask_rate = losses.uda_consistency(
           teacher_logits['ori'], teacher_logits['aug'], cfg.uda_temperature,
@@ -297,7 +305,8 @@ class MplStep:
                       tf.cast(uda_weight, teacher_uda_loss.dtype) *
                       teacher_uda_loss)
     # Algorithm 1: Update the teacher:
-    # Algorithm 1:   theta_T(t+1) = theta_T(t) - eta_T * (g_T(t) + g_T,supervised(t) + g_T,UDA(t))
+    # Algorithm 1:   theta_T(t+1) = theta_T(t)
+    # Algorithm 1:       - eta_T * (g_T(t) + g_T,supervised(t) + g_T,UDA(t))
     teacher_vars = self.teacher.trainable_variables
     teacher_grads = replica_context.all_reduce(
         SUM, teacher_tape.gradient(teacher_loss, teacher_vars))
