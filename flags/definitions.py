@@ -19,7 +19,9 @@ _DATA, _MODEL, _MPL = (config_lib.DataConfig(), config_lib.ModelConfig(),
 _OPTIM, _RUN = config_lib.OptimConfig(), config_lib.RunConfig()
 _FINETUNE = config_lib.FinetuneConfig()
 
-# (config group, field, help). Enums are declared separately below.
+# (config group, field, help) of the fields without a description of their
+# own in mpl_tf/config.py (the MPL choices have one, which is their help).
+# Enums are declared separately below.
 _HELP = {
     'data': {
         'dataset': 'Data set name. Offline sources prepared on the fly: '
@@ -56,23 +58,6 @@ _HELP = {
                                  'residual block (EfficientNet).',
         'sync_batch_norm': 'Batch-norm statistics over the global batch '
                            'under a distribution strategy.',
-    },
-    'mpl': {
-        'baseline_decay': 'Decay of the moving average of h subtracted from '
-                          'it; 0 = no baseline (released code: 0.99).',
-        'mpl_weight': 'Weight of h * CE(y_hat, T(x_u)) in the teacher loss; '
-                      '0 = UDA-only teacher (ablation).',
-        'label_smoothing': 'Label smoothing of the teacher\'s supervised loss '
-                           'and of the student\'s pseudo-label loss.',
-        'uda_weight': 'Final weight of the teacher\'s UDA loss.',
-        'uda_temperature': 'Sharpening temperature of the UDA target.',
-        'uda_threshold': 'Confidence threshold on the sharpened UDA target.',
-        'uda_steps': 'Steps of the linear ramp of the UDA weight.',
-        'rematerialize_teacher': 'Run the teacher forward twice (untaped for '
-                                 'the pseudo labels, taped after h) with its '
-                                 'RNG and batch-norm state restored: the '
-                                 'same numbers, less peak memory, ~20% more '
-                                 'compute.',
     },
     'optim': {
         'labeled_batch_size': 'Global labeled batch B.',
@@ -155,19 +140,6 @@ _ENUMS = {
                            'naming the step and term, exit status 2; the last '
                            'checkpoint stays finite) or skip (leave that '
                            'step\'s updates out and count it).'),
-    ('mpl', 'pseudo_label'): (config_lib.PSEUDO_LABELS,
-                              'How y_hat is drawn from the teacher: sampled '
-                              '(Algorithm 1), argmax, or soft (released code; '
-                              'zero MPL gradient).'),
-    ('mpl', 'feedback'): (config_lib.FEEDBACKS,
-                          'h from the exact gradient dot product (Algorithm 1) '
-                          'or the Taylor loss difference (released code).'),
-    ('mpl', 'feedback_sign'): (config_lib.FEEDBACK_SIGNS,
-                               'paper: h = L_l(old) - L_l(new); released_code: '
-                               'new - old.'),
-    ('mpl', 'baseline_init'): (config_lib.BASELINE_INITS,
-                               'Initial baseline: zero, or U(-sqrt3, sqrt3) '
-                               'as the released code.'),
     ('data', 'randaugment_ops'): (config_lib.RANDAUGMENT_OPS,
                                   'RandAugment op list: paper (Table 5), svhn '
                                   '(Table 5, SVHN) or released_code.'),
@@ -189,15 +161,6 @@ _ENUMS = {
                              'momentum (accumulator excludes the rate) with '
                              'coupled L2; keras_sgd: Keras SGD (velocity '
                              'includes the rate) with decoupled decay.'),
-    ('mpl', 'student_view'): (config_lib.VIEWS,
-                              'Unlabeled view the pseudo label is read from '
-                              'and the student is trained on.'),
-    ('mpl', 'teacher_original_pass'): (
-        config_lib.TEACHER_ORIGINAL_PASSES,
-        'shared: the teacher sees x_l, x_u and RandAugment(x_u) in one '
-        'forward+backward pass (Algorithm 1, released code); no_grad: x_u '
-        '(only the UDA target) in a separate pass without backward: faster, '
-        'different batch-norm batches.'),
 }
 
 _DEFAULTS = {'data': _DATA, 'model': _MODEL, 'mpl': _MPL, 'optim': _OPTIM,
@@ -227,12 +190,26 @@ def define(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> None:
                            f'[{group}] {help_text}', flag_values=flag_values)
   for group, helps in _HELP.items():
     for field, help_text in helps.items():
-      default = getattr(_DEFAULTS[group], field)
-      define_fn = {bool: absl_flags.DEFINE_bool, int: absl_flags.DEFINE_integer,
-                   float: absl_flags.DEFINE_float,
-                   str: absl_flags.DEFINE_string}[type(default)]
-      define_fn(_flag_name(group, field), default, f'[{group}] {help_text}',
-                flag_values=flag_values)
+      _define_field(group, field, help_text, flag_values)
+  for group, default in _DEFAULTS.items():
+    for field in dataclasses.fields(default):
+      if 'description' in field.metadata:
+        _define_field(group, field.name, field.metadata['description'],
+                      flag_values, field.metadata.get('choices'))
+
+
+def _define_field(group: str, field: str, help_text: str,
+                  flag_values: absl_flags.FlagValues, choices=None) -> None:
+  default = getattr(_DEFAULTS[group], field)
+  name, help_text = _flag_name(group, field), f'[{group}] {help_text}'
+  if choices is not None:
+    absl_flags.DEFINE_enum(name, default, list(choices), help_text,
+                           flag_values=flag_values)
+    return
+  define_fn = {bool: absl_flags.DEFINE_bool, int: absl_flags.DEFINE_integer,
+               float: absl_flags.DEFINE_float,
+               str: absl_flags.DEFINE_string}[type(default)]
+  define_fn(name, default, help_text, flag_values=flag_values)
 
 
 def to_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
@@ -253,11 +230,16 @@ def to_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
   return config_lib.validate(config)
 
 
-def _check_every_field_has_a_flag() -> None:
+def _check_every_field_has_one_flag() -> None:
+  """Each field gets one flag and one help: its description, or one here."""
   for group, default in _DEFAULTS.items():
     for field in dataclasses.fields(default):
-      if field.name not in _HELP[group] and (group, field.name) not in _ENUMS:
-        raise AssertionError(f'config field {group}.{field.name} has no flag')
+      helps = [field.name in _HELP.get(group, {}),
+               (group, field.name) in _ENUMS,
+               'description' in field.metadata]
+      if sum(helps) != 1:
+        raise AssertionError(f'config field {group}.{field.name} has '
+                             f'{sum(helps)} help texts; it needs one')
 
 
-_check_every_field_has_a_flag()
+_check_every_field_has_one_flag()

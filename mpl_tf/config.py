@@ -99,55 +99,86 @@ class ModelConfig:
   sync_batch_norm: bool = True
 
 
+def _choice(default, description: str, choices=None):
+  """A field described once: its flag's help is this description.
+
+  `choices` makes the flag an enum; `validate` checks them too.
+  """
+  metadata = {'description': description}
+  if choices is not None:
+    metadata['choices'] = choices
+  return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class MplConfig:
   """The disputed choices of Meta Pseudo Labels, each one a field.
 
   Defaults follow the paper's Algorithm 1; `flags/released_code_step.cfg`
-  sets the released TPU code's values.
+  sets the released TPU code's values. Each field's description below is
+  the only one in the project: `flags/definitions.py` makes it the flag's
+  help (`python main.py --helpfull`), and the docs link here.
   """
-  # How the pseudo label y_hat is drawn from the teacher's distribution:
-  # 'sampled' (Algorithm 1), 'argmax' (hard), 'soft' (released code: the
-  # whole distribution, which makes the MPL term's gradient exactly zero).
-  pseudo_label: str = 'sampled'
-  # 'exact': h = eta_S * grad L_l(theta_S')^T grad CE(y_hat, S(x_u)), the dot
-  # product of Algorithm 1; 'taylor': the change of the student's labeled loss
-  # across its update (the released code's estimate).
-  feedback: str = 'exact'
-  # 'paper': h > 0 when the student's update lowered its labeled loss
-  # (Taylor gives L_l(old) - L_l(new)); 'released_code': new - old.
-  feedback_sign: str = 'paper'
-  # Moving average of h subtracted from it (0 = no baseline; the released
-  # code uses 0.99 with a U(-sqrt3, sqrt3) initial value).
-  baseline_decay: float = 0.0
-  baseline_init: str = 'zero'
-  # Weight of h * CE(y_hat, T(x_u)) in the teacher's loss; 0 = UDA-only teacher.
-  mpl_weight: float = 1.0
-  # Which unlabeled view the pseudo label is read from and the student is
-  # trained on. Algorithm 1 says x_u; the released code uses the augmented one.
-  student_view: str = 'aug'
-  # How the teacher sees the original (un-augmented) view, whose logits are
-  # only the UDA target (stop-gradient): 'shared' (Algorithm 1 as released)
-  # in its one forward+backward pass on [x_l; x_u; RandAugment(x_u)];
-  # 'no_grad' in a separate forward pass without backward, which saves a
-  # third of the teacher's backward (measured in docs/performance.md) but
-  # changes its batch-norm batches, so the numbers differ. Needs
-  # student_view='aug' (the pseudo labels then come from the taped pass).
-  teacher_original_pass: str = 'shared'
-  # Memory, not numbers: True runs the teacher's forward pass twice, first
-  # without a tape (for the pseudo labels), then again with one after h is
-  # known, with its dropout RNG and batch-norm statistics restored in between
-  # so that both passes compute the same logits. The teacher's activations
-  # then no longer live through the student's step (peak memory down by the
-  # student's share), for one more teacher forward (~+20% FLOPs at mu=7).
-  rematerialize_teacher: bool = False
-  # Label smoothing of the teacher's supervised loss and of the student's loss
-  # on the pseudo labels (the released code uses one value for both).
-  label_smoothing: float = 0.0
-  uda_weight: float = 1.0
-  uda_temperature: float = 0.7
-  uda_threshold: float = 0.6
-  uda_steps: int = 1
+  pseudo_label: str = _choice(
+      'sampled', 'How the pseudo label y_hat is drawn from the teacher\'s '
+      'distribution T(x_u): sampled (Algorithm 1: y_hat ~ T(x_u), drawn per '
+      'row of the global batch), argmax (hard), or soft (released code: the '
+      'distribution itself, which makes the MPL term CE(stop_grad(softmax(z)), '
+      'z) and its teacher gradient exactly zero).', PSEUDO_LABELS)
+  feedback: str = _choice(
+      'exact', 'How the teacher\'s feedback h is computed: exact (Algorithm 1, '
+      'Equation 12: h = eta_S * grad L_l(theta_S\')^T grad CE(y_hat, '
+      'S(x_u; theta_S)), with eta_S the student\'s current rate and the raw '
+      'gradient of its pseudo-label loss, before weight decay and clipping) '
+      'or taylor (released code: the change of the student\'s labeled loss '
+      'across its update, equal to first order).', FEEDBACKS)
+  feedback_sign: str = _choice(
+      'paper', 'Sign of h: paper (h > 0 when the student\'s update lowered '
+      'its labeled loss; Taylor: L_l(old) - L_l(new)) or released_code (the '
+      'opposite: new - old).', FEEDBACK_SIGNS)
+  baseline_decay: float = _choice(
+      0.0, 'Decay of a moving average of h that is subtracted from it, moved '
+      'first and then subtracted as released; 0 = no baseline (Algorithm 1; '
+      'the released code uses 0.99).')
+  baseline_init: str = _choice(
+      'zero', 'Initial value of that moving average: zero, or uniform_sqrt3 '
+      '(a draw from U(-sqrt3, sqrt3), as the released code).', BASELINE_INITS)
+  mpl_weight: float = _choice(
+      1.0, 'Weight of the MPL term h * CE(y_hat, T(x_u)) in the teacher\'s '
+      'loss; 0 = the UDA-only teacher (ablation).')
+  student_view: str = _choice(
+      'aug', 'Which unlabeled view the pseudo label is read from and the '
+      'student is trained on: aug (RandAugment(x_u), as released) or ori. '
+      'Algorithm 1 says x_u.', VIEWS)
+  teacher_original_pass: str = _choice(
+      'shared', 'How the teacher sees the original view x_u, whose logits are '
+      'only the (stop-gradient) UDA target: shared (Algorithm 1 as released: '
+      'in its one forward and backward pass on [x_l; x_u; RandAugment(x_u)]) '
+      'or no_grad (a separate forward pass without backward: a third less '
+      'teacher backward, but other batch-norm batches, so other numbers; '
+      'needs student_view=aug). Measured in docs/performance.md.',
+      TEACHER_ORIGINAL_PASSES)
+  rematerialize_teacher: bool = _choice(
+      False, 'Memory, not numbers: run the teacher\'s forward pass twice, '
+      'first untaped for the pseudo labels, then taped after h, with its '
+      'dropout RNG and batch-norm statistics restored in between so both '
+      'compute the same logits. Its activations then do not live through the '
+      'student\'s step (less peak memory) for one more teacher forward '
+      '(+21% FLOPs at mu=7; measured in docs/performance.md).')
+  label_smoothing: float = _choice(
+      0.0, 'Label smoothing of the teacher\'s supervised loss and of the '
+      'student\'s loss on the pseudo labels (the released code uses one '
+      'value for both).')
+  uda_weight: float = _choice(
+      1.0, 'Final weight of the teacher\'s UDA loss (reached after '
+      'uda_steps).')
+  uda_temperature: float = _choice(
+      0.7, 'Sharpening temperature of the UDA target softmax(T(x_u) / T).')
+  uda_threshold: float = _choice(
+      0.6, 'UDA mask: examples whose sharpened target\'s top probability is '
+      'below this are left out of the UDA loss.')
+  uda_steps: int = _choice(
+      1, 'Steps of the linear ramp of the UDA weight from 0 to uda_weight.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,13 +347,10 @@ def validate(config: Config) -> Config:
   """Raises ConfigError naming the field and the fix; returns the config."""
   _check_finite(config)
   mpl, optim, data = config.mpl, config.optim, config.data
-  _check_choice('pseudo_label', mpl.pseudo_label, PSEUDO_LABELS)
-  _check_choice('feedback', mpl.feedback, FEEDBACKS)
-  _check_choice('feedback_sign', mpl.feedback_sign, FEEDBACK_SIGNS)
-  _check_choice('baseline_init', mpl.baseline_init, BASELINE_INITS)
-  _check_choice('student_view', mpl.student_view, VIEWS)
-  _check_choice('teacher_original_pass', mpl.teacher_original_pass,
-                TEACHER_ORIGINAL_PASSES)
+  for field in dataclasses.fields(mpl):
+    if 'choices' in field.metadata:
+      _check_choice(field.name, getattr(mpl, field.name),
+                    field.metadata['choices'])
   if mpl.teacher_original_pass == 'no_grad' and mpl.student_view != 'aug':
     raise ConfigError('teacher_original_pass=no_grad needs student_view=aug: '
                       'with student_view=ori the pseudo labels, and so the '

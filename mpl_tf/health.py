@@ -4,7 +4,7 @@ Shared by every step (MPL, UDA, supervised); the loop (train.py) reads the
 guard's counters after each device loop and never saves a non-finite state.
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
@@ -67,6 +67,24 @@ class NonFiniteGuard:
     return tf.train.Checkpoint(skipped_steps=self.skipped_steps,
                                first_nonfinite_step=self.first_step,
                                first_nonfinite_terms=self.first_terms)
+
+  def run(self, step, step_fn: Callable[[], Tuple[Dict[str, tf.Tensor], Any]],
+          checked: Sequence[str]) -> Tuple[Dict[str, tf.Tensor], Any]:
+    """Runs one training step under the guard: every step's one wrapper.
+
+    `step_fn()` updates the networks and returns (metrics, extra); the
+    metrics named in `checked` must be global values, listed in the order a
+    NaN would spread (the first non-finite one is what the loop reports).
+    Under 'skip' the whole step is undone unless they are all finite.
+    Adds 'health/nonfinite' (1 for a non-finite step) to the metrics.
+    """
+    before_step = self.snapshot()
+    metrics, extra = step_fn()
+    ok = self.check(step, {name: metrics[name] for name in checked})
+    self.restore_unless(ok, before_step)
+    # The fraction of the loop's steps that were non-finite, once averaged.
+    metrics['health/nonfinite'] = 1.0 - tf.cast(ok, tf.float32)
+    return metrics, extra
 
   def snapshot(self) -> List[tf.Tensor]:
     return [tf.identity(v) for v in self._state]

@@ -7,25 +7,8 @@ loops or checkpoints: it takes one batch, updates both networks once and
 returns scalars to log.
 
 Choices the paper leaves open or the released code makes differently are
-fields of `MplConfig`, never constants here:
-  pseudo_label    'sampled' (Algorithm 1) | 'argmax' | 'soft' (released code).
-  feedback        'exact': h = eta_S * grad L_l(theta_S')^T grad CE(y_hat,
-                  S(x_u; theta_S)), the dot product of Algorithm 1, with eta_S
-                  the student's current learning rate and the second factor
-                  the raw gradient of the student's pseudo-label loss (before
-                  weight decay and clipping). 'taylor': L_l(theta_S) -
-                  L_l(theta_S'), its first-order equivalent (released code).
-  feedback_sign   'paper': as above, h > 0 when the student's update lowered
-                  its labeled loss; 'released_code': the opposite sign
-                  (the released code computes new - old).
-  baseline_decay  moving average of h subtracted from it (0 = none).
-  mpl_weight      weight of h * CE(y_hat, T(x_u)); 0 = the UDA-only teacher.
-  teacher_original_pass  'shared' (default): x_u_ori in the teacher's one
-                  taped pass, as released; 'no_grad': in a pass of its own
-                  without backward (cheaper; other batch-norm batches).
-  rematerialize_teacher  memory, not numbers: the teacher's forward runs
-                  untaped for the pseudo labels and again, taped, after h,
-                  with its RNG and batch-norm state replayed.
+fields of `mpl_tf.config.MplConfig`, described there once (the flags' help
+comes from those descriptions), never constants here.
 
 How this scales against the exact meta-gradient (tests/test_gradient_identity):
 CE here is a batch mean over the global unlabeled batch of size N, while
@@ -44,8 +27,7 @@ Unlike the released graph, the teacher's moving statistics are updated by its
 forward pass; they only matter for evaluating the teacher, for diagnosis.
 """
 
-import contextlib
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import keras
 import numpy as np
@@ -57,24 +39,17 @@ from mpl_tf import losses
 from mpl_tf import optim
 from mpl_tf.config import MplConfig, OptimConfig
 from mpl_tf.models import (batch_norm_statistics, normalization_weights,
-                           random_states)
+                           random_states, restored_afterwards)
+from mpl_tf.teacher_pass import TeacherPass
 
 SUM = tf.distribute.ReduceOp.SUM
+# The metrics whose finiteness decides the step, in the order a NaN would
+# spread: the teacher's forward, the student's update, then the feedback and
+# the teacher's update.
+_GUARDED_METRICS = ('teacher/supervised_loss', 'teacher/uda_loss',
+                    'student/pseudo_label_loss', 'student/grad_norm',
+                    'student/labeled_loss_new', 'mpl/h', 'teacher/grad_norm')
 
-
-@contextlib.contextmanager
-def restored_afterwards(variables: Sequence[tf.Variable]):
-  """Puts `variables` back to their values at entry when the block ends.
-
-  For passes that must not leave a trace in the state they touch (batch-norm
-  moving statistics, dropout RNG states). Inside a tf.function the restores
-  follow the block's updates of the same variables by TensorFlow's automatic
-  control dependencies, as in eager execution.
-  """
-  saved = [tf.identity(v.value) for v in variables]
-  yield
-  for variable, value in zip(variables, saved):
-    variable.assign(value)
 
 def feedback_coefficient(feedback: str, sign: str, student_lr,
                          labeled_grads_new=None, pseudo_label_grads=None,
@@ -175,13 +150,20 @@ class MplStep:
 
   def __call__(self, batch: Dict[str, tf.Tensor]
                ) -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
-    """Runs one MPL step on this replica's batch.
+    """Runs one MPL step on this replica's batch, under the non-finite guard.
 
     Returns:
       (metrics, outputs): `metrics` are scalars identical on every replica
       where they are global (losses, h) and local where they are fractions
       (mask rates); `outputs` holds this replica's pseudo label ids.
     """
+    metrics, outputs = self.guard.run(
+        self.step, lambda: self._algorithm_1(batch), _GUARDED_METRICS)
+    self.step.assign_add(1)
+    return metrics, outputs
+
+  def _algorithm_1(self, batch: Dict[str, tf.Tensor]):
+    """Algorithm 1, one line of code per line of the paper where it can be."""
     cfg = self.config
     replica_context = tf.distribute.get_replica_context()
     n_labeled, n_unlabeled = self.global_labeled_batch, self.global_unlabeled_batch
@@ -195,25 +177,14 @@ class MplStep:
     images_student = images_aug if cfg.student_view == 'aug' else images_ori
     local_labeled = tf.shape(images_labeled)[0]
     local_unlabeled = tf.shape(images_ori)[0]
-    before_step = self.guard.snapshot()
 
-    # The teacher's one forward pass on [x_l; x_u_ori; x_u_aug]; its tape is
-    # re-entered below to add the losses once h is known.
-    # (teacher_original_pass='no_grad': x_u_ori, the UDA target only, gets a
-    # pass of its own outside the tape, and the taped pass is [x_l; x_u_aug].
-    # rematerialize_teacher: this pass runs untaped and is repeated, taped,
-    # after h; both compute the same logits.)
-    logits_ori_untaped = (self._teacher_logits_without_backward(images_ori)
-                          if cfg.teacher_original_pass == 'no_grad' else None)
-    teacher_forward = lambda: self._teacher_logits(
-        images_labeled, images_ori, images_aug, logits_ori_untaped)
-    teacher_tape = tf.GradientTape()
-    if cfg.rematerialize_teacher:
-      teacher_logits = self._replayable_teacher_pass(teacher_forward)
-    else:
-      with teacher_tape:
-        teacher_logits = teacher_forward()
-    teacher_logits_unlabeled = teacher_logits[cfg.student_view]
+    # The teacher's forward pass on [x_l; x_u_ori; x_u_aug], taped; its
+    # losses are added to the same tape once h is known (teacher_pass.py).
+    teacher_pass = TeacherPass(
+        self.teacher, cfg, images_labeled, images_ori, images_aug,
+        batch_norm_statistics=self._teacher_bn_statistics,
+        rng_states=self._teacher_rng_states)
+    teacher_logits = teacher_pass.forward()
 
     # Algorithm 1: Sample a pseudo label y_hat_u ~ P(. | x_u; theta_T)
     # (drawn for the global batch, so any replica layout draws the same).
@@ -221,7 +192,7 @@ class MplStep:
     sample_seed = tf.stack([self.step,
                             tf.convert_to_tensor(self.seed, tf.int64)])
     pseudo_targets, pseudo_label_ids = losses.pseudo_labels(
-        teacher_logits_unlabeled, cfg.pseudo_label, sample_seed,
+        teacher_logits[cfg.student_view], cfg.pseudo_label, sample_seed,
         first_row=replica_id * local_unlabeled, global_rows=n_unlabeled)
 
     # Algorithm 1: Update the student using the pseudo label y_hat_u:
@@ -261,29 +232,15 @@ class MplStep:
         pseudo_label_grads=student_grads,
         labeled_loss_old=student_labeled_loss_old,
         labeled_loss_new=student_labeled_loss_new)
-    if cfg.baseline_decay > 0:
-      # The released order: move the average first, then subtract it.
-      self.baseline.assign(cfg.baseline_decay * self.baseline +
-                           (1.0 - cfg.baseline_decay) * tf.cast(h_raw, tf.float32))
-      h = h_raw - tf.cast(self.baseline, h_raw.dtype)
-    else:
-      h = h_raw
-    h = tf.stop_gradient(h)
+    h = tf.stop_gradient(self._minus_baseline(h_raw))
 
-    if cfg.rematerialize_teacher:
-      # After h, not before: without this dependency the graph would run
-      # the second pass as early as the first and keep its activations
-      # through the student's step, which is what rematerializing avoids.
-      with teacher_tape, tf.control_dependencies([h]):
-        teacher_logits = teacher_forward()   # the same logits, now taped
-        teacher_logits_unlabeled = teacher_logits[cfg.student_view]
-    with teacher_tape:
+    with teacher_pass.taped(after=h) as teacher_logits:
       # Algorithm 1: Compute the teacher's gradient from the student's feedback:
       # Algorithm 1:   g_T(t) =
       # Algorithm 1:       h * grad_T CE(y_hat_u, T(x_u; theta_T))|theta_T(t)
       # ('soft' makes this CE(stop_grad(softmax(z)), z): zero gradient.)
       teacher_mpl_term = losses.cross_entropy(
-          pseudo_targets, teacher_logits_unlabeled, n_unlabeled)
+          pseudo_targets, teacher_logits[cfg.student_view], n_unlabeled)
       # Algorithm 1: Compute the teacher's gradient on labeled data:
       # Algorithm 1:   g_T,supervised(t) =
       # Algorithm 1:       grad_T CE(y_l, T(x_l; theta_T))|theta_T(t)
@@ -309,46 +266,62 @@ class MplStep:
     # Algorithm 1:       - eta_T * (g_T(t) + g_T,supervised(t) + g_T,UDA(t))
     teacher_vars = self.teacher.trainable_variables
     teacher_grads = replica_context.all_reduce(
-        SUM, teacher_tape.gradient(teacher_loss, teacher_vars))
+        SUM, teacher_pass.gradient(teacher_loss, teacher_vars))
     teacher_lr = tf.cast(self.teacher_optimizer.learning_rate, tf.float32)
     teacher_grad_norm = optim.apply_global_gradients(
         self.teacher_optimizer, self.optim_config, teacher_grads,
         teacher_vars, self._teacher_no_decay)
 
-    f32 = lambda x: tf.cast(x, tf.float32)
-    global_supervised_loss = replica_context.all_reduce(
-        SUM, f32(teacher_supervised_loss))
-    global_uda_loss = replica_context.all_reduce(SUM, f32(teacher_uda_loss))
-    global_pseudo_label_loss = replica_context.all_reduce(
-        SUM, f32(student_pseudo_label_loss))
-    # The terms whose finiteness decides the step, in the order a NaN would
-    # spread: the teacher's forward, the student's update, then the feedback
-    # and the teacher's update.
-    finite = self.guard.check(self.step, {
-        'teacher/supervised_loss': global_supervised_loss,
-        'teacher/uda_loss': global_uda_loss,
-        'student/pseudo_label_loss': global_pseudo_label_loss,
-        'student/grad_norm': student_grad_norm,
-        'student/labeled_loss_new': student_labeled_loss_new,
-        'mpl/h': h,
-        'teacher/grad_norm': teacher_grad_norm,
-    })
-    self.guard.restore_unless(finite, before_step)
-    self.step.assign_add(1)
+    metrics = self._metrics(
+        teacher_supervised_loss=teacher_supervised_loss,
+        teacher_uda_loss=teacher_uda_loss, uda_mask_rate=uda_mask_rate,
+        uda_weight=uda_weight, teacher_mpl_term=teacher_mpl_term,
+        teacher_logits_unlabeled=teacher_logits[cfg.student_view],
+        teacher_grad_norm=teacher_grad_norm, teacher_lr=teacher_lr,
+        student_pseudo_label_loss=student_pseudo_label_loss,
+        student_labeled_loss_old=student_labeled_loss_old,
+        student_labeled_loss_new=student_labeled_loss_new,
+        student_grad_norm=student_grad_norm, student_lr=student_lr,
+        h_raw=h_raw, h=h)
+    return metrics, {'pseudo_label_ids': pseudo_label_ids}
 
-    metrics = {
-        'teacher/supervised_loss': global_supervised_loss,
-        'teacher/uda_loss': global_uda_loss,
+  def _minus_baseline(self, h_raw: tf.Tensor) -> tf.Tensor:
+    """h minus the moving average of h (baseline_decay > 0), else h."""
+    decay = self.config.baseline_decay
+    if decay <= 0:
+      return h_raw
+    # The released order: move the average first, then subtract it.
+    self.baseline.assign(decay * self.baseline +
+                         (1.0 - decay) * tf.cast(h_raw, tf.float32))
+    return h_raw - tf.cast(self.baseline, h_raw.dtype)
+
+  def _metrics(self, *, teacher_supervised_loss, teacher_uda_loss,
+               uda_mask_rate, uda_weight, teacher_mpl_term,
+               teacher_logits_unlabeled, teacher_grad_norm, teacher_lr,
+               student_pseudo_label_loss, student_labeled_loss_old,
+               student_labeled_loss_new, student_grad_norm, student_lr,
+               h_raw, h) -> Dict[str, tf.Tensor]:
+    """Every scalar the step logs, in float32, global where it is a loss.
+
+    Losses are this replica's share of a global mean, so they are summed
+    across replicas here; the rest is already global, or local by design.
+    """
+    replica_context = tf.distribute.get_replica_context()
+    f32 = lambda x: tf.cast(x, tf.float32)
+    global_sum = lambda x: replica_context.all_reduce(SUM, f32(x))
+    return {
+        'teacher/supervised_loss': global_sum(teacher_supervised_loss),
+        'teacher/uda_loss': global_sum(teacher_uda_loss),
         'teacher/uda_mask_rate': f32(uda_mask_rate),
         'teacher/uda_weight': f32(uda_weight),
-        'teacher/mpl_term': replica_context.all_reduce(SUM, f32(teacher_mpl_term)),
+        'teacher/mpl_term': global_sum(teacher_mpl_term),
         # Mean entropy of P_T(.|x_u): the soft label's CE with itself.
-        'teacher/entropy': replica_context.all_reduce(SUM, f32(
-            losses.cross_entropy(tf.nn.softmax(teacher_logits_unlabeled),
-                                 teacher_logits_unlabeled, n_unlabeled))),
+        'teacher/entropy': global_sum(losses.cross_entropy(
+            tf.nn.softmax(teacher_logits_unlabeled), teacher_logits_unlabeled,
+            self.global_unlabeled_batch)),
         'teacher/grad_norm': f32(teacher_grad_norm),
         'teacher/learning_rate': teacher_lr,
-        'student/pseudo_label_loss': global_pseudo_label_loss,
+        'student/pseudo_label_loss': global_sum(student_pseudo_label_loss),
         'student/labeled_loss_old': f32(student_labeled_loss_old),
         'student/labeled_loss_new': f32(student_labeled_loss_new),
         'student/grad_norm': f32(student_grad_norm),
@@ -356,55 +329,7 @@ class MplStep:
         'mpl/h_raw': f32(h_raw),
         'mpl/h': f32(h),
         'mpl/baseline': tf.identity(self.baseline),
-        # The fraction of the loop's steps that were non-finite.
-        'health/nonfinite': 1.0 - f32(finite),
     }
-    return metrics, {'pseudo_label_ids': pseudo_label_ids}
-
-  def _teacher_logits(self, images_labeled, images_ori, images_aug,
-                      logits_ori_untaped=None) -> Dict[str, tf.Tensor]:
-    """The teacher's logits {labeled, ori, aug} in one training-mode pass.
-
-    With `logits_ori_untaped` (teacher_original_pass='no_grad') the pass is
-    [x_l; x_u_aug] and those are the 'ori' logits; else [x_l; x_u_ori; x_u_aug].
-    """
-    local_labeled = tf.shape(images_labeled)[0]
-    local_unlabeled = tf.shape(images_aug)[0]
-    if logits_ori_untaped is not None:
-      logits = self.teacher(tf.concat([images_labeled, images_aug], axis=0),
-                            training=True)
-      labeled, aug = tf.split(logits, [local_labeled, local_unlabeled])
-      return {'labeled': labeled, 'ori': logits_ori_untaped, 'aug': aug}
-    logits = self.teacher(
-        tf.concat([images_labeled, images_ori, images_aug], axis=0),
-        training=True)
-    labeled, ori, aug = tf.split(
-        logits, [local_labeled, local_unlabeled, local_unlabeled])
-    return {'labeled': labeled, 'ori': ori, 'aug': aug}
-
-  def _replayable_teacher_pass(self, forward) -> Dict[str, tf.Tensor]:
-    """Runs `forward` untaped, then puts back what it changed.
-
-    The dropout RNG states and the batch-norm moving statistics are restored,
-    so that running `forward` again (taped, after h) draws the same dropout
-    masks, sees the same batch and moves the statistics once per step. The
-    returned logits are stop-gradient: they only choose the pseudo labels.
-    """
-    with restored_afterwards(self._teacher_rng_states +
-                             self._teacher_bn_statistics):
-      logits = forward()
-    return {key: tf.stop_gradient(value) for key, value in logits.items()}
-
-  def _teacher_logits_without_backward(self, images_ori):
-    """The teacher's logits on x_u_ori in a pass of their own, no tape.
-
-    Training mode (batch statistics, dropout), like the shared pass it
-    replaces; the batch-norm moving statistics are restored afterwards, so
-    they still move once per step (by the taped pass).
-    """
-    with restored_afterwards(self._teacher_bn_statistics):
-      logits = self.teacher(images_ori, training=True)
-    return tf.stop_gradient(logits)
 
   def _labeled_loss_at_new_weights(self, images_labeled, labels):
     """L_l(theta_S') summed across replicas, and its gradient if 'exact'.

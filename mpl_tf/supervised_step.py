@@ -38,11 +38,17 @@ class SupervisedStep:
     self.guard = NonFiniteGuard(nonfinite, float_state(model, optimizer))
 
   def __call__(self, batch: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    """One step under the non-finite guard; returns its metrics."""
+    step = tf.identity(self.optimizer.iterations)
+    metrics, _ = self.guard.run(
+        step, lambda: (self._update(batch), None),
+        ('supervised/loss', 'supervised/grad_norm'))
+    return metrics
+
+  def _update(self, batch: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     replica_context = tf.distribute.get_replica_context()
     labels = tf.cast(batch['labels'], tf.int32)
     variables = self.model.trainable_variables
-    step = tf.identity(self.optimizer.iterations)
-    before_step = self.guard.snapshot()
     with tf.GradientTape() as tape:
       logits = self.model(batch['labeled_images'], training=True)
       loss = losses.cross_entropy(losses.one_hot(labels, logits), logits,
@@ -51,11 +57,6 @@ class SupervisedStep:
     learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
     grad_norm = optim.apply_global_gradients(
         self.optimizer, self.optim_config, grads, variables, self._no_decay)
-    global_loss = replica_context.all_reduce(SUM, loss)
-    finite = self.guard.check(step, {'supervised/loss': global_loss,
-                                     'supervised/grad_norm': grad_norm})
-    self.guard.restore_unless(finite, before_step)
-    return {'supervised/loss': global_loss,
+    return {'supervised/loss': replica_context.all_reduce(SUM, loss),
             'supervised/grad_norm': grad_norm,
-            'supervised/learning_rate': learning_rate,
-            'health/nonfinite': 1.0 - tf.cast(finite, tf.float32)}
+            'supervised/learning_rate': learning_rate}

@@ -52,6 +52,14 @@ class UdaStep:
     return items
 
   def __call__(self, batch: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    """One UDA step under the non-finite guard; returns its metrics."""
+    metrics, _ = self.guard.run(
+        self.step, lambda: (self._update(batch), None),
+        ('uda/supervised_loss', 'uda/consistency_loss', 'uda/grad_norm'))
+    self.step.assign_add(1)
+    return metrics
+
+  def _update(self, batch: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     cfg = self.config
     replica_context = tf.distribute.get_replica_context()
     images_labeled = batch['labeled_images']
@@ -61,7 +69,6 @@ class UdaStep:
     local_labeled = tf.shape(images_labeled)[0]
     local_unlabeled = tf.shape(images_ori)[0]
     variables = self.model.trainable_variables
-    before_step = self.guard.snapshot()
     with tf.GradientTape() as tape:
       logits = self.model(
           tf.concat([images_labeled, images_ori, images_aug], axis=0),
@@ -85,22 +92,13 @@ class UdaStep:
       ema.update(self.ema_model, self.model,
                  ema.decay_at(self.step, self.optim_config.ema_decay))
     f32 = lambda x: tf.cast(x, tf.float32)
-    global_supervised_loss = replica_context.all_reduce(
-        SUM, f32(supervised_loss))
-    global_consistency_loss = replica_context.all_reduce(
-        SUM, f32(consistency_loss))
-    finite = self.guard.check(self.step, {
-        'uda/supervised_loss': global_supervised_loss,
-        'uda/consistency_loss': global_consistency_loss,
-        'uda/grad_norm': grad_norm})
-    self.guard.restore_unless(finite, before_step)
-    self.step.assign_add(1)
     return {
-        'uda/supervised_loss': global_supervised_loss,
-        'uda/consistency_loss': global_consistency_loss,
+        'uda/supervised_loss': replica_context.all_reduce(
+            SUM, f32(supervised_loss)),
+        'uda/consistency_loss': replica_context.all_reduce(
+            SUM, f32(consistency_loss)),
         'uda/mask_rate': f32(mask_rate),
         'uda/weight': f32(weight),
         'uda/grad_norm': f32(grad_norm),
         'uda/learning_rate': learning_rate,
-        'health/nonfinite': 1.0 - f32(finite),
     }

@@ -256,6 +256,31 @@ class ReleasedCodePresetTest(tf.test.TestCase):
                         rtol=1e-13, atol=1e-15)
 
 
+class LoggedRatesTest(tf.test.TestCase):
+
+  def test_logged_rates_are_the_rates_of_the_update(self):
+    # Rates that change every step: each step must log the rates its own
+    # updates used (the schedules at its step), not the next step's.
+    rates = {name: keras.optimizers.schedules.PolynomialDecay(peak, 10, 0.0)
+             for name, peak in (('teacher', TEACHER_LR),
+                                ('student', STUDENT_LR))}
+    step = MplStep(
+        mpl_config(), PLAIN_SGD,
+        keras_mlp(INPUT_DIM, HIDDEN, NUM_CLASSES, 0, 'teacher'),
+        keras_mlp(INPUT_DIM, HIDDEN, NUM_CLASSES, 10, 'student'),
+        optim.make_optimizer(rates['teacher'], PLAIN_SGD, 'teacher_optimizer'),
+        optim.make_optimizer(rates['student'], PLAIN_SGD, 'student_optimizer'),
+        global_labeled_batch=NUM_LABELED,
+        global_unlabeled_batch=NUM_UNLABELED)
+    run = tf.function(step)
+    batch = random_batch(0, NUM_LABELED, NUM_UNLABELED, INPUT_DIM, NUM_CLASSES)
+    for iteration in range(3):
+      metrics, _ = run(batch)
+      for name, rate in rates.items():
+        self.assertAllClose(float(metrics[f'{name}/learning_rate']),
+                            float(rate(iteration)), msg=f'{name} {iteration}')
+
+
 class MirroredStrategyTest(tf.test.TestCase):
   """Two replicas on two logical CPUs (tests/conftest.py) equal one device.
 
@@ -272,11 +297,12 @@ class MirroredStrategyTest(tf.test.TestCase):
     return step
 
   def test_two_replicas_match_one_device(self):
-    # argmax labels: sampled ones are drawn per replica with its own seed.
-    config = mpl_config(pseudo_label='argmax', baseline_decay=0.5)
+    # Sampled pseudo labels (Algorithm 1): each replica draws the rows of the
+    # global batch it holds, so two replicas draw what one device draws.
+    config = mpl_config(pseudo_label='sampled', baseline_decay=0.5)
     batch = random_batch(0, NUM_LABELED, NUM_UNLABELED, INPUT_DIM, NUM_CLASSES)
     single = self._step_with_ema(config)
-    single_metrics, _ = tf.function(single)(batch)
+    single_metrics, single_outputs = tf.function(single)(batch)
 
     strategy = distribute.get_strategy(RunConfig(strategy='mirrored'))
     self.assertEqual(strategy.num_replicas_in_sync, 2)
@@ -289,8 +315,14 @@ class MirroredStrategyTest(tf.test.TestCase):
 
     per_replica = strategy.experimental_distribute_values_from_function(
         half_batch)
-    metrics, _ = tf.function(lambda b: strategy.run(mirrored, args=(b,)))(
-        per_replica)
+    metrics, outputs = tf.function(
+        lambda b: strategy.run(mirrored, args=(b,)))(per_replica)
+    labels = np.concatenate([ids.numpy() for ids in strategy
+                             .experimental_local_results(
+                                 outputs['pseudo_label_ids'])])
+    self.assertAllEqual(labels, single_outputs['pseudo_label_ids'])
+    # Not all one class: a draw that ignored the row would still agree.
+    self.assertGreater(len(np.unique(labels)), 1)
     for key in ('mpl/h', 'mpl/baseline', 'teacher/supervised_loss',
                 'teacher/uda_loss', 'student/labeled_loss_old',
                 'student/labeled_loss_new', 'student/pseudo_label_loss'):

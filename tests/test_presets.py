@@ -102,6 +102,9 @@ class PresetFilesTest(tf.test.TestCase):
                          ('sampled', 'exact', 'paper', 0.0, 1.0))
 
   def test_small_image_presets(self):
+    # The choices that make these CIFAR/SVHN recipes; their numbers are the
+    # .cfg files' own (repeating them here would test the file against
+    # itself).
     for name, dataset, flip, ops in (('cifar10_4k', 'cifar10_4k', True,
                                       'paper'),
                                      ('svhn_1k', 'svhn_1k', False, 'svhn')):
@@ -110,25 +113,11 @@ class PresetFilesTest(tf.test.TestCase):
         self.assertEqual((config.data.dataset, config.data.horizontal_flip,
                           config.data.randaugment_ops, config.data.crop),
                          (dataset, flip, ops, 'pad_crop'))
-        self.assertEqual(config.model.name, 'wrn-28-2')
-        self.assertEqual((config.optim.labeled_batch_size,
-                          config.optim.uda_ratio, config.optim.num_steps),
-                         (128, 7, 300_000))
-        # 0.1 x 128/256 = 0.05 for both networks.
-        self.assertTrue(config.optim.scale_lr_by_batch)
-        self.assertEqual((config.optim.teacher_lr, config.optim.student_lr),
-                         (0.1, 0.1))
-        self.assertEqual((config.mpl.uda_temperature, config.mpl.uda_threshold,
-                          config.mpl.uda_weight, config.mpl.uda_steps),
-                         (0.7, 0.6, 8.0, 5000))
-        self.assertEqual((config.optim.weight_decay, config.mpl.label_smoothing,
-                          config.model.dropout_rate, config.optim.ema_decay),
-                         (5e-4, 0.15, 0.2, 0.995))
-        self.assertEqual((config.data.randaugment_magnitude,
-                          config.optim.student_wait_steps,
-                          config.optim.teacher_warmup_steps,
-                          config.optim.student_warmup_steps), (16, 3000, 5000,
-                                                               5000))
+        # The released recipe's effective rate: 0.1 x B/256 = 0.05 at B=128.
+        scale = (config.optim.labeled_batch_size / 256
+                 if config.optim.scale_lr_by_batch else 1.0)
+        self.assertAlmostEqual(config.optim.teacher_lr * scale, 0.05)
+        self.assertAlmostEqual(config.optim.student_lr * scale, 0.05)
         self.assertGreater(config.finetune.steps, 0)
 
   def test_released_code_preset(self):
@@ -142,34 +131,20 @@ class PresetFilesTest(tf.test.TestCase):
     self.assertEqual(config.finetune.steps, 0)   # the released code has none
 
   def test_imagenet_presets(self):
-    for name, model, batch, mu, image_size in (
-        ('imagenet_10pct', 'resnet-50', 1024, 15, 224),
-        ('imagenet_b6_wide', 'efficientnet-b6-mpl', 4096, 8, 512),
-        ('imagenet_l2', 'efficientnet-l2', 4096, 8, 512)):
+    for name, model, image_size in (
+        ('imagenet_10pct', 'resnet-50', 224),
+        ('imagenet_b6_wide', 'efficientnet-b6-mpl', 512),
+        ('imagenet_l2', 'efficientnet-l2', 512)):
       with self.subTest(preset=name):
         config = _config(_preset(name))
-        self.assertEqual(config.model.name, model)
-        self.assertEqual(config.data.crop, 'inception')
-        self.assertEqual(config.data.image_size, image_size)
-        self.assertEqual(config.data.cutout_size, 0)
-        self.assertEqual((config.data.randaugment_magnitude,
-                          config.data.randaugment_translate_const,
-                          config.data.randaugment_cutout_const),
-                         (17, 100, 40))
-        self.assertEqual(config.model.precision, 'mixed_bfloat16')
-        self.assertEqual(config.optim.labeled_batch_size, batch)
-        self.assertEqual(config.unlabeled_batch_size, batch * mu)
-        self.assertEqual((config.mpl.uda_temperature, config.mpl.uda_threshold,
-                          config.mpl.uda_weight, config.mpl.uda_steps),
-                         (0.5, 0.6, 20.0, 50_000))
-        self.assertEqual((config.optim.teacher_lr, config.optim.student_lr,
-                          config.optim.grad_clip_norm, config.optim.ema_decay,
-                          config.optim.weight_decay),
-                         (0.15, 0.1, 5.0, 0.999, 1e-4))
-    self.assertEqual(
-        _config(_preset('imagenet_l2')).unlabeled_batch_size, 32_768)
-    self.assertEqual(_config(_preset('imagenet_10pct')).optim.num_steps,
-                     700_000)
+        self.assertEqual((config.model.name, config.data.crop,
+                          config.data.image_size, config.model.precision),
+                         (model, 'inception', image_size, 'mixed_bfloat16'))
+    # The paper's batches for EfficientNet-L2 (Section 3.3): 4,096 labeled,
+    # 32,768 unlabeled (official_code_spec.md quotes them).
+    l2 = _config(_preset('imagenet_l2'))
+    self.assertEqual((l2.optim.labeled_batch_size, l2.unlabeled_batch_size),
+                     (4096, 32_768))
 
   def test_smoke_preset_is_small_and_offline(self):
     config = _config(_preset('smoke'))

@@ -14,6 +14,7 @@ depth and dtype policy from ModelConfig; and never changes Keras's global
 dtype policy.
 """
 
+import contextlib
 import re
 from typing import Callable, List, Sequence, Tuple
 
@@ -157,3 +158,18 @@ def normalization_weights(model: keras.Model) -> List[keras.Variable]:
                           keras.layers.LayerNormalization)):
       weights.extend(layer.trainable_weights)
   return weights
+
+
+@contextlib.contextmanager
+def restored_afterwards(variables: Sequence[tf.Variable]):
+  """Puts `variables` back to their values at entry when the block ends.
+
+  For passes that must not leave a trace in the state they touch (batch-norm
+  moving statistics, dropout RNG states). Inside a tf.function the restores
+  follow the block's updates of the same variables by TensorFlow's automatic
+  control dependencies, as in eager execution.
+  """
+  saved = [tf.identity(v.value) for v in variables]
+  yield
+  for variable, value in zip(variables, saved):
+    variable.assign(value)

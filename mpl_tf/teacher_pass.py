@@ -1,0 +1,125 @@
+"""The teacher's forward pass of one MPL step, in the variant the config asks.
+
+Algorithm 1 needs the teacher's logits twice: before the student's update
+(the pseudo labels are read from them) and after h is known (the teacher's
+losses, and their gradient, are built on them). The three ways of running
+that pass compute the same logits {labeled, ori, aug} and differ only in
+cost and memory, so they live here, behind one object, and the step reads
+as Algorithm 1 whichever is chosen:
+
+  teacher_original_pass='shared' (default): one training-mode pass on
+      [x_l; x_u_ori; x_u_aug], taped; the tape is re-entered once h is known
+      to add the losses.
+  teacher_original_pass='no_grad': x_u_ori, only the (stop-gradient) UDA
+      target, gets a pass of its own outside the tape; the taped pass is
+      [x_l; x_u_aug].
+  rematerialize_teacher=True: the first pass runs untaped and leaves no
+      trace (dropout RNG states and batch-norm moving statistics put back);
+      it is repeated, taped, after h, drawing the same masks on the same
+      batch. Its activations then do not live through the student's step.
+
+The choices themselves are described once, in mpl_tf.config.MplConfig.
+"""
+
+import contextlib
+from typing import Dict, Sequence
+
+import keras
+import tensorflow as tf
+
+from mpl_tf.config import MplConfig
+from mpl_tf.models import restored_afterwards
+
+
+class TeacherPass:
+  """One step's teacher logits and the tape that differentiates them.
+
+  `forward()` gives the logits the pseudo labels are read from; the block
+  `with taped(after=h) as logits:` records the teacher's losses on the taped
+  logits; `gradient(loss, variables)` differentiates them.
+  """
+
+  def __init__(self, teacher: keras.Model, config: MplConfig,
+               images_labeled: tf.Tensor, images_ori: tf.Tensor,
+               images_aug: tf.Tensor, *,
+               batch_norm_statistics: Sequence[tf.Variable],
+               rng_states: Sequence[tf.Variable]):
+    self._teacher = teacher
+    self._rematerialize = config.rematerialize_teacher
+    self._batch_norm_statistics = list(batch_norm_statistics)
+    self._rng_states = list(rng_states)
+    self._images = (images_labeled, images_ori, images_aug)
+    self._tape = tf.GradientTape()
+    self._logits = None
+    # 'no_grad': the UDA target's own pass comes first, as it always has.
+    self._logits_ori_untaped = (
+        self._original_without_backward(images_ori)
+        if config.teacher_original_pass == 'no_grad' else None)
+
+  def forward(self) -> Dict[str, tf.Tensor]:
+    """The first pass: the logits the pseudo labels are read from.
+
+    Stop-gradient under rematerialize_teacher (they only choose the pseudo
+    labels); otherwise taped, and the same tensors `taped` yields.
+    """
+    if self._rematerialize:
+      with restored_afterwards(self._rng_states +
+                               self._batch_norm_statistics):
+        logits = self._logits_of_one_pass()
+      self._logits = {key: tf.stop_gradient(value)
+                      for key, value in logits.items()}
+    else:
+      with self._tape:
+        self._logits = self._logits_of_one_pass()
+    return self._logits
+
+  @contextlib.contextmanager
+  def taped(self, after: tf.Tensor):
+    """Yields the taped logits with the tape recording.
+
+    Under rematerialize_teacher the taped pass runs here, after `after`
+    (h): without that dependency the graph could run it as early as the
+    first one and keep its activations through the student's step, which is
+    what rematerializing avoids.
+    """
+    if self._rematerialize:
+      with self._tape, tf.control_dependencies([after]):
+        self._logits = self._logits_of_one_pass()
+    with self._tape:
+      yield self._logits
+
+  def gradient(self, loss: tf.Tensor, variables) -> list:
+    return self._tape.gradient(loss, variables)
+
+  def _logits_of_one_pass(self) -> Dict[str, tf.Tensor]:
+    """The teacher's logits {labeled, ori, aug} in one training-mode pass.
+
+    Under 'no_grad' the pass is [x_l; x_u_aug] and 'ori' holds the untaped
+    logits; else it is [x_l; x_u_ori; x_u_aug].
+    """
+    images_labeled, images_ori, images_aug = self._images
+    local_labeled = tf.shape(images_labeled)[0]
+    local_unlabeled = tf.shape(images_aug)[0]
+    if self._logits_ori_untaped is not None:
+      logits = self._teacher(tf.concat([images_labeled, images_aug], axis=0),
+                             training=True)
+      labeled, aug = tf.split(logits, [local_labeled, local_unlabeled])
+      return {'labeled': labeled, 'ori': self._logits_ori_untaped,
+              'aug': aug}
+    logits = self._teacher(
+        tf.concat([images_labeled, images_ori, images_aug], axis=0),
+        training=True)
+    labeled, ori, aug = tf.split(
+        logits, [local_labeled, local_unlabeled, local_unlabeled])
+    return {'labeled': labeled, 'ori': ori, 'aug': aug}
+
+  def _original_without_backward(self, images_ori: tf.Tensor) -> tf.Tensor:
+    """The teacher's logits on x_u_ori in a pass of their own, no tape.
+
+    Training mode (batch statistics, dropout), like the shared pass it
+    replaces; the batch-norm moving statistics are restored afterwards, so
+    they still move once per step (by the taped pass).
+    """
+    with restored_afterwards(self._batch_norm_statistics):
+      logits = self._teacher(images_ori, training=True)
+    return tf.stop_gradient(logits)
