@@ -219,15 +219,7 @@ def evaluate_checkpoint(config: Config, manifest: Dict[str, Any],
   evaluation, so the numbers match what training reported.
   """
   model = checkpoints.restore_model(config, manifest, checkpoint_path, item)
-  dataset = pipeline.eval_dataset(config, manifest, split,
-                                  config.run.eval_batch_size)
-  try:
-    return Evaluator()(model, dataset)
-  except tf.errors.OpError as error:
-    problem = pipeline.find_input_problem(config, manifest, (split,))
-    if problem is None:
-      raise
-    raise problem from error
+  return evaluate_split(Evaluator(), config, manifest, model, split)
 
 
 def evaluate(config: Config, manifest: Dict[str, Any],
