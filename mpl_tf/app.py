@@ -1,8 +1,8 @@
 """What `main.py --mode=...` does with a Config: train, eval, export, predict.
 
 Kept apart from the loop (train.py owns training) and from the serving
-contract (export.py owns it): this module only picks the checkpoint or
-export a mode works on and prints what it found.
+contract (export.py, serving.py and evaluate.py own it): this module only
+picks the checkpoint or export a mode works on and prints what it found.
 
 Every mode builds the configured strategy first (before any TensorFlow op,
 as MultiWorkerMirroredStrategy requires). Evaluating a checkpoint runs on
@@ -18,14 +18,17 @@ from typing import Any, Dict
 
 import tensorflow as tf
 
+from mpl_tf import checkpoints
 from mpl_tf import cluster
 from mpl_tf import distribute
 from mpl_tf import export
+from mpl_tf import export_format
+from mpl_tf import serving
 from mpl_tf import train
 from mpl_tf.config import Config, ConfigError
 from mpl_tf.data import offline
 from mpl_tf.data import records
-from mpl_tf.evaluate import Evaluator, evaluate_split
+from mpl_tf.evaluate import Evaluator, evaluate, evaluate_split
 
 # TF Serving loads numbered versions of a model directory.
 _EXPORT_VERSION = '1'
@@ -35,8 +38,8 @@ def default_checkpoint(config: Config) -> str:
   """What eval and export use without --checkpoint.
 
   The finetuned student when the run has a finetuning stage, else the run's
-  model_dir, where export.resolve_checkpoint takes the best-on-validation EMA
-  student, or the latest training checkpoint.
+  model_dir, where checkpoints.resolve_checkpoint takes the best-on-validation
+  EMA student, or the latest training checkpoint.
   """
   if config.run.checkpoint:
     return config.run.checkpoint
@@ -59,7 +62,7 @@ def _evaluate_checkpoint(config: Config, manifest: Dict[str, Any],
   distribute.check_batch_divides(strategy, 'eval_batch_size',
                                  config.run.eval_batch_size)
   with strategy.scope():
-    model = export.restore_model(config, manifest, checkpoint)
+    model = checkpoints.restore_model(config, manifest, checkpoint)
   evaluator = Evaluator(strategy)
   return {split: evaluate_split(evaluator, config, manifest, model, split)
           for split in ('validation', 'test')}
@@ -75,7 +78,7 @@ def run(config: Config) -> Dict[str, Any]:
   manifest = (offline.ensure_prepared(config.data) if chief else
               records.read_manifest(config.data.data_dir))
   if mode == 'export':
-    checkpoint = export.resolve_checkpoint(default_checkpoint(config))
+    checkpoint = checkpoints.resolve_checkpoint(default_checkpoint(config))
     path = default_export_dir(config)
     if chief:
       path = export.export_saved_model(config, manifest, checkpoint, path)
@@ -83,13 +86,13 @@ def run(config: Config) -> Dict[str, Any]:
     return {'checkpoint': checkpoint, 'export_dir': path}
   if mode == 'eval':
     target = default_checkpoint(config)
-    if export.is_export(target):
+    if export_format.is_export(target):
       # The serving signature, fed raw pixels on the host: this checks the
       # export as TF Serving would run it.
-      results = {split: export.evaluate(config, manifest, target, split)
+      results = {split: evaluate(config, manifest, target, split)
                  for split in ('validation', 'test')}
     else:
-      target = export.resolve_checkpoint(target)
+      target = checkpoints.resolve_checkpoint(target)
       results = _evaluate_checkpoint(config, manifest, target, strategy)
     print(f'evaluated {target} ({type(strategy).__name__}, '
           f'{strategy.num_replicas_in_sync} replica(s))')
@@ -99,8 +102,8 @@ def run(config: Config) -> Dict[str, Any]:
     if not config.run.predict_files:
       raise ConfigError('--mode=predict needs --predict_files (comma-separated '
                         'image files or globs).')
-    paths = export.expand_file_patterns(config.run.predict_files)
-    predictions = export.predict_files(default_export_dir(config), paths)
+    paths = serving.expand_file_patterns(config.run.predict_files)
+    predictions = serving.predict_files(default_export_dir(config), paths)
     for prediction in predictions:
       name = prediction.get('class_name')
       columns = [prediction['file'], str(prediction['class']),

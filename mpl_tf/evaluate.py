@@ -1,19 +1,29 @@
-"""Top-1/top-5 accuracy and loss of a model over a padded, masked eval set.
+"""Top-1/top-5 accuracy and loss of a model, a checkpoint or an export.
 
 Eval batches are padded to a fixed shape (static shapes for TPU); the mask
 marks the real examples, and every count is mask-weighted. Under a strategy
 each replica counts its own batches and the counts are summed across
 replicas on the host side of the call (`strategy.reduce(SUM)`).
+
+`evaluate` (`--mode=eval` in main.py) takes a checkpoint, restored as
+checkpoints.py does, or an export, loaded as serving.py does and fed a
+split's raw pixels (`eval_images`), so a checkpoint and its export are
+measured with the same keys and can be compared directly.
 """
 
 import statistics
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from mpl_tf import checkpoints
+from mpl_tf import export_format
+from mpl_tf import serving as serving_lib
 from mpl_tf.config import Config
 from mpl_tf.data import pipeline
+from mpl_tf.data import records
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -133,3 +143,99 @@ def summarize(history: List[Dict], median_last: int) -> Dict:
                          for key in ('top1', 'top5')},
           'test': {key: median('test', key) for key in ('top1', 'top5')}},
   }
+
+
+def eval_images(config: Config, manifest: Dict[str, Any],
+                split: str, batch_size: Optional[int] = None
+                ) -> tf.data.Dataset:
+  """(uint8 images [n, H, W, 3], int32 labels [n]) batches of a split.
+
+  The raw pixels, as an export takes them (`pipeline.eval_dataset` gives
+  the already cropped and normalised view, for Keras models). Images of one
+  size are batched together; the last batches may be smaller.
+  """
+  pipeline.check_manifest(config, manifest)
+  batch_size = batch_size or config.run.eval_batch_size
+  image_size = manifest.get('image_size')
+  dataset = tf.data.TFRecordDataset(
+      records.split_files(config.data.data_dir, split))
+  dataset = dataset.map(
+      lambda serialized: records.parse_example(serialized, image_size, 3),
+      num_parallel_calls=tf.data.AUTOTUNE)
+  if image_size is not None:
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+  def size_key(image, unused_label):
+    shape = tf.cast(tf.shape(image), tf.int64)
+    return shape[0] * (1 << 31) + shape[1]
+
+  return dataset.group_by_window(
+      size_key, lambda unused_key, window: window.batch(batch_size),
+      window_size=batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def evaluate_saved_model(export: Union[str, serving_lib.ServingModel],
+                         dataset: Iterable) -> Dict[str, float]:
+  """Top-1, top-5 (top-K if K < 5) and loss of an export on a dataset.
+
+  `dataset` yields (uint8 images [n, H, W, 3], integer labels [n]), e.g.
+  `eval_images(...)`. Returns the keys of `Evaluator`: top1, top5, loss,
+  count, so a checkpoint and its export can be compared directly.
+  """
+  serving = serving_lib.as_serving(export)
+  k = min(5, serving.num_classes)
+  top1 = topk = loss = 0.0
+  count = 0
+  for images, labels in dataset:
+    labels = np.asarray(labels).astype(np.int64)
+    if labels.size and (labels.min() < 0 or
+                        labels.max() >= serving.num_classes):
+      raise ValueError(
+          f'A label outside [0, {serving.num_classes}) in the evaluation '
+          f'set: the export {serving.export_dir!r} was trained on another '
+          f'data set.')
+    logits = tf.constant(serving(images)['logits'])
+    label_tensor = tf.constant(labels, tf.int32)
+    top1 += float(tf.reduce_sum(tf.cast(
+        tf.math.in_top_k(label_tensor, logits, 1), tf.float32)))
+    topk += float(tf.reduce_sum(tf.cast(
+        tf.math.in_top_k(label_tensor, logits, k), tf.float32)))
+    loss += float(tf.reduce_sum(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(label_tensor, logits)))
+    count += int(labels.size)
+  if count == 0:
+    raise ValueError('the evaluation set is empty.')
+  return {'top1': top1 / count, 'top5': topk / count, 'loss': loss / count,
+          'count': count}
+
+
+def evaluate_checkpoint(config: Config, manifest: Dict[str, Any],
+                        checkpoint_path: str, split: str = 'test',
+                        item: str = checkpoints.DEFAULT_ITEM
+                        ) -> Dict[str, float]:
+  """Top-1/top-5/loss of a checkpoint's EMA student (or `item`) on a split.
+
+  The same model, data view and Evaluator as the training loop's
+  evaluation, so the numbers match what training reported.
+  """
+  model = checkpoints.restore_model(config, manifest, checkpoint_path, item)
+  return evaluate_split(Evaluator(), config, manifest, model, split)
+
+
+def evaluate(config: Config, manifest: Dict[str, Any],
+             checkpoint_or_export: str, split: str) -> Dict[str, float]:
+  """`--mode=eval`: a SavedModel directory or a checkpoint, on one split.
+
+  An export is fed the split's raw pixels and preprocesses them itself, so
+  this also checks the serving path; a checkpoint (prefix, directory or
+  model_dir, see resolve_checkpoint) is evaluated as training does.
+  """
+  if export_format.is_export(checkpoint_or_export):
+    serving = serving_lib.load_serving(checkpoint_or_export)
+    if serving.num_classes != int(manifest['num_classes']):
+      raise ValueError(
+          f'The export {checkpoint_or_export!r} has {serving.num_classes} '
+          f'classes but the data in {config.data.data_dir!r} has '
+          f'{manifest["num_classes"]}; evaluate it on its own data set.')
+    return evaluate_saved_model(serving, eval_images(config, manifest, split))
+  return evaluate_checkpoint(config, manifest, checkpoint_or_export, split)

@@ -14,8 +14,12 @@ from unittest import mock
 import numpy as np
 import tensorflow as tf
 
+from mpl_tf import checkpoints
 from mpl_tf import config as config_lib
+from mpl_tf import evaluate
 from mpl_tf import export
+from mpl_tf import export_format
+from mpl_tf import serving as serving_lib
 from mpl_tf.data import augment
 from mpl_tf.data import records
 from mpl_tf.models import build_model
@@ -109,8 +113,8 @@ class ExportTest(tf.test.TestCase):
     cls.inception_export_dir = export.export_saved_model(
         cls.inception_config, _manifest(image_size=None), cls.checkpoint,
         os.path.join(root, 'exports', 'inception', '1'))
-    cls.serving = export.load_serving(cls.export_dir)
-    cls.inception_serving = export.load_serving(cls.inception_export_dir)
+    cls.serving = serving_lib.load_serving(cls.export_dir)
+    cls.inception_serving = serving_lib.load_serving(cls.inception_export_dir)
 
   @classmethod
   def tearDownClass(cls):
@@ -123,7 +127,7 @@ class ExportTest(tf.test.TestCase):
 
   def test_signature_matches_the_keras_model(self):
     signature = tf.saved_model.load(self.export_dir).signatures[
-        export.SIGNATURE_KEY]
+        export_format.SIGNATURE_KEY]
     inputs = signature.structured_input_signature[1]
     self.assertEqual(inputs['images'].dtype, tf.uint8)
     self.assertEqual(inputs['images'].shape.as_list(), [None, None, None, 3])
@@ -180,12 +184,12 @@ class ExportTest(tf.test.TestCase):
     self.assertAllEqual(decoded[2][..., 0], decoded[2][..., 2])
     expected = _expected(self.model, decoded)
     self.assertEqual(
-        export.expand_file_patterns(
+        serving_lib.expand_file_patterns(
             f'{paths[2]}, {os.path.join(directory, "*.png")}'),
         [paths[2], paths[0], paths[2]])
     with self.assertRaisesRegex(ValueError, 'No file matches'):
-      export.expand_file_patterns(os.path.join(directory, '*.gif'))
-    results = export.predict_files(self.export_dir, paths)
+      serving_lib.expand_file_patterns(os.path.join(directory, '*.gif'))
+    results = serving_lib.predict_files(self.export_dir, paths)
     self.assertEqual([r['file'] for r in results], paths)
     self.assertEqual([r['class'] for r in results],
                      expected['classes'].tolist())
@@ -201,10 +205,10 @@ class ExportTest(tf.test.TestCase):
     paths = [_write_file(os.path.join(directory, f'{i}.png'),
                          _random_images(10 + i, shape + (3,)), 'png')
              for i, shape in enumerate(shapes)]
-    results = export.predict_files(self.inception_serving, paths,
-                                   batch_size=3)
+    results = serving_lib.predict_files(self.inception_serving, paths,
+                                        batch_size=3)
     for path, result in zip(paths, results):
-      alone = export.predict_files(self.inception_serving, [path])[0]
+      alone = serving_lib.predict_files(self.inception_serving, [path])[0]
       self.assertEqual(result['file'], path)
       self.assertEqual(result['class'], alone['class'])
       self.assertAllClose(result['probability'], alone['probability'],
@@ -214,15 +218,15 @@ class ExportTest(tf.test.TestCase):
     directory = self._new_directory()
     missing = os.path.join(directory, 'missing.png')
     with self.assertRaisesRegex(ValueError, 'missing.png'):
-      export.predict_files(self.serving, [missing])
+      serving_lib.predict_files(self.serving, [missing])
     garbage = os.path.join(directory, 'garbage.png')
     tf.io.write_file(garbage, b'not an image at all')
     with self.assertRaisesRegex(ValueError, 'garbage.png.*decode'):
-      export.predict_files(self.serving, [garbage])
+      serving_lib.predict_files(self.serving, [garbage])
     large = _write_file(os.path.join(directory, 'large.png'),
                         _random_images(5, (40, 40, 3)), 'png')
     with self.assertRaisesRegex(ValueError, 'large.png.*40x40.*32x32'):
-      export.predict_files(self.serving, [large])
+      serving_lib.predict_files(self.serving, [large])
 
   def test_raw_signature_rejects_wrong_inputs(self):
     signature = self.serving.signature
@@ -269,13 +273,14 @@ class ExportTest(tf.test.TestCase):
 
   def test_checkpoint_resolution_and_errors(self):
     # A directory or a run's model_dir means its latest checkpoint.
-    self.assertEqual(export.resolve_checkpoint(self.checkpoint_dir),
+    self.assertEqual(checkpoints.resolve_checkpoint(self.checkpoint_dir),
                      self.checkpoint)
     self.assertEqual(
-        export.resolve_checkpoint(os.path.dirname(self.checkpoint_dir)),
+        checkpoints.resolve_checkpoint(os.path.dirname(self.checkpoint_dir)),
         self.checkpoint)
-    self.assertEqual(export.resolve_checkpoint(self.checkpoint + '.index'),
-                     self.checkpoint)
+    self.assertEqual(
+        checkpoints.resolve_checkpoint(self.checkpoint + '.index'),
+        self.checkpoint)
     # A model_dir with a best-on-validation EMA student means that one.
     run = self._new_directory()
     _save(tf.train.CheckpointManager(
@@ -285,16 +290,16 @@ class ExportTest(tf.test.TestCase):
         tf.train.Checkpoint(ema_student=self.model),
         os.path.join(run, 'checkpoints', 'best'), max_to_keep=1,
         checkpoint_name='best').save(checkpoint_number=20)
-    self.assertEqual(export.resolve_checkpoint(run), best)
+    self.assertEqual(checkpoints.resolve_checkpoint(run), best)
     self.assertEqual(
-        export.resolve_checkpoint(os.path.join(run, 'checkpoints')),
+        checkpoints.resolve_checkpoint(os.path.join(run, 'checkpoints')),
         os.path.join(run, 'checkpoints', 'ckpt-40'))
     missing = os.path.join(self.checkpoint_dir, 'ckpt-999')
     with self.assertRaisesRegex(FileNotFoundError, 'ckpt-999.*prefix'):
-      export.resolve_checkpoint(missing)
+      checkpoints.resolve_checkpoint(missing)
     empty = self._new_directory()
     with self.assertRaisesRegex(FileNotFoundError, 'No checkpoint in'):
-      export.resolve_checkpoint(empty)
+      checkpoints.resolve_checkpoint(empty)
     target = os.path.join(empty, 'never')
     with self.assertRaises(FileNotFoundError):
       export.export_saved_model(self.config, _manifest(), missing, target)
@@ -305,10 +310,10 @@ class ExportTest(tf.test.TestCase):
             os.path.join(empty, 'student_only'))
     with self.assertRaisesRegex(ValueError,
                                 "no 'ema_student' .*holds: student"):
-      export.restore_model(self.config, _manifest(), student_only)
+      checkpoints.restore_model(self.config, _manifest(), student_only)
     wider = _config(self.fixed_dir, model='wrn-10-2')
     with self.assertRaisesRegex(ValueError, 'does not fit.*wrn-10-2'):
-      export.restore_model(wider, _manifest(), self.checkpoint)
+      checkpoints.restore_model(wider, _manifest(), self.checkpoint)
 
   def test_export_replaces_atomically_and_leaves_no_temporary(self):
     parent = self._new_directory()
@@ -323,7 +328,7 @@ class ExportTest(tf.test.TestCase):
     export.export_saved_model(self.config, _manifest(), manager, target)
     self.assertEqual(os.listdir(parent), ['1'])
     images = _random_images(11, (3, _SIZE, _SIZE, 3))
-    outputs = export.load_serving(target)(images)
+    outputs = serving_lib.load_serving(target)(images)
     self.assertAllClose(outputs['logits'],
                         _expected(second_model, images)['logits'],
                         atol=_TOLERANCE, rtol=_TOLERANCE)
@@ -336,7 +341,7 @@ class ExportTest(tf.test.TestCase):
       with self.assertRaisesRegex(RuntimeError, 'disk full'):
         export.export_saved_model(self.config, _manifest(), first, target)
     self.assertEqual(os.listdir(parent), ['1'])
-    self.assertAllClose(export.load_serving(target)(images)['logits'],
+    self.assertAllClose(serving_lib.load_serving(target)(images)['logits'],
                         outputs['logits'])
 
     # Anything but an export is never replaced.
@@ -368,14 +373,14 @@ class ExportTest(tf.test.TestCase):
          self.inception_serving))
     for config, manifest, serving in cases:
       with self.subTest(config.data.crop):
-        from_checkpoint = export.evaluate(config, manifest,
-                                          self.checkpoint_dir, 'test')
-        from_export = export.evaluate_saved_model(
-            serving, export.eval_images(config, manifest, 'test', 3))
+        from_checkpoint = evaluate.evaluate(config, manifest,
+                                            self.checkpoint_dir, 'test')
+        from_export = evaluate.evaluate_saved_model(
+            serving, evaluate.eval_images(config, manifest, 'test', 3))
         self.assertEqual(
-            export.evaluate(config, manifest, serving.export_dir, 'test'),
-            export.evaluate_saved_model(
-                serving, export.eval_images(config, manifest, 'test')))
+            evaluate.evaluate(config, manifest, serving.export_dir, 'test'),
+            evaluate.evaluate_saved_model(
+                serving, evaluate.eval_images(config, manifest, 'test')))
         self.assertEqual(from_export['count'], manifest['counts']['test'])
         self.assertEqual(from_checkpoint['count'], from_export['count'])
         for key in ('top1', 'top5', 'loss'):

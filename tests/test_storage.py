@@ -21,8 +21,11 @@ import numpy as np
 import tensorflow as tf
 
 from mpl_tf import app
+from mpl_tf import checkpoints
 from mpl_tf import config as config_lib
-from mpl_tf import export
+from mpl_tf import evaluate
+from mpl_tf import export_format
+from mpl_tf import serving
 from mpl_tf import storage
 from mpl_tf import train
 from mpl_tf.data import offline
@@ -220,16 +223,16 @@ class ExportMarkerTest(tf.test.TestCase):
     module.serve = tf.function(lambda x: {'logits': x}, input_signature=[
         tf.TensorSpec([None, 2], tf.float32)])
     tf.saved_model.save(module, export_dir)
-    self.assertFalse(export.is_export(export_dir))
+    self.assertFalse(export_format.is_export(export_dir))
     message = ('no assets.extra/mpl_tf_export.json, which an mpl_tf export '
                'writes last')
     with self.assertRaisesRegex(FileNotFoundError, message):
-      export.load_serving(export_dir)
+      serving.load_serving(export_dir)
     with self.assertRaisesRegex(FileNotFoundError, message):
-      export.evaluate(config_lib.Config(), {'num_classes': 2}, export_dir,
-                      'test')
-    _write(f'{export_dir}/{export.METADATA_PATH}', b'{}')
-    self.assertTrue(export.is_export(export_dir))
+      evaluate.evaluate(config_lib.Config(), {'num_classes': 2}, export_dir,
+                        'test')
+    _write(f'{export_dir}/{export_format.METADATA_PATH}', b'{}')
+    self.assertTrue(export_format.is_export(export_dir))
 
 
 class CheckpointMarkerTest(tf.test.TestCase):
@@ -242,13 +245,13 @@ class CheckpointMarkerTest(tf.test.TestCase):
     # A newer checkpoint that no state file names, as a cut-short save
     # leaves: not taken from the directory, but usable by its prefix.
     stray = checkpoint.write(f'{directory}/ckpt-2')
-    self.assertEqual(export.resolve_checkpoint(directory), named)
-    self.assertEqual(export.resolve_checkpoint(stray), stray)
-    self.assertEqual(export.resolve_checkpoint(stray + '.index'), stray)
+    self.assertEqual(checkpoints.resolve_checkpoint(directory), named)
+    self.assertEqual(checkpoints.resolve_checkpoint(stray), stray)
+    self.assertEqual(checkpoints.resolve_checkpoint(stray + '.index'), stray)
     tf.io.gfile.remove(f'{directory}/checkpoint')
     with self.assertRaisesRegex(FileNotFoundError,
                                 'ckpt-2 without a `checkpoint` state file'):
-      export.resolve_checkpoint(directory)
+      checkpoints.resolve_checkpoint(directory)
 
 
 def _write_folder_source(root):
@@ -324,7 +327,7 @@ class RemoteEndToEndTest(tf.test.TestCase):
 
     # An export that stopped before its marker is refused, then replaced.
     with mock.patch.object(tf.io.gfile, 'rename',
-                           _rename_failing_on(export.METADATA_NAME)):
+                           _rename_failing_on(export_format.METADATA_NAME)):
       with self.assertRaises(tf.errors.UnavailableError):
         run('export')
     with self.assertRaisesRegex(FileNotFoundError, 'no assets.extra'):
