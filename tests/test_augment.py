@@ -1,4 +1,4 @@
-"""Tests of RandAugment (mpl_tf/data/randaugment.py).
+"""Tests of RandAugment (mpl_tf/data/randaugment.py and randaugment_ops.py).
 
 Each op is checked against an independent numpy computation of what the
 released code does (where that is cheap), eagerly and inside `tf.data`; the
@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from mpl_tf.data import randaugment as ra
+from mpl_tf.data import randaugment_ops as ra_ops
 
 ALL_OPS = sorted({op for names in ra.OP_LISTS.values() for op in names})
 CIFAR = dict(translate_const=4.0, cutout_const=4.0)
@@ -69,7 +70,7 @@ class OpArgumentsTest(tf.test.TestCase):
   """The level -> strength mapping against the spec's table (section 4.3)."""
 
   def test_cifar_m16(self):
-    args = ra.op_arguments(16, **CIFAR)
+    args = ra_ops.op_arguments(16, **CIFAR)
     self.assertAllClose(args['Rotate'], 48.0)
     self.assertEqual(args['Posterize'], 6)
     self.assertEqual(args['Solarize'], 409)
@@ -85,7 +86,7 @@ class OpArgumentsTest(tf.test.TestCase):
       self.assertIsNone(args[name])
 
   def test_imagenet_m17(self):
-    args = ra.op_arguments(17, **IMAGENET)
+    args = ra_ops.op_arguments(17, **IMAGENET)
     self.assertAllClose(args['Rotate'], 51.0)
     self.assertEqual(args['Posterize'], 6)
     self.assertEqual(args['Solarize'], 435)
@@ -95,13 +96,13 @@ class OpArgumentsTest(tf.test.TestCase):
     self.assertEqual(2 * args['Cutout'], 136)
 
   def test_level_zero_and_posterize_clamp(self):
-    args = ra.op_arguments(0, **CIFAR)
+    args = ra_ops.op_arguments(0, **CIFAR)
     self.assertAllClose(args['Color'], 0.1)  # Not the identity factor 1.
     self.assertEqual(args['Solarize'], 0)
     # TF clamps the released uint8 shift by 8 to 7: one bit survives.
     self.assertEqual(args['Posterize'], 1)
-    self.assertEqual(ra.op_arguments(30, **CIFAR)['Posterize'], 8)
-    for name in ra.IDENTITY_AT_ZERO_MAGNITUDE:
+    self.assertEqual(ra_ops.op_arguments(30, **CIFAR)['Posterize'], 8)
+    for name in ra_ops.IDENTITY_AT_ZERO_MAGNITUDE:
       self.assertEqual(args[name], 0)
 
   def test_op_lists(self):
@@ -266,7 +267,7 @@ class OpTest(tf.test.TestCase):
         self.assertNotIn(i, partners)
 
   def test_magnitude_zero_is_identity_where_documented(self):
-    for name in sorted(ra.IDENTITY_AT_ZERO_MAGNITUDE):
+    for name in sorted(ra_ops.IDENTITY_AT_ZERO_MAGNITUDE):
       self.assertAllEqual(self._op(name, magnitude=0), self.images, name)
     # The enhance ops at M=0 use factor 0.1, which is not the identity.
     self.assertNotAllClose(self._op('Color', magnitude=0), self.images)
@@ -321,7 +322,7 @@ class RandAugmentTest(tf.test.TestCase):
         self.assertAllEqual(out[i], self.images[i])
         continue
       chosen.add(op)
-      if op not in ra.SIGNED_OPS and op != 'SamplePairing':
+      if op not in ra_ops.SIGNED_OPS and op != 'SamplePairing':
         self.assertAllClose(out[i], ra.apply_op(
             self.images[i:i + 1], op, 16, **CIFAR)[0], atol=1e-3, msg=op)
     self.assertGreater(len(chosen), 5)

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from mpl_tf import config as config_lib
 from mpl_tf.data import offline
+from mpl_tf.data import record_checks
 from mpl_tf.data import records
 
 _SMALL_DIGITS = dict(dataset='digits', labeled_per_class=5,
@@ -189,7 +190,8 @@ class OfflineTest(tf.test.TestCase):
       offline.ensure_prepared(data_config)
 
   def test_prepared_records_pass_the_check(self):
-    counts = records.check_dataset(self.data_config.data_dir, self.manifest)
+    counts = record_checks.check_dataset(self.data_config.data_dir,
+                                         self.manifest)
     self.assertEqual(counts, self.manifest['counts'])
 
   def test_too_many_labels_per_class_is_a_clear_error(self):

@@ -19,9 +19,10 @@ import tensorflow_datasets as tfds
 
 import prepare as prepare_command
 from mpl_tf.data import prepare
+from mpl_tf.data import record_checks
 from mpl_tf.data import records
-from mpl_tf.data import sources
 from mpl_tf.data import splits
+from mpl_tf.data import tfds_source
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SVHN_TRAIN_CLASS_SIZES = [4948, 13861, 10585, 8497, 7458, 6882, 5727, 5595,
@@ -156,14 +157,14 @@ class CheckSplitTest(tf.test.TestCase):
     kwargs = {'num_classes': 5, 'image_size': 8, **kwargs}
     with self.assertRaisesRegex(
         ValueError, f'{path}: record {index} {message}'):
-      records.check_split(data_dir, 'unlabeled', **kwargs)
+      record_checks.check_split(data_dir, 'unlabeled', **kwargs)
 
   def test_good_split_passes_and_max_records_limits(self):
     data_dir, _ = self._split_with(
         records.serialize_encoded(_png(_random_images(1, 8, 8)[0]), 4))
-    self.assertEqual(records.check_split(data_dir, 'unlabeled', 5, 8), 7)
-    self.assertEqual(records.check_split(data_dir, 'unlabeled', 5, 8,
-                                         max_records=5), 5)
+    self.assertEqual(record_checks.check_split(data_dir, 'unlabeled', 5, 8), 7)
+    self.assertEqual(record_checks.check_split(data_dir, 'unlabeled', 5, 8,
+                                               max_records=5), 5)
 
   def test_label_out_of_range(self):
     bad = records.serialize_encoded(_png(_random_images(1, 8, 8)[0]), 7)
@@ -203,7 +204,7 @@ class CheckSplitTest(tf.test.TestCase):
     manifest = {'num_classes': 5, 'image_size': 8, 'channels': 3,
                 'counts': {'unlabeled': 6}}
     with self.assertRaisesRegex(ValueError, 'has 7 records but manifest'):
-      records.check_dataset(data_dir, manifest, splits=['unlabeled'])
+      record_checks.check_dataset(data_dir, manifest, splits=['unlabeled'])
 
 
 def _balanced_labels(num_classes, per_class, seed=0):
@@ -259,10 +260,11 @@ class SplitRulesTest(tf.test.TestCase):
 
   def test_tfds_ids_give_file_positions(self):
     self.assertAllEqual(
-        sources._positions([b'train_00002', b'train_00000', b'train_00001']),
+        tfds_source._positions(
+            [b'train_00002', b'train_00000', b'train_00001']),
         [2, 0, 1])
-    self.assertIsNone(sources._positions([b'train_00002', b'xyz']))
-    self.assertIsNone(sources._positions([b'train_00005', b'train_00000']))
+    self.assertIsNone(tfds_source._positions([b'train_00002', b'xyz']))
+    self.assertIsNone(tfds_source._positions([b'train_00005', b'train_00000']))
 
   def test_svhn_1k(self):
     labels = np.random.default_rng(0).permutation(
@@ -365,7 +367,7 @@ class TfdsSourceTest(tf.test.TestCase):
     self.assertEqual(manifest['split_rule'], 'cifar10_4k')
     self.assertEqual(manifest['split_params']['labeled_per_class'], 2)
     self.assertLen(records.split_files(out_dir, 'test'), 3)
-    self.assertEqual(records.check_dataset(out_dir), manifest['counts'])
+    self.assertEqual(record_checks.check_dataset(out_dir), manifest['counts'])
     second_indices = np.load(os.path.join(out_dir, 'split_indices.npz'))
     for split, indices in first_indices.items():
       self.assertAllEqual(second_indices[split], indices)
@@ -459,7 +461,7 @@ class FolderAndNpzSourceTest(tf.test.TestCase):
                    .bytes_list.value[0])
     self.assertEqual(stored, set(train_files.values()))
     # The gray test PNG is stored as RGB, so every record has 3 channels.
-    records.check_dataset(out_dir)
+    record_checks.check_dataset(out_dir)
     self.assertEqual(manifest['normalization'], 'computed')
 
   def test_bad_image_file_is_named_and_nothing_is_written(self):

@@ -30,8 +30,9 @@ from mpl_tf import storage
 from mpl_tf import train
 from mpl_tf.data import offline
 from mpl_tf.data import prepare
+from mpl_tf.data import record_checks
 from mpl_tf.data import records
-from mpl_tf.data import sources
+from mpl_tf.data import tfds_source
 from tests.test_train import _config as train_config
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +108,7 @@ class HelpersTest(tf.test.TestCase):
     with mock.patch.object(tfds, 'builder',
                            side_effect=StopIteration) as builder:
       with self.assertRaises(StopIteration):
-        sources.open_tfds('cifar10', 'gs://bucket/tensorflow_datasets')
+        tfds_source.open_tfds('cifar10', 'gs://bucket/tensorflow_datasets')
     self.assertEqual(builder.call_args.kwargs['data_dir'],
                      'gs://bucket/tensorflow_datasets')
 
@@ -293,7 +294,7 @@ class RemoteEndToEndTest(tf.test.TestCase):
     self.assertEqual(manifest['class_names'], ['cat', 'dog'])
     self.assertEqual(manifest['source_details']['train_dir'],
                      f'{self.root}/photos/train')
-    self.assertEqual(records.check_dataset(out_dir)['test'], 4)
+    self.assertEqual(record_checks.check_dataset(out_dir)['test'], 4)
 
     npz_manifest = _tiny_prepared_npz(self.root, f'{self.root}/prepared/npz')
     self.assertEqual(npz_manifest['source_details'],

@@ -15,9 +15,9 @@ a smaller `image_size` (8..32) averages that image down (area resize), which
 makes every convolution 4x cheaper at 16x16: the README's demo trains on
 16x16 digits to fit its time budget on two CPU cores.
 `prepare` draws the four splits by seed with the 'custom' rule of
-`splits.py` and writes them with `prepare.write_prepared`, the writer of the
-data-preparation command; `ensure_prepared` makes a run prepare its data
-only once.
+`splits.py` and writes them with `dataset_writer.write_prepared`, the
+writer of the data-preparation command; `ensure_prepared` makes a run
+prepare its data only once.
 """
 
 import dataclasses
@@ -32,9 +32,9 @@ import tensorflow as tf
 
 from mpl_tf import config as config_lib
 from mpl_tf import storage
-from mpl_tf.data import prepare as prepare_lib
+from mpl_tf.data import array_source
+from mpl_tf.data import dataset_writer
 from mpl_tf.data import records
-from mpl_tf.data import sources
 from mpl_tf.data import splits
 
 IMAGE_SIZE = 32      # the sources' size; image_size may ask for less
@@ -123,8 +123,7 @@ def _remove_old_splits(data_dir: str) -> None:
   if tf.io.gfile.exists(manifest_path):
     tf.io.gfile.remove(manifest_path)
   for split in records.SPLITS:
-    for path in tf.io.gfile.glob(
-        os.path.join(data_dir, f'{split}-*-of-*.tfrecord')):
+    for path in tf.io.gfile.glob(records.shard_pattern(data_dir, split)):
       tf.io.gfile.remove(path)
 
 
@@ -146,12 +145,12 @@ def prepare(data_dir: str, source: str, labeled_per_class: int,
   params = splits.rule_params('custom', labeled_per_class=labeled_per_class,
                               num_validation=num_validation, num_test=num_test)
   indices = splits.draw(labels, seed, params)
-  array_source = sources.from_arrays(source, images, labels)
+  digit_source = array_source.from_arrays(source, images, labels)
   _remove_old_splits(data_dir)
-  plan = {split: (array_source.train, indices[split])
+  plan = {split: (digit_source.train, indices[split])
           for split in records.SPLITS}
-  return prepare_lib.write_prepared(
-      data_dir, array_source, plan, dataset=source, split_rule='custom',
+  return dataset_writer.write_prepared(
+      data_dir, digit_source, plan, dataset=source, split_rule='custom',
       seed=seed, params=dataclasses.asdict(params), normalization='computed',
       extra={
           # The fields `ensure_prepared` compares with the DataConfig.
@@ -195,10 +194,10 @@ def ensure_prepared(data_config: config_lib.DataConfig) -> Dict[str, Any]:
 
   An existing manifest is reused when it was drawn for the requested data
   set with the requested labeled_per_class, num_validation, num_test,
-  split_seed and image_size; for a data set prepared elsewhere only its name must match
-  (the manifest's 'dataset', or 'source' in manifests written before
-  'dataset' existed). An offline source is (re)prepared otherwise; any
-  other data set must already be prepared.
+  split_seed and image_size; for a data set prepared elsewhere only its
+  name must match (the manifest's 'dataset', or 'source' in manifests
+  written before 'dataset' existed). An offline source is (re)prepared
+  otherwise; any other data set must already be prepared.
   """
   data_dir, dataset = data_config.data_dir, data_config.dataset
   manifest = _existing_manifest(data_dir)

@@ -9,6 +9,8 @@ stream with the seed, the unlabeled stream with seed + 1, so the two orders
 differ), and so are their augmentations: batch i of a stream is augmented with
 a seed folded from (shuffle_seed, stream, i), so a run sees the same images
 every time it is run, and a restored iterator continues the same sequence.
+Which records each input pipeline reads, in which order, is
+`record_stream.py`'s job; this module batches them into views.
 
 `DataConfig.crop` picks the released code's CIFAR or ImageNet views (see
 `augment.py`). Every image leaves normalised with the manifest's per-channel
@@ -19,12 +21,14 @@ Under a distribution strategy, pass the `tf.distribute.InputContext` that
 (global batch / replicas) and the files are split between input pipelines.
 """
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import tensorflow as tf
 
 from mpl_tf import config as config_lib
 from mpl_tf.data import augment
+from mpl_tf.data import record_checks
+from mpl_tf.data import record_stream
 from mpl_tf.data import records
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -33,27 +37,14 @@ AUTOTUNE = tf.data.AUTOTUNE
 # every augment function they call took ~4 s of each process's start on a
 # 2-core machine. (RandAugment's own tf.function still uses AutoGraph.)
 _traced_as_written = tf.autograph.experimental.do_not_convert
-# Splits up to this many records are shuffled whole (the buffer holds encoded
-# bytes, about 1 kB for a 32x32 PNG); larger ones use 16 batches, as released.
-_WHOLE_SPLIT_SHUFFLE_LIMIT = 100_000
-_SHUFFLE_BATCHES = 16
 # Stream ids folded into the seeds, so streams never share random draws.
 _LABELED, _UNLABELED = 0, 1
 _PER_IMAGE = 10  # Offset of the per-image (Inception crop) seeds.
-_FOREVER = 2**62  # Epochs of an endless stream.
 # After an input error, splits of up to this many records in all are scanned
 # whole for the bad record; larger ones have their first records of every
 # shard checked (decoding all of ImageNet takes hours).
 _FULL_SCAN_LIMIT = 100_000
 _SAMPLED_RECORDS = 1_000
-
-
-def _split_count(manifest: Dict[str, Any], split: str) -> int:
-  count = manifest.get('counts', {}).get(split)
-  if count is None:
-    raise ValueError(f'The manifest has no count for split {split!r}; '
-                     f'prepare the data set again.')
-  return int(count)
 
 
 def check_manifest(config: config_lib.Config,
@@ -76,13 +67,6 @@ def check_manifest(config: config_lib.Config,
     raise ValueError(f'The images in {data.data_dir!r} have '
                      f'{manifest.get("channels")} channels; the networks take '
                      f'3. Prepare them again as RGB.')
-
-
-def shuffle_buffer_size(num_records: int, batch_size: int) -> int:
-  """The whole split when it is small, else min(num_records, 16 batches)."""
-  if num_records <= _WHOLE_SPLIT_SHUFFLE_LIMIT:
-    return max(num_records, 1)
-  return min(num_records, _SHUFFLE_BATCHES * batch_size)
 
 
 def _per_replica(batch_size: int, input_context) -> int:
@@ -145,113 +129,6 @@ def _sharded(config: config_lib.Config, make_stream,
   return make_stream(None).map(keep_share)
 
 
-def _pipeline_files(config: config_lib.Config, split: str, input_context
-                    ) -> Tuple[List[str], List[int]]:
-  """This input pipeline's shard files of a split, and their positions."""
-  data_dir = config.data.data_dir
-  files = records.split_files(data_dir, split)
-  pipelines = 1 if input_context is None else input_context.num_input_pipelines
-  if pipelines == 1:
-    return files, list(range(len(files)))
-  if len(files) < pipelines:
-    raise ValueError(
-        f'Split {split!r} in {data_dir!r} has {len(files)} files for '
-        f'{pipelines} input pipelines; prepare it with at least that many '
-        f'shards (--shard_size).')
-  positions = list(range(input_context.input_pipeline_id, len(files),
-                         pipelines))
-  return [files[i] for i in positions], positions
-
-
-def _read(file_names: tf.data.Dataset, num_files: int) -> tf.data.Dataset:
-  """Serialized records of the files, in a deterministic order."""
-  if num_files == 1:
-    return file_names.flat_map(tf.data.TFRecordDataset)
-  return file_names.interleave(
-      tf.data.TFRecordDataset, cycle_length=min(num_files, 16),
-      num_parallel_calls=AUTOTUNE, deterministic=True)
-
-
-def _stateless_permutation(values: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """`values` in an order that is a pure function of `seed` ([2] int64)."""
-  keys = tf.random.stateless_uniform([tf.shape(values)[0]], seed)
-  return tf.gather(values, tf.argsort(keys))
-
-
-def _endless_records(files: List[str], num_records: int, buffer_size: int,
-                     seed: int, start_record: int) -> tf.data.Dataset:
-  """Records epoch after epoch, each epoch shuffled by its own seed.
-
-  Epoch e holds exactly the split's records: the files in a random order,
-  then the records in chunks of `buffer_size` (the whole split, when it is
-  small), each chunk randomly permuted, every draw seeded by (seed, e) alone.
-  So the stream from record r on is the same whether it starts at 0 or at r,
-  which is how a resumed run continues with the data it would have seen: it
-  starts at epoch r // N and skips r % N serialized records (read, not
-  decoded). tf.data's own shuffle cannot do this: its seed must be a Python
-  value, not a function of the epoch.
-  """
-  first_epoch, skip = divmod(start_record, num_records)
-  base_seed = tf.constant([seed, 0], tf.int64)
-
-  def one_epoch(epoch):
-    file_seed, chunk_seed = tf.unstack(
-        augment.split_seed(augment.fold_seed(base_seed, epoch), 2))
-    names = tf.data.Dataset.from_tensor_slices(
-        _stateless_permutation(tf.constant(files), file_seed))
-    chunks = _read(names, len(files)).batch(buffer_size).enumerate()
-    return chunks.map(lambda index, chunk: _stateless_permutation(
-        chunk, augment.fold_seed(chunk_seed, index))).unbatch()
-
-  epochs = tf.data.Dataset.range(first_epoch, _FOREVER)
-  return epochs.flat_map(one_epoch).skip(skip)
-
-
-def _parsed_split(config: config_lib.Config, manifest: Dict[str, Any],
-                  split: str, input_context=None, shuffle_batch_size: int = 0,
-                  seed: int = 0, start_record: int = 0,
-                  record_shard: Tuple[int, int] = (1, 0)) -> tf.data.Dataset:
-  """(uint8 image, int32 label) pairs: one pass in file order, or (with
-  `shuffle_batch_size`) an endless shuffled stream from record `start_record`
-  of this input pipeline on. `record_shard` = (n, i) keeps every n-th record
-  from the i-th on, before any is decoded.
-
-  Labels outside [0, num_classes) stop the stream with an error naming the
-  split; the training loop then names the file (records.check_split).
-  """
-  data_dir = config.data.data_dir
-  files, positions = _pipeline_files(config, split, input_context)
-  if shuffle_batch_size:
-    count = _split_count(manifest, split)
-    if count == 0:
-      raise ValueError(f'Split {split!r} in {data_dir!r} is empty; a '
-                       f'training stream needs at least one image.')
-    sizes = records.shard_sizes(count, len(records.split_files(data_dir,
-                                                               split)))
-    pipeline_count = sum(sizes[i] for i in positions)
-    dataset = _endless_records(
-        files, pipeline_count,
-        shuffle_buffer_size(pipeline_count, shuffle_batch_size), seed,
-        start_record)
-  else:
-    dataset = _read(tf.data.Dataset.from_tensor_slices(files), len(files))
-  if record_shard[0] > 1:
-    dataset = dataset.shard(*record_shard)
-  image_size = manifest.get('image_size')
-  num_classes = int(manifest['num_classes'])
-  message = (f'a label outside [0, {num_classes}) in split {split!r} of '
-             f'{data_dir!r}')
-
-  def parse(serialized):
-    image, label = records.parse_example(serialized, image_size, 3)
-    checks = [tf.debugging.assert_non_negative(label, message=message),
-              tf.debugging.assert_less(label, num_classes, message=message)]
-    with tf.control_dependencies(checks):
-      return image, tf.identity(label)
-
-  return dataset.map(parse, num_parallel_calls=AUTOTUNE)
-
-
 def _batches(config: config_lib.Config, manifest: Dict[str, Any], split: str,
              batch_size: int, stream: int, input_context, start_step: int
              ) -> tf.data.Dataset:
@@ -263,8 +140,9 @@ def _batches(config: config_lib.Config, manifest: Dict[str, Any], split: str,
   """
   data = config.data
   start_record = start_step * batch_size
-  dataset = _parsed_split(config, manifest, split, input_context, batch_size,
-                          data.shuffle_seed + stream, start_record)
+  dataset = record_stream.parsed_split(
+      config, manifest, split, input_context, batch_size,
+      data.shuffle_seed + stream, start_record)
   if data.crop == 'inception':
     image_seed = tf.constant([data.shuffle_seed, stream + _PER_IMAGE],
                              tf.int64)
@@ -286,14 +164,31 @@ def _batch_seed(config: config_lib.Config, stream: int, index,
   return augment.fold_seed(augment.fold_seed(base, pipeline_id), index)
 
 
+def _views(config: config_lib.Config, manifest: Dict[str, Any], split: str,
+           stream: int, batch_size: int, input_context, start_step: int,
+           make_views) -> tf.data.Dataset:
+  """`_batches` of a split, mapped by `make_views(images, labels, seed)`.
+
+  The seed is the batch's own, folded from the stream and the batch index.
+  """
+
+  def views_of_batch(index, images, labels):
+    return make_views(images, labels,
+                      _batch_seed(config, stream, index, input_context))
+
+  dataset = _batches(config, manifest, split, batch_size, stream,
+                     input_context, start_step)
+  return dataset.map(_traced_as_written(views_of_batch),
+                     num_parallel_calls=AUTOTUNE)
+
+
 def _labeled_stream(config: config_lib.Config, manifest: Dict[str, Any],
                     batch_size: int, input_context, start_step: int
                     ) -> tf.data.Dataset:
   data = config.data
   mean, std = manifest['mean'], manifest['std']
 
-  def make_view(index, images, labels):
-    seed = _batch_seed(config, _LABELED, index, input_context)
+  def make_view(images, labels, seed):
     if data.crop == 'inception':
       images = augment.random_flip(images, seed)
     else:
@@ -302,9 +197,8 @@ def _labeled_stream(config: config_lib.Config, manifest: Dict[str, Any],
     return {'labeled_images': augment.normalize(images, mean, std),
             'labels': labels}
 
-  dataset = _batches(config, manifest, 'labeled', batch_size, _LABELED,
-                     input_context, start_step)
-  return dataset.map(_traced_as_written(make_view), num_parallel_calls=AUTOTUNE)
+  return _views(config, manifest, 'labeled', _LABELED, batch_size,
+                input_context, start_step, make_view)
 
 
 def _unlabeled_stream(config: config_lib.Config, manifest: Dict[str, Any],
@@ -313,8 +207,7 @@ def _unlabeled_stream(config: config_lib.Config, manifest: Dict[str, Any],
   data = config.data
   mean, std = manifest['mean'], manifest['std']
 
-  def make_views(index, images, labels):
-    seed = _batch_seed(config, _UNLABELED, index, input_context)
+  def make_views(images, labels, seed):
     ori_seed, aug_seed, flip_seed, cutout_seed = tf.unstack(
         augment.split_seed(seed, 4))
     if data.crop == 'inception':
@@ -335,10 +228,8 @@ def _unlabeled_stream(config: config_lib.Config, manifest: Dict[str, Any],
             'unlabeled_images_aug': augment.normalize(strong, mean, std),
             'unlabeled_labels': labels}
 
-  dataset = _batches(config, manifest, 'unlabeled', batch_size, _UNLABELED,
-                     input_context, start_step)
-  return dataset.map(_traced_as_written(make_views),
-                     num_parallel_calls=AUTOTUNE)
+  return _views(config, manifest, 'unlabeled', _UNLABELED, batch_size,
+                input_context, start_step, make_views)
 
 
 def train_dataset(config: config_lib.Config, manifest: Dict[str, Any],
@@ -407,7 +298,7 @@ def eval_dataset(config: config_lib.Config, manifest: Dict[str, Any],
   """
   check_manifest(config, manifest)
   data = config.data
-  count = _split_count(manifest, split)
+  count = record_stream.split_count(manifest, split)
   size = data.image_size
   pipelines = 1 if input_context is None else input_context.num_input_pipelines
   pipeline_id = 0 if input_context is None else input_context.input_pipeline_id
@@ -426,7 +317,7 @@ def eval_dataset(config: config_lib.Config, manifest: Dict[str, Any],
 
   # Every record once, and decoded by one pipeline only: serialized records,
   # not files, are dealt to the pipelines, before decoding.
-  real = _parsed_split(config, manifest, split,
+  real = record_stream.parsed_split(config, manifest, split,
                        record_shard=(pipelines, pipeline_id))
   real = real.map(to_example, num_parallel_calls=AUTOTUNE)
   padding = tf.data.Dataset.from_tensors({
@@ -468,8 +359,8 @@ def check_records(config: config_lib.Config, manifest: Dict[str, Any],
   total = sum(int(manifest.get('counts', {}).get(split, 0))
               for split in splits)
   sample = None if total <= _FULL_SCAN_LIMIT else _SAMPLED_RECORDS
-  records.check_dataset(config.data.data_dir, manifest, splits,
-                        max_records=sample)
+  record_checks.check_dataset(config.data.data_dir, manifest, splits,
+                              max_records=sample)
 
 
 def find_input_problem(config: config_lib.Config, manifest: Dict[str, Any],
@@ -483,7 +374,7 @@ def find_input_problem(config: config_lib.Config, manifest: Dict[str, Any],
   (check_records) and returns the ValueError that names the shard and
   record, or None when nothing was found and the failure came from
   elsewhere (or lies beyond the sample of a large split:
-  `records.check_dataset(data_dir)` scans every record).
+  `record_checks.check_dataset(data_dir)` scans every record).
   """
   if error is not None and not is_input_error(error):
     return None

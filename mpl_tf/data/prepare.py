@@ -4,9 +4,9 @@ Reads a source (a prepared TFDS data set, a folder of class sub-folders, or
 an .npz of arrays; see `sources.py`), draws the labeled, unlabeled,
 validation and test splits by seed from the labels alone (`splits.py`),
 then streams the images once into TFRecord shards (`records.py`) and writes
-`manifest.json` last. The command line (prepare.py at the repository root)
-reads its flags (flags/prepare_flags.py) into a PrepareConfig and calls
-`prepare`; this module reads no flags.
+`manifest.json` last (`dataset_writer.py`). The command line (prepare.py at
+the repository root) reads its flags (flags/prepare_flags.py) into a
+PrepareConfig and calls `prepare`; this module reads no flags.
 
 `prepare` writes into a hidden sibling of `out_dir` (`.<name>.tmp-...`)
 and puts it in place only when everything is written, so a failed or
@@ -18,41 +18,32 @@ moved in last, so a reader (which trusts only a directory with a manifest)
 never takes a half-written set. Bad flags, missing data or bad images end
 with one message and exit status 2.
 
-`write_prepared` is the shared writer: the offline digit sets
-(`offline.py`) are written by it too.
+The writer, `dataset_writer.write_prepared`, is shared: the offline digit
+sets (`offline.py`) are written by it too.
 """
 
-import contextlib
 import dataclasses
 import io
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
 from mpl_tf import storage
+from mpl_tf.data import array_source
+from mpl_tf.data import dataset_writer
+from mpl_tf.data import folder_source
 from mpl_tf.data import records
 from mpl_tf.data import sources
 from mpl_tf.data import splits
+from mpl_tf.data import tfds_source
 
 SOURCES = ('tfds', 'folder', 'npz')
 NORMALIZATIONS = ('auto', 'computed', 'cifar10', 'imagenet')
-# Per-channel mean and std on the 0..255 scale, as the released code
-# normalises CIFAR-10 and ImageNet (its constants are on the 0..1 scale).
-NORMALIZATION_CONSTANTS = {
-    'cifar10': ([0.491400 * 255, 0.482158 * 255, 0.4465309 * 255],
-                [0.247032 * 255, 0.243485 * 255, 0.26159 * 255]),
-    'imagenet': ([0.485 * 255, 0.456 * 255, 0.406 * 255],
-                 [0.229 * 255, 0.224 * 255, 0.225 * 255]),
-}
 SPLIT_INDICES_NAME = 'split_indices.npz'
-_PROGRESS_EVERY = 50_000
 # What a directory may hold for --overwrite to replace it.
 _PREPARED_SUFFIXES = ('.tfrecord', records.MANIFEST_NAME, SPLIT_INDICES_NAME)
-
-# One split's images: the source split they come from and their indices.
-SplitPlan = Dict[str, Tuple[sources.SourceSplit, np.ndarray]]
 
 
 class PrepareError(ValueError):
@@ -176,192 +167,18 @@ def resolve_normalization(normalization: str, split_rule: str,
   return 'computed'
 
 
-class _RunningMeanStd:
-  """Per-channel mean and std of uint8 images, in exact integer sums."""
-
-  def __init__(self, channels: int = 3):
-    self._sums = np.zeros(channels, np.int64)
-    self._squares = np.zeros(channels, np.int64)
-    self._count = 0
-
-  def update(self, image: np.ndarray) -> None:
-    pixels = image.reshape(-1, image.shape[-1]).astype(np.int64)
-    self._sums += pixels.sum(axis=0)
-    self._squares += np.square(pixels).sum(axis=0)
-    self._count += pixels.shape[0]
-
-  def result(self) -> Tuple[List[float], List[float]]:
-    if not self._count:
-      raise ValueError('No labeled or unlabeled pixels to compute the mean '
-                       'and std from.')
-    mean = self._sums / self._count
-    variance = np.maximum(self._squares / self._count - np.square(mean), 0.0)
-    return mean.tolist(), np.sqrt(variance).tolist()
-
-
-def _quiet(unused_message: str) -> None:
-  pass
-
-
-def _group_by_source(plan: SplitPlan
-                     ) -> List[Tuple[sources.SourceSplit,
-                                     List[Tuple[str, np.ndarray]]]]:
-  groups = []
-  for split, (source_split, indices) in plan.items():
-    for group_split, entries in groups:
-      if group_split is source_split:
-        entries.append((split, indices))
-        break
-    else:
-      groups.append((source_split, [(split, indices)]))
-  return groups
-
-
-def _image_size(shapes: set, complete: bool) -> Optional[int]:
-  """The common square side, or None for mixed, non-square or unknown."""
-  if complete and len(shapes) == 1:
-    height, width = next(iter(shapes))
-    if height == width:
-      return int(height)
-  return None
-
-
-def write_prepared(out_dir: str, source: sources.Source, plan: SplitPlan, *,
-                   dataset: str, split_rule: str, seed: int,
-                   params: Dict[str, Any], shard_size: Optional[int] = None,
-                   normalization: str = 'computed',
-                   extra: Optional[Dict[str, Any]] = None,
-                   log: Callable[[str], None] = _quiet) -> Dict[str, Any]:
-  """Streams the planned splits into shards of `out_dir`; manifest last.
-
-  Each source split is read once: a sequential (TFDS) source in its own
-  order, routing each record to its splits; a random-access one split by
-  split in the plan's (seeded, class-mixed) order. The mean and std are
-  computed over the labeled and unlabeled images (each image once) unless
-  `normalization` names released constants.
-
-  Args:
-    out_dir: directory to write into; existing shards of the same names are
-      replaced (the caller removes any others).
-    source: where the images come from.
-    plan: {split: (source split, indices)} for every split in records.SPLITS.
-    dataset: the name training matches `--dataset` against.
-    split_rule: the rule's name, recorded in the manifest.
-    seed: the split seed, recorded in the manifest.
-    params: the split parameters, recorded in the manifest.
-    shard_size: records per shard at most (None: one shard per split).
-    normalization: 'computed', 'cifar10' or 'imagenet'.
-    extra: more manifest fields (they override the standard ones).
-    log: called with progress lines.
-
-  Returns:
-    The manifest written.
-  """
-  if set(plan) != set(records.SPLITS):
-    raise ValueError(f'The plan must have the splits {records.SPLITS}; got '
-                     f'{sorted(plan)}.')
-  train = source.train
-  compute = normalization == 'computed'
-  in_stats = np.zeros(len(train), bool)
-  for split in ('labeled', 'unlabeled'):
-    if plan[split][0] is train:
-      in_stats[plan[split][1]] = True
-  counted = np.zeros(len(train), bool)
-  stats = _RunningMeanStd()
-  shapes, complete = set(), True
-  counts = {split: int(len(indices)) for split, (_, indices) in plan.items()}
-
-  with contextlib.ExitStack() as stack:
-    writers = {
-        split: stack.enter_context(records.SplitWriter(
-            out_dir, split, count, records.num_shards_for(count, shard_size),
-            source.num_classes))
-        for split, count in counts.items()}
-    written = dict.fromkeys(counts, 0)
-
-    def write(split, source_split, record):
-      nonlocal complete
-      writers[split].write(record.encoded, record.label)
-      written[split] += 1
-      if written[split] % _PROGRESS_EVERY == 0:
-        log(f'  {split}: {written[split]:,} of {counts[split]:,}')
-      if record.image is not None:
-        shapes.add(record.image.shape[:2])
-      elif source_split.image_shape is None:
-        complete = False
-      if (compute and source_split is train and in_stats[record.index] and
-          not counted[record.index]):
-        stats.update(record.image)
-        counted[record.index] = True
-
-    for source_split, entries in _group_by_source(plan):
-      if source_split.image_shape is not None:
-        shapes.add(tuple(source_split.image_shape))
-      log(f'Writing {", ".join(s for s, _ in entries)} from '
-          f'{source_split.description}')
-      if source_split.sequential:
-        masks = []
-        for split, indices in entries:
-          mask = np.zeros(len(source_split), bool)
-          mask[indices] = True
-          masks.append((split, mask))
-        wanted = np.flatnonzero(np.any([m for _, m in masks], axis=0))
-        for record in source_split.read(wanted, decode=compute):
-          for split, mask in masks:
-            if mask[record.index]:
-              write(split, source_split, record)
-      else:
-        for split, indices in entries:
-          for record in source_split.read(indices, decode=compute):
-            write(split, source_split, record)
-
-  if compute:
-    mean, std = stats.result()
-  else:
-    mean, std = NORMALIZATION_CONSTANTS[normalization]
-  class_counts = {
-      split: np.bincount(source_split.labels[indices],
-                         minlength=source.num_classes).tolist()
-      for split, (source_split, indices) in plan.items()}
-  manifest = {
-      'schema_version': records.SCHEMA_VERSION,
-      'dataset': dataset,
-      'source': source.description,
-      'source_details': source.details,
-      'num_classes': source.num_classes,
-      'image_size': _image_size(shapes, complete),
-      'channels': 3,
-      'counts': counts,
-      'class_counts': class_counts,
-      'mean': [float(value) for value in mean],
-      'std': [float(value) for value in std],
-      'normalization': normalization,
-      'split_rule': split_rule,
-      'seed': seed,
-      'split_params': params,
-      'split_sources': {
-          split: 'train' if source_split is train else 'test'
-          for split, (source_split, _) in plan.items()},
-      'shard_size': shard_size,
-  }
-  if source.class_names:
-    manifest['class_names'] = source.class_names
-  manifest.update(extra or {})
-  records.write_manifest(out_dir, manifest)
-  return manifest
-
-
 def _open_source(config: PrepareConfig) -> sources.Source:
   if config.source == 'tfds':
-    return sources.open_tfds(config.tfds_name, config.tfds_data_dir,
-                             config.tfds_train_split, config.tfds_test_split)
+    return tfds_source.open_tfds(config.tfds_name, config.tfds_data_dir,
+                                 config.tfds_train_split,
+                                 config.tfds_test_split)
   if config.source == 'folder':
-    return sources.open_folder(config.train_dir, config.test_dir)
-  return sources.open_npz(config.npz_path)
+    return folder_source.open_folder(config.train_dir, config.test_dir)
+  return array_source.open_npz(config.npz_path)
 
 
 def plan_splits(config: PrepareConfig, source: sources.Source
-                ) -> Tuple[SplitPlan, Dict[str, Any]]:
+                ) -> Tuple[dataset_writer.SplitPlan, Dict[str, Any]]:
   """Draws the splits from the source's labels; returns (plan, params)."""
   params = split_params(config)
   train, test = source.train, source.test
@@ -426,7 +243,7 @@ def _check_out_dir(out_dir: str, overwrite: bool) -> None:
                        f'refusing to replace it. Choose another directory.')
 
 
-def _write_split_indices(out_dir: str, plan: SplitPlan) -> None:
+def _write_split_indices(out_dir: str, plan: dataset_writer.SplitPlan) -> None:
   buffer = io.BytesIO()
   np.savez(buffer, **{split: indices for split, (_, indices) in plan.items()})
   with tf.io.gfile.GFile(os.path.join(out_dir, SPLIT_INDICES_NAME),
@@ -435,7 +252,8 @@ def _write_split_indices(out_dir: str, plan: SplitPlan) -> None:
 
 
 def prepare(config: PrepareConfig,
-            log: Callable[[str], None] = _quiet) -> Dict[str, Any]:
+            log: Callable[[str], None] = dataset_writer.quiet
+            ) -> Dict[str, Any]:
   """Runs one preparation; returns the manifest written to config.out_dir."""
   validate(config)
   out_dir = storage.absolute(config.out_dir)
@@ -451,7 +269,7 @@ def prepare(config: PrepareConfig,
   try:
     tf.io.gfile.makedirs(temporary_dir)
     _write_split_indices(temporary_dir, plan)
-    manifest = write_prepared(
+    manifest = dataset_writer.write_prepared(
         temporary_dir, source, plan, dataset=config.dataset_name,
         split_rule=config.split_rule, seed=config.seed, params=params,
         shard_size=config.shard_size, normalization=normalization,
