@@ -1,25 +1,29 @@
 """Flags of the experiment commands (mpl_tf/experiments), and their one reader.
 
-    python -m mpl_tf.experiments.two_moon --output_dir=docs
-    python -m mpl_tf.experiments.ablation --output_dir=docs
-    python -m mpl_tf.experiments.two_moon_tuning --output_dir=docs
-    python -m mpl_tf.experiments.report --output_dir=docs
+    python experiment.py two_moon --output_dir=docs
+    python experiment.py ablation --output_dir=docs
+    python experiment.py two_moon_tuning --output_dir=docs
+    python experiment.py report --output_dir=docs
 
 `define_two_moon` / `define_ablation` declare the flags; `two_moon_config` /
 `ablation_config` read them once into the experiments' frozen dataclasses.
 Defaults come from those dataclasses, so a flag and its field cannot
 disagree. The ablation command also takes every TwoMoon flag, because its
-two_moon task runs that setup.
+two_moon task runs that setup, and the --image_* flags, from which
+`image_base_config` reads its digits runs' base Config with
+flags/definitions.py, the training flags.
 """
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 from absl import flags as absl_flags
 
+from flags import definitions
 from mpl_tf import config as config_lib
 from mpl_tf.experiments import ablation
 from mpl_tf.experiments import two_moon
+from mpl_tf.experiments import two_moon_protocol
 
 _TWO_MOON = two_moon.TwoMoonConfig()
 _ABLATION = ablation.AblationConfig()
@@ -50,10 +54,29 @@ _TWO_MOON_ENUMS = {
 _ABLATION_HELP = {
     'two_moon_seeds': 'Seeds per variant of the two_moon task.',
     'image_seeds': 'Seeds per variant of the digits task.',
-    'image_steps': 'Training steps of every digits run.',
-    'image_model': 'Network of the digits runs (teacher and student).',
-    'image_data_dir': 'Where the digits splits are prepared (automatically).',
 }
+# The digits runs' flags: {field: (default, help)}; with --image_flags they
+# make the runs' base Config (image_base_config).
+_IMAGE_FLAGS = {
+    'image_steps': (300, 'Training steps of every digits run.'),
+    'image_model': ('wrn-10-1', 'Network of the digits runs (teacher and '
+                    'student).'),
+    'image_data_dir': ('data/digits', 'Where the digits splits are prepared '
+                       '(automatically).'),
+}
+# The digits runs: the README demo's recipe (flags/demo.cfg) made small:
+# WRN-10-1, 10 labels per class, B=8, mu=3, UDA teacher, EMA student, no
+# supervised baseline, one device loop, evaluated once at the end.
+IMAGE_ARGS = (
+    '--dataset=digits', '--labeled_per_class=10', '--num_validation=200',
+    '--num_test=500', '--horizontal_flip=false', '--randaugment_magnitude=5',
+    '--cutout_size=8', '--dropout_rate=0.2', '--labeled_batch_size=8',
+    '--uda_ratio=3', '--teacher_lr=0.05', '--student_lr=0.05',
+    '--weight_decay=0.0005', '--teacher_warmup_steps=30',
+    '--student_warmup_steps=30', '--label_smoothing=0.1', '--uda_weight=2.0',
+    '--uda_temperature=0.7', '--uda_threshold=0.6', '--uda_steps=100',
+    '--ema_decay=0.95', '--eval_every=0', '--eval_median_last=1',
+    '--nosupervised_baseline')
 
 
 def _define_field(name, default, help_text, flag_values):
@@ -126,7 +149,6 @@ _PROTOCOL_HELP = {
 def define_two_moon_protocol(
     flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> None:
   """The protocol's flags (two_moon_protocol.ProtocolConfig)."""
-  from mpl_tf.experiments import two_moon_protocol  # pylint: disable=g-import-not-at-top
   _define_output_dir(flag_values)
   for field in _PROTOCOL_TWO_MOON_FIELDS:
     _define_field(field, getattr(_TWO_MOON, field),
@@ -145,7 +167,6 @@ def define_two_moon_protocol(
 def two_moon_protocol_config(
     flag_values: absl_flags.FlagValues = absl_flags.FLAGS):
   """(ProtocolConfig, output_dir or None) from the parsed flags."""
-  from mpl_tf.experiments import two_moon_protocol  # pylint: disable=g-import-not-at-top
   defaults = two_moon_protocol.ProtocolConfig()
   fields = {}
   for field in _PROTOCOL_HELP:
@@ -216,13 +237,31 @@ def define_ablation(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                          'Variants to run, each the base with one MplConfig '
                          f'field changed: {", ".join(ablation.VARIANTS)}.',
                          flag_values=flag_values)
-  absl_flags.DEFINE_list('image_flags', list(_ABLATION.image_flags),
+  absl_flags.DEFINE_list('image_flags', [],
                          'Extra training flags of the digits runs '
                          '(flags/definitions.py), e.g. --num_test=300.',
                          flag_values=flag_values)
   for field, help_text in _ABLATION_HELP.items():
     _define_field(field, getattr(_ABLATION, field), f'[ablation] {help_text}',
                   flag_values)
+  for field, (default, help_text) in _IMAGE_FLAGS.items():
+    _define_field(field, default, f'[ablation] {help_text}', flag_values)
+
+
+def image_base_config(steps: int, model: str, data_dir: str,
+                      extra: Sequence[str] = ()) -> config_lib.Config:
+  """The digits runs' base Config, read from flags like `main.py` reads them.
+
+  IMAGE_ARGS, then the --image_* settings, then `extra` (the --image_flags,
+  which win); the ablation gives every run its own model_dir and seed.
+  """
+  flag_values = absl_flags.FlagValues()
+  definitions.define(flag_values)
+  flag_values(['ablation', *IMAGE_ARGS, f'--model={model}',
+               f'--data_dir={data_dir}', f'--num_steps={steps}',
+               f'--steps_per_loop={steps}', f'--checkpoint_every={steps}',
+               *extra])
+  return definitions.to_config(flag_values)
 
 
 def ablation_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
@@ -236,10 +275,20 @@ def ablation_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
       raise config_lib.ConfigError(
           f'--{name}: unknown {", ".join(unknown)}; choose from '
           f'{", ".join(known)}.')
+  tasks = tuple(flag_values['ablation_tasks'].value)
+  image = None
+  if 'digits' in tasks:
+    try:
+      image = image_base_config(flag_values['image_steps'].value,
+                                flag_values['image_model'].value,
+                                flag_values['image_data_dir'].value,
+                                flag_values['image_flags'].value)
+    except absl_flags.Error as error:
+      raise config_lib.ConfigError(
+          f'--image_flags: {error}; they are training flags (python main.py '
+          f'--helpfull).') from None
   config = ablation.AblationConfig(
-      tasks=tuple(flag_values['ablation_tasks'].value),
-      variants=tuple(flag_values['variants'].value),
-      two_moon=two_moon_cfg,
-      image_flags=tuple(flag_values['image_flags'].value),
+      tasks=tasks, variants=tuple(flag_values['variants'].value),
+      two_moon=two_moon_cfg, image=image,
       **{field: flag_values[field].value for field in _ABLATION_HELP})
   return config, output_dir

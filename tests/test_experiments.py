@@ -5,7 +5,9 @@ are wired to the library as documented (sizes, the paper's network, one field
 per variant, train.run on digits), not the numbers in docs/results.md.
 """
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -15,8 +17,9 @@ import numpy as np
 import tensorflow as tf
 from absl import flags as absl_flags
 
+import experiment
 from flags import experiment_flags
-from mpl_tf.config import ConfigError, MplConfig
+from mpl_tf.config import Config, ConfigError, MplConfig
 from mpl_tf.experiments import ablation
 from mpl_tf.experiments import report
 from mpl_tf.experiments import two_moon
@@ -108,7 +111,7 @@ class AblationTest(tf.test.TestCase):
     flag_values(['ablation', '--variants=soft,argmax', '--image_steps=3'])
     config, _ = experiment_flags.ablation_config(flag_values)
     self.assertEqual(config.variants, ('soft', 'argmax'))
-    self.assertEqual(config.image_steps, 3)
+    self.assertEqual(config.image.optim.num_steps, 3)
     flag_values(['ablation', '--variants=soft,nonsense'])
     with self.assertRaisesRegex(ConfigError, 'nonsense'):
       experiment_flags.ablation_config(flag_values)
@@ -130,21 +133,30 @@ class AblationTest(tf.test.TestCase):
   def test_one_step_digits_run_through_train(self):
     data_dir = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, data_dir, ignore_errors=True)
-    config = ablation.AblationConfig(
-        image_steps=1, image_data_dir=data_dir,
-        image_flags=('--labeled_batch_size=4', '--uda_ratio=1',
-                     '--labeled_per_class=2', '--num_validation=50',
-                     '--num_test=50', '--eval_batch_size=50'))
+    image = experiment_flags.image_base_config(
+        1, 'wrn-10-1', data_dir,
+        ('--labeled_batch_size=4', '--uda_ratio=1', '--labeled_per_class=2',
+         '--num_validation=50', '--num_test=50', '--eval_batch_size=50'))
+    config = ablation.AblationConfig(image=image)
     mpl = ablation.variant_config(
-        ablation.image_base_config(config, data_dir).mpl, 'taylor')
+        ablation.image_config(config, data_dir).mpl, 'taylor')
     self.assertEqual(mpl.uda_weight, 2.0)   # IMAGE_ARGS reached the config
     row = ablation.run_image_variant(config, mpl, seed=0)
     for network in ablation.IMAGE_NETWORKS:
       self.assertBetween(row[network], 0.0, 1.0)
 
+  def test_digits_configs_are_the_callers_base_validated(self):
+    with self.assertRaisesRegex(ConfigError, 'AblationConfig.image'):
+      ablation.image_config(ablation.AblationConfig(), '/tmp/x')
+    config = ablation.AblationConfig(image=Config())
+    run_config = ablation.image_config(config, '/tmp/x', seed=3)
+    self.assertEqual((run_config.run.model_dir, run_config.run.seed),
+                     ('/tmp/x', 3))
+    with self.assertRaisesRegex(ConfigError, 'baseline_decay'):
+      ablation.image_config(config, '/tmp/x',
+                            MplConfig(baseline_decay=1.5))
 
-if __name__ == '__main__':
-  tf.test.main()
+
 
 
 class TwoMoonTuningTest(tf.test.TestCase):
@@ -173,7 +185,7 @@ class ReportTest(tf.test.TestCase):
     results_dir = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, results_dir, ignore_errors=True)
     entry = lambda mean: {'mean': mean, 'std': 0.01, 'n': 3}
-    payload = {'command': 'python -m mpl_tf.experiments.ablation --x',
+    payload = {'command': 'python experiment.py ablation --x',
                'seconds': 12.0, 'variants': {
                    'algorithm_1': {'test_accuracy': {'student': entry(0.75)}},
                    'mpl_weight_0': {'test_accuracy': {'student': entry(0.5)}}}}
@@ -186,9 +198,78 @@ class ReportTest(tf.test.TestCase):
     rendered = report.render(text, results_dir, log=lambda _: None)
     self.assertNotIn('old table', rendered)
     self.assertIn('| algorithm_1 | 0.750 ± 0.010 | +0.250 | 3 |', rendered)
-    self.assertIn('`python -m mpl_tf.experiments.ablation --x` (12 s)',
+    self.assertIn('`python experiment.py ablation --x` (12 s)',
                   rendered)
     # No two_moon.json in results_dir: that block is left as it was.
     self.assertIn('<!-- generated: two_moon -->\nkept\n', rendered)
     self.assertTrue(rendered.startswith('intro\n'))
     self.assertTrue(rendered.endswith('<!-- end generated: two_moon -->\n'))
+
+
+def _run_command(*args):
+  """(exit status, stderr) of `python experiment.py *args`, in-process."""
+  stderr = io.StringIO()
+  with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(
+      io.StringIO()):
+    status = experiment.run_cli(['experiment.py', *args])
+  return status, stderr.getvalue()
+
+
+class CommandTest(tf.test.TestCase):
+
+  def test_user_errors_are_one_message_and_status_2(self):
+    for args, message in (
+        (('nonsense',), "unknown experiment 'nonsense'"),
+        (('two_moon', '--num_seeds=1'), "Unknown command line flag"),
+        (('two_moon', '--supervised_rate_grid=1', '--output_dir='),
+         'same number of rate settings'),
+        (('ablation', '--variants=nonsense'), 'nonsense'),
+        (('ablation', '--image_flags=--no_such_flag'),
+         "--image_flags: Unknown command line flag 'no_such_flag'"),
+        (('report', '--output_dir='), 'results.md'),
+        (('report', '--output_dir=/nonexistent'),
+         'no /nonexistent/results.md')):
+      status, stderr = _run_command(*args)
+      self.assertEqual(status, 2, args)
+      self.assertIn(message, stderr)
+      self.assertNotIn('Traceback', stderr)
+    self.assertEqual(_run_command()[0], 2)
+    self.assertEqual(_run_command('--help')[0], 0)
+
+  def test_ablation_records_its_command_line(self):
+    output_dir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, output_dir, ignore_errors=True)
+    args = ('ablation', '--ablation_tasks=two_moon', '--variants=soft',
+            '--two_moon_seeds=1', '--num_steps=5', '--unlabeled_batch=16',
+            '--test_points=200', f'--output_dir={output_dir}')
+    status, stderr = _run_command(*args)
+    self.assertEqual(status, 0, stderr)
+    with open(os.path.join(output_dir, 'results',
+                           'ablation_two_moon.json')) as f:
+      payload = json.load(f)
+    self.assertEqual(payload['command'],
+                     ' '.join(['python experiment.py', *args]))
+    self.assertEqual(list(payload['variants']), ['soft'])
+
+  def test_report_rewrites_results_md_in_place(self):
+    output_dir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, output_dir, ignore_errors=True)
+    os.makedirs(os.path.join(output_dir, 'results'))
+    entry = {'mean': 0.5, 'std': 0.0, 'n': 1}
+    with open(os.path.join(output_dir, 'results', 'ablation_digits.json'),
+              'w') as f:
+      json.dump({'command': 'c', 'variants': {
+          'soft': {'test_accuracy': {'student': entry}}}}, f)
+    with open(os.path.join(output_dir, 'results.md'), 'w') as f:
+      f.write('<!-- generated: ablation_digits -->\nold\n'
+              '<!-- end generated: ablation_digits -->\n')
+    status, stderr = _run_command('report', f'--output_dir={output_dir}')
+    self.assertEqual(status, 0, stderr)
+    with open(os.path.join(output_dir, 'results.md')) as f:
+      text = f.read()
+    self.assertIn('| soft | 0.500 ± 0.000 | 1 |', text)
+    self.assertNotIn('old', text)
+
+
+if __name__ == '__main__':
+  tf.test.main()

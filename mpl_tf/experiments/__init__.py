@@ -1,7 +1,7 @@
 """Experiments that measure the method rather than train a product model.
 
 two_moon: the paper's TwoMoon toy (section 3.1, Figure 2): data, network and
-  single runs; its command runs two_moon_protocol.
+  single runs; `python experiment.py two_moon` runs two_moon_protocol.
 two_moon_protocol: every method (Algorithm 1 with UDA, its UDA-only control,
   MPL without UDA, Pseudo Labels, supervised, the ceiling) tuned alike on
   disjoint seeds; two_moon_trainers: the compiled trainers it reuses.

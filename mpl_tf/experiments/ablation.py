@@ -1,6 +1,6 @@
 """The disputed choices of Meta Pseudo Labels, each varied alone, over seeds.
 
-    python -m mpl_tf.experiments.ablation --output_dir=docs \
+    python experiment.py ablation --output_dir=docs \
         --ablation_tasks=two_moon,digits
 
 Every variant is the base (Algorithm 1: sampled labels, exact h, paper sign,
@@ -24,10 +24,12 @@ Tasks:
   digits    scikit-learn's 1,797 digits through `mpl_tf.train.run` (the
             whole product path: pipeline, UDA teacher, EMA student), a small
             WRN, few steps, few seeds; reports the test top-1 of the EMA
-            student, the student and the teacher. Configs are built by
-            flags/definitions.py's define()/to_config() on a fresh FlagValues
-            from IMAGE_ARGS, then each variant by dataclasses.replace; every
-            run gets its own temporary model_dir.
+            student, the student and the teacher. The caller passes the
+            base Config (AblationConfig.image: experiment.py builds it with
+            flags/definitions.py from flags/experiment_flags.py's
+            IMAGE_ARGS); each variant is dataclasses.replace of it, validated
+            like every Config, and every run gets its own temporary
+            model_dir.
 
 Writes `<output_dir>/results/ablation_<task>.json` after every run, so an
 interrupted grid keeps what it measured.
@@ -41,7 +43,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from mpl_tf import storage
-from mpl_tf.config import Config, MplConfig
+from mpl_tf.config import Config, ConfigError, MplConfig, validate
 from mpl_tf.experiments import two_moon as two_moon_lib
 
 TASKS = ('two_moon', 'digits')
@@ -58,19 +60,6 @@ VARIANTS = {
     'baseline_0.99': {'baseline_decay': 0.99},
     'mpl_weight_0': {'mpl_weight': 0.0},
 }
-# The digits runs: the README demo's recipe (flags/demo.cfg) made small:
-# WRN-10-1, 10 labels per class, B=8, mu=3, UDA teacher, EMA student, no
-# supervised baseline, one device loop, evaluated once at the end.
-IMAGE_ARGS = (
-    '--dataset=digits', '--labeled_per_class=10', '--num_validation=200',
-    '--num_test=500', '--horizontal_flip=false', '--randaugment_magnitude=5',
-    '--cutout_size=8', '--dropout_rate=0.2', '--labeled_batch_size=8',
-    '--uda_ratio=3', '--teacher_lr=0.05', '--student_lr=0.05',
-    '--weight_decay=0.0005', '--teacher_warmup_steps=30',
-    '--student_warmup_steps=30', '--label_smoothing=0.1', '--uda_weight=2.0',
-    '--uda_temperature=0.7', '--uda_threshold=0.6', '--uda_steps=100',
-    '--ema_decay=0.95', '--eval_every=0', '--eval_median_last=1',
-    '--nosupervised_baseline')
 IMAGE_NETWORKS = {'ema_student': 'mpl_ema_student', 'student': 'mpl_student',
                   'teacher': 'mpl_teacher'}
 
@@ -83,11 +72,9 @@ class AblationConfig:
   two_moon: two_moon_lib.TwoMoonConfig = two_moon_lib.TwoMoonConfig()
   two_moon_seeds: int = 10
   image_seeds: int = 2
-  image_steps: int = 300
-  image_model: str = 'wrn-10-1'
-  image_data_dir: str = 'data/digits'
-  # Extra training flags for the digits runs, after IMAGE_ARGS (they win).
-  image_flags: Tuple[str, ...] = ()
+  # The digits runs' base Config, from the caller (the digits task only);
+  # each run replaces its MplConfig, seed and model_dir.
+  image: Optional[Config] = None
 
 
 def variant_config(base: MplConfig, variant: str) -> MplConfig:
@@ -104,19 +91,17 @@ def grid(base: MplConfig, variants: Sequence[str] = tuple(VARIANTS)
   return {variant: variant_config(base, variant) for variant in variants}
 
 
-def image_base_config(config: AblationConfig, model_dir: str,
-                      extra: Sequence[str] = ()) -> Config:
-  """The digits run's Config, read from flags like `main.py` reads them."""
-  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
-  from flags import definitions  # pylint: disable=g-import-not-at-top
-  flag_values = absl_flags.FlagValues()
-  definitions.define(flag_values)
-  steps = config.image_steps
-  flag_values(['ablation', *IMAGE_ARGS, f'--model={config.image_model}',
-               f'--data_dir={config.image_data_dir}', f'--num_steps={steps}',
-               f'--steps_per_loop={steps}', f'--checkpoint_every={steps}',
-               f'--model_dir={model_dir}', *config.image_flags, *extra])
-  return definitions.to_config(flag_values)
+def image_config(config: AblationConfig, model_dir: str,
+                 mpl: Optional[MplConfig] = None, **run_fields) -> Config:
+  """config.image with `model_dir`, `mpl` and `run_fields`, validated."""
+  if config.image is None:
+    raise ConfigError('the digits task needs AblationConfig.image, the base '
+                      'Config of its runs (experiment.py builds it from the '
+                      '--image_* flags).')
+  base = config.image
+  return validate(dataclasses.replace(
+      base, mpl=base.mpl if mpl is None else mpl,
+      run=dataclasses.replace(base.run, model_dir=model_dir, **run_fields)))
 
 
 def _summary(values: List[float]) -> Dict[str, float]:
@@ -135,16 +120,13 @@ def run_two_moon_variant(config: AblationConfig, mpl: MplConfig,
           **diagnostics}
 
 
-def run_image_variant(config: AblationConfig, mpl: MplConfig, seed: int,
-                      extra: Sequence[str] = ()) -> Dict[str, Any]:
+def run_image_variant(config: AblationConfig, mpl: MplConfig,
+                      seed: int) -> Dict[str, Any]:
   """One digits MPL run through train.run in a temporary model_dir."""
   from mpl_tf import train  # pylint: disable=g-import-not-at-top
   model_dir = tempfile.mkdtemp(prefix='mpl_ablation_')
   try:
-    base = image_base_config(config, model_dir, extra)
-    run_config = dataclasses.replace(
-        base, mpl=mpl, run=dataclasses.replace(base.run, seed=seed))
-    results = train.run(run_config)
+    results = train.run(image_config(config, model_dir, mpl, seed=seed))
   finally:
     shutil.rmtree(model_dir, ignore_errors=True)
   row = {'seed': seed, 'train_seconds': results['timings']['train_seconds']}
@@ -157,7 +139,7 @@ def _base_mpl(config: AblationConfig, task: str) -> MplConfig:
   """The non-disputed MplConfig fields of a task (UDA settings and so on)."""
   if task == 'two_moon':
     return two_moon_lib.mpl_config(config.two_moon)
-  return image_base_config(config, tempfile.gettempdir()).mpl
+  return image_config(config, tempfile.gettempdir()).mpl
 
 
 def run_task(config: AblationConfig, task: str, output_dir: Optional[str],
@@ -173,7 +155,7 @@ def run_task(config: AblationConfig, task: str, output_dir: Optional[str],
   elif task == 'digits':
     seeds, networks = config.image_seeds, tuple(IMAGE_NETWORKS)
     run_one = lambda mpl, seed: run_image_variant(config, mpl, seed)
-    setup = image_base_config(config, '<temporary>').to_dict()
+    setup = image_config(config, '<temporary>').to_dict()
   else:
     raise ValueError(f'Unknown task {task!r}; choose from {", ".join(TASKS)}.')
   payload = {'task': task, 'command': command, 'setup': setup,
@@ -209,21 +191,3 @@ def run(config: AblationConfig, output_dir: Optional[str],
         command: str = '') -> Dict[str, Dict[str, Any]]:
   return {task: run_task(config, task, output_dir, command)
           for task in config.tasks}
-
-
-def main(argv):
-  import sys  # pylint: disable=g-import-not-at-top
-  from flags import experiment_flags  # pylint: disable=g-import-not-at-top
-  del argv
-  config, output_dir = experiment_flags.ablation_config()
-  run(config, output_dir, command=' '.join(['python -m mpl_tf.experiments.'
-                                            'ablation', *sys.argv[1:]]))
-
-
-if __name__ == '__main__':
-  from mpl_tf import malloc_tuning  # pylint: disable=g-import-not-at-top
-  malloc_tuning.tune()  # as main.py does (mpl_tf/malloc_tuning.py)
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from flags import experiment_flags  # pylint: disable=g-import-not-at-top
-  experiment_flags.define_ablation()
-  app.run(main)

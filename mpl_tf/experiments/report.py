@@ -1,6 +1,6 @@
 """Writes the results tables of docs/results.md from docs/results/*.json.
 
-    python -m mpl_tf.experiments.report --output_dir=docs
+    python experiment.py report --output_dir=docs
 
 Every table in docs/results.md sits between the markers
 `<!-- generated: NAME -->` and `<!-- end generated: NAME -->`; this command
@@ -42,8 +42,7 @@ def _setting(setting: Dict[str, float]) -> str:
 def two_moon(payload: Dict) -> List[str]:
   """The protocol's table: each method at its selected setting."""
   config = payload['config']
-  lines = _header(payload, 'python -m mpl_tf.experiments.two_moon '
-                  '--output_dir=docs')
+  lines = _header(payload, 'python experiment.py two_moon --output_dir=docs')
   first_eval, first_tuning = (config['first_eval_seed'],
                               config['first_tuning_seed'])
   lines += [
@@ -165,19 +164,13 @@ def render(text: str, results_dir: str, log=print) -> str:
   return _BLOCK.sub(replace, text)
 
 
-def main(argv):
-  del argv
-  from flags import experiment_flags  # pylint: disable=g-import-not-at-top
-  output_dir = experiment_flags.report_output_dir()
+def update(output_dir: str) -> None:
+  """Re-renders `<output_dir>/results.md`'s tables from its results/*.json."""
   path = os.path.join(output_dir, 'results.md')
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f'no {path}: --output_dir is the directory '
+                            f'holding results.md and results/ (e.g. docs).')
   with tf.io.gfile.GFile(path) as f:
     text = f.read()
   with tf.io.gfile.GFile(path, 'w') as f:
     f.write(render(text, os.path.join(output_dir, 'results')))
-
-
-if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from flags import experiment_flags  # pylint: disable=g-import-not-at-top
-  experiment_flags.define_report()
-  app.run(main)

@@ -1,6 +1,6 @@
 """The paper's TwoMoon toy (section 3.1, Figure 2), run with the library.
 
-    python -m mpl_tf.experiments.two_moon --output_dir=docs
+    python experiment.py two_moon --output_dir=docs
 
 Data: scikit-learn's make_moons, 1,000 points per class with Gaussian noise
 `noise`; 3 points per class are labeled, the other 997 per class unlabeled
@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from mpl_tf import losses
 from mpl_tf import optim
-from mpl_tf.config import ConfigError, MplConfig, OptimConfig
+from mpl_tf.config import MplConfig, OptimConfig
 from mpl_tf.mpl_step import MplStep
 
 NUM_CLASSES = 2
@@ -279,27 +279,3 @@ def plot_panels(data: TwoMoonData, panels: List[Panel], path: str,
   with tf.io.gfile.GFile(path, 'wb') as f:
     figure.savefig(f, format='png', dpi=80)
   pyplot.close(figure)
-
-
-def main(argv):
-  """The fair protocol (two_moon_protocol.py), with the flags' settings."""
-  import sys  # pylint: disable=g-import-not-at-top
-  del argv
-  from flags import experiment_flags  # pylint: disable=g-import-not-at-top
-  from mpl_tf.experiments import two_moon_protocol  # pylint: disable=g-import-not-at-top
-  try:
-    config, output_dir = experiment_flags.two_moon_protocol_config()
-  except ConfigError as error:   # one line, no traceback, exit status 2
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
-  two_moon_protocol.run(config, output_dir, command=' '.join(
-      ['python -m mpl_tf.experiments.two_moon', *sys.argv[1:]]))
-
-
-if __name__ == '__main__':
-  from mpl_tf import malloc_tuning  # pylint: disable=g-import-not-at-top
-  malloc_tuning.tune()  # as main.py does (mpl_tf/malloc_tuning.py)
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from flags import experiment_flags  # pylint: disable=g-import-not-at-top
-  experiment_flags.define_two_moon_protocol()
-  app.run(main)

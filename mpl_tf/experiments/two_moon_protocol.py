@@ -1,6 +1,6 @@
 """TwoMoon with Algorithm 1 (MPL on a UDA teacher), its control, fairly tuned.
 
-    python -m mpl_tf.experiments.two_moon --output_dir=docs
+    python experiment.py two_moon --output_dir=docs
 
 Methods (all on the same seeds, data, labeled points and initial weights):
   supervised             the network on the 6 labeled points.

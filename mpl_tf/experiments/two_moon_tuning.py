@@ -1,6 +1,6 @@
 """Does MPL help on TwoMoon anywhere? A grid over what could make it.
 
-    python -m mpl_tf.experiments.two_moon_tuning --output_dir=docs
+    python experiment.py two_moon_tuning --output_dir=docs
 
 The default TwoMoon run (two_moon.py) shows no effect of the feedback: |h| is
 ~1e-3 and Pseudo Labels and MPL draw the same boundary. Before concluding
@@ -122,21 +122,3 @@ def run(base: two_moon_lib.TwoMoonConfig, num_seeds: int,
   log(f'{len(payload["settings"])} settings x {num_seeds} seeds in '
       f'{payload["seconds"]:.0f} s' + (f'; wrote {path}' if path else ''))
   return payload
-
-
-def main(argv):
-  import sys  # pylint: disable=g-import-not-at-top
-  from flags import experiment_flags  # pylint: disable=g-import-not-at-top
-  del argv
-  base, num_seeds, output_dir = experiment_flags.two_moon_tuning_config()
-  run(base, num_seeds, output_dir, command=' '.join(
-      ['python -m mpl_tf.experiments.two_moon_tuning', *sys.argv[1:]]))
-
-
-if __name__ == '__main__':
-  from mpl_tf import malloc_tuning  # pylint: disable=g-import-not-at-top
-  malloc_tuning.tune()  # as main.py does (mpl_tf/malloc_tuning.py)
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from flags import experiment_flags  # pylint: disable=g-import-not-at-top
-  experiment_flags.define_two_moon_tuning()
-  app.run(main)
