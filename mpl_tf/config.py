@@ -50,7 +50,7 @@ class DataConfig:
   horizontal_flip: bool = True
   randaugment_layers: int = 2
   # The released code's RandAugment magnitude M (levels out of 10, so 16 is
-  # beyond the usual range); see mpl_tf/data/randaugment.py for the mapping.
+  # beyond the usual range); see mpl_tf/data/randaugment_ops.py for the mapping.
   randaugment_magnitude: float = 16.0
   # Op list: 'paper' (Table 5, CIFAR-10/ImageNet), 'svhn' (Table 5, SVHN) or
   # 'released_code' (Cutout in place of SamplePairing).

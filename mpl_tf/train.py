@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, List, Optional
 import keras
 import tensorflow as tf
 
+from mpl_tf import checkpoints
 from mpl_tf import cluster
 from mpl_tf import curves
 from mpl_tf import distribute
@@ -317,8 +318,9 @@ def _finetune(config: Config, strategy, manifest, ema_student, build,
                              finetuned),
         finetune.steps, batch_size, decay_config,
         os.path.join(config.run.model_dir, 'finetune'), stop,
-        # The key export.py serves: the finetuned student replaces the EMA one.
-        model_key='ema_student')
+        # checkpoints.DEFAULT_ITEM, the key export serves: the finetuned
+        # student replaces the EMA one.
+        model_key=checkpoints.DEFAULT_ITEM)
     phase.write_images = False
   start = time.time()
   phase.train(validation_curve(config, strategy, manifest, finetuned,

@@ -47,7 +47,7 @@ class UdaStep:
     items = dict(model=self.model, optimizer=self.optimizer, step=self.step,
                  health=self.guard.checkpoint_item())
     if self.ema_model is not None:
-      # The key export.py serves.
+      # The key checkpoints.DEFAULT_ITEM names: what export serves.
       items['ema_student'] = self.ema_model
     return items
 

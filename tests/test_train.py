@@ -176,7 +176,8 @@ class TrainEndToEndTest(DataDirTestCase):
       latest = tf.train.latest_checkpoint(os.path.join(model_dir,
                                                        'checkpoints'))
       self.assertTrue(latest.endswith('-2'))
-      # The network export.py serves is in the checkpoint under its key.
+      # The network export serves is in the checkpoint under its key
+      # (checkpoints.DEFAULT_ITEM).
       self.assertNotEmpty(_variables(latest, 'ema_student/'))
 
   def test_pseudo_labels_is_mpl_without_feedback_or_uda(self):
