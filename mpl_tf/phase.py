@@ -11,6 +11,7 @@ knows nothing of the algorithm: the replica step and what it checkpoints
 come from train.py.
 """
 
+import dataclasses
 import os
 from typing import Any, Callable, Dict, List, Optional
 
@@ -86,18 +87,30 @@ def remove_interrupted_writes(directory: str) -> List[str]:
   return removed
 
 
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+  """What every phase of one run shares: its configuration, where it runs,
+  its data's manifest and the stop request (SIGTERM) it answers."""
+  config: Config
+  strategy: Any
+  manifest: Dict[str, Any]
+  stop: cluster.StopRequest
+
+
 class Phase:
   """One training phase: its step, state, checkpoints and summaries."""
 
-  def __init__(self, name: str, config: Config, strategy, manifest,
+  def __init__(self, name: str, context: RunContext, *,
                replica_step: Callable, step_counter: tf.Variable,
                checkpoint_items: Dict[str, Any], dataset_fn: Callable,
                num_steps: int, splits, directory: str, models,
-               guard: NonFiniteGuard, stop: cluster.StopRequest):
+               guard: NonFiniteGuard):
+    config, strategy = context.config, context.strategy
     self.name, self.config, self.strategy = name, config, strategy
-    self.guard, self.stop = guard, stop
+    self.guard, self.stop = guard, context.stop
     self._saved_variables = _variables_of(checkpoint_items.values())
-    self.manifest, self.num_steps, self.splits = manifest, num_steps, splits
+    self.manifest, self.num_steps = context.manifest, num_steps
+    self.splits = splits
     self.step_counter = step_counter
     self.directory = directory
     # dataset_fn(input_context, start_step): the stream from that step on.

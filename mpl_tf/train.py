@@ -17,15 +17,17 @@ tf.train.Checkpoint holds the networks, the optimizers (slots and step
 counters), the step, the h baseline and the dropout RNG states; the input
 streams and pseudo-label draws are pure functions of (seed, step), so they
 are rebuilt at the restored step, and a resumed run continues as if it had
-never stopped. A model_dir holding a
-run of another configuration is refused.
+never stopped. A model_dir holding a run of another configuration is
+refused.
 
 Where the parts live: preflight.py checks data, batches and model_dir
 before anything is written (a wrong setting ends with one message and an
 empty model_dir); phase.py runs one phase (device loops, checkpoints,
 summaries, the non-finite policy: docs/reliability.md); evaluations.py
 evaluates, keeps the best network and prints the final table; this module
-builds each algorithm's phase and runs the phases in order.
+builds each algorithm's phase (from the phase kinds below: on labeled and
+unlabeled batches, or on labeled batches alone; all sharing one RunContext)
+and runs the phases in order.
 """
 
 import dataclasses
@@ -49,131 +51,9 @@ from mpl_tf.evaluate import summarize
 from mpl_tf.evaluations import Evaluations, print_results, validation_curve
 from mpl_tf.models import build_model
 from mpl_tf.mpl_step import MplStep
-from mpl_tf.phase import Phase, read_step
+from mpl_tf.phase import Phase, RunContext, read_step
 from mpl_tf.supervised_step import SupervisedStep
 from mpl_tf.uda_step import UdaStep
-
-
-def mpl_replica_step(mpl_step: MplStep) -> Callable:
-  """The MPL step plus the diagnostics the loop logs."""
-
-  def replica_step(batch):
-    metrics, outputs = mpl_step(batch)
-    metrics = dict(metrics)
-    metrics['mpl/h_positive'] = tf.cast(metrics['mpl/h'] > 0, tf.float32)
-    if 'unlabeled_labels' in batch:
-      correct = tf.equal(outputs['pseudo_label_ids'],
-                         tf.cast(batch['unlabeled_labels'], tf.int32))
-      metrics['student/pseudo_label_accuracy'] = tf.reduce_mean(
-          tf.cast(correct, tf.float32))
-    return metrics
-
-  return replica_step
-
-
-def _dataset_fn(config: Config, manifest, kind: str, batch_size: int = 0):
-  """stream(input_context, start_step, small_batch=None): a phase's input.
-
-  `small_batch` gives the same kind of stream in batches of that many
-  labeled images (and as many unlabeled ones), for image summaries.
-  """
-
-  def stream(context, step, small_batch: Optional[int] = None):
-    if kind == 'mpl':
-      small = config if small_batch is None else dataclasses.replace(
-          config, optim=dataclasses.replace(
-              config.optim, labeled_batch_size=small_batch, uda_ratio=1))
-      return pipeline.train_dataset(small, manifest, context, step)
-    return pipeline.labeled_dataset(config, manifest,
-                                    small_batch or batch_size, context, step)
-
-  return stream
-
-
-def _supervised_phase(name: str, config: Config, strategy, manifest,
-                      model: keras.Model, optimizer, num_steps: int,
-                      batch_size: int, weight_decay_config, directory: str,
-                      stop: cluster.StopRequest, model_key: str = 'model'):
-  step = SupervisedStep(model, optimizer, weight_decay_config,
-                        config.mpl.label_smoothing, batch_size,
-                        nonfinite=config.run.nonfinite)
-  return Phase(
-      name, config, strategy, manifest, step, optimizer.iterations,
-      {model_key: model, 'optimizer': optimizer,
-       'health': step.guard.checkpoint_item()},
-      _dataset_fn(config, manifest, 'supervised', batch_size), num_steps,
-      ('labeled',), directory, [model], step.guard, stop)
-
-
-@dataclasses.dataclass
-class _Training:
-  """What run() trains: its phase, step counter and networks to report."""
-  phase: Phase
-  step_counter: tf.Variable
-  networks: Dict[str, keras.Model]   # reported at the end, by name
-  selected: keras.Model              # selected on validation, finetuned, served
-  # Validated at every evaluation under run.eval_all_networks (curves.png).
-  others: Dict[str, keras.Model] = dataclasses.field(default_factory=dict)
-
-
-def _build_training(config: Config, strategy, manifest, build,
-                    stop: cluster.StopRequest) -> _Training:
-  """The phase of `run.algorithm`, built in the strategy's scope."""
-  algorithm, optim_cfg = config.run.algorithm, config.optim
-  model_dir = config.run.model_dir
-  batches = dict(global_labeled_batch=optim_cfg.labeled_batch_size,
-                 global_unlabeled_batch=config.unlabeled_batch_size)
-  teacher_lr, student_lr = optim.learning_rates(optim_cfg)
-  if algorithm in ('mpl', 'pseudo_labels'):
-    # pseudo_labels is the MPL step with mpl_weight = uda_weight = 0
-    # (config.validate checks): a teacher trained on the labels alone.
-    teacher, student, ema_student = (build('teacher'), build('student'),
-                                     build('ema_student'))
-    ema_student.set_weights(student.get_weights())
-    step = MplStep(
-        config.mpl, optim_cfg, teacher, student,
-        optim.make_optimizer(teacher_lr, optim_cfg, 'teacher_optimizer',
-                             teacher),
-        optim.make_optimizer(student_lr, optim_cfg, 'student_optimizer',
-                             student),
-        ema_student=ema_student, seed=config.run.seed,
-        nonfinite=config.run.nonfinite, **batches)
-    phase = Phase(
-        algorithm, config, strategy, manifest, mpl_replica_step(step),
-        step.step, step.checkpoint_items(), _dataset_fn(config, manifest, 'mpl'),
-        optim_cfg.num_steps, ('labeled', 'unlabeled'), model_dir,
-        [teacher, student, ema_student], step.guard, stop)
-    networks = {f'{algorithm}_ema_student': ema_student,
-                f'{algorithm}_student': student,
-                f'{algorithm}_teacher': teacher}
-    return _Training(phase, step.step, networks, ema_student,
-                     {'student': student, 'teacher': teacher})
-  if algorithm == 'uda':
-    model, ema_model = build('uda'), build('uda_ema')
-    ema_model.set_weights(model.get_weights())
-    step = UdaStep(config.mpl, optim_cfg, model,
-                   optim.make_optimizer(teacher_lr, optim_cfg, 'optimizer',
-                                        model),
-                   ema_model=ema_model, nonfinite=config.run.nonfinite,
-                   **batches)
-    phase = Phase(
-        'uda', config, strategy, manifest, step, step.step,
-        step.checkpoint_items(), _dataset_fn(config, manifest, 'mpl'),
-        optim_cfg.num_steps, ('labeled', 'unlabeled'), model_dir,
-        [model, ema_model], step.guard, stop)
-    return _Training(phase, step.step, {'uda_ema': ema_model, 'uda': model},
-                     ema_model, {'uda': model})
-  if algorithm == 'supervised':
-    model = build('supervised')
-    optimizer = optim.make_optimizer(teacher_lr, optim_cfg, 'optimizer', model)
-    phase = _supervised_phase(
-        'supervised', config, strategy, manifest, model, optimizer,
-        optim_cfg.num_steps, optim_cfg.labeled_batch_size, optim_cfg,
-        model_dir, stop, model_key='ema_student')
-    return _Training(phase, optimizer.iterations, {'supervised': model},
-                     model)
-  raise ConfigError(f'algorithm={algorithm!r} is not mpl, pseudo_labels, uda '
-                    f'or supervised.')
 
 
 def run(config: Config) -> Dict[str, Any]:
@@ -213,8 +93,9 @@ def _run(config: Config, strategy, manifest,
 
   keras.utils.set_random_seed(run_cfg.seed)
   build = lambda name: build_model(config.model, num_classes, image_size, name)
+  context = RunContext(config, strategy, manifest, stop)
   with strategy.scope():
-    training = _build_training(config, strategy, manifest, build, stop)
+    training = _build_training(context, build)
   print(f'{run_cfg.algorithm}: {config.model.name}, '
         f'{training.selected.count_params():,} parameters per network')
 
@@ -233,8 +114,7 @@ def _run(config: Config, strategy, manifest,
   models = dict(training.networks)
   results: Dict[str, Any] = {}
   if config.finetune.steps:
-    finetuned, seconds = _finetune(config, strategy, manifest,
-                                   training.selected, build, stop,
+    finetuned, seconds = _finetune(context, training.selected, build,
                                    costs[2] / costs[1] if costs[1] else 0.0)
     models[f'{next(iter(training.networks))}_finetuned'] = finetuned
     timings['finetune_seconds'] = seconds
@@ -244,12 +124,13 @@ def _run(config: Config, strategy, manifest,
       supervised = build('supervised')
       supervised_lr, _ = optim.learning_rates(optim_cfg)
       phase = _supervised_phase(
-          'supervised', config, strategy, manifest, supervised,
-          optim.make_optimizer(supervised_lr, optim_cfg,
-                               'supervised_optimizer', supervised),
-          run_cfg.supervised_steps or optim_cfg.num_steps,
-          optim_cfg.labeled_batch_size, optim_cfg,
-          os.path.join(model_dir, 'supervised'), stop)
+          'supervised', context, model=supervised,
+          optimizer=optim.make_optimizer(supervised_lr, optim_cfg,
+                                         'supervised_optimizer', supervised),
+          num_steps=run_cfg.supervised_steps or optim_cfg.num_steps,
+          batch_size=optim_cfg.labeled_batch_size,
+          weight_decay_config=optim_cfg,
+          directory=os.path.join(model_dir, 'supervised'))
       phase.write_images = False
     start = time.time()
     phase.train(validation_curve(config, strategy, manifest, supervised,
@@ -283,6 +164,173 @@ def _run(config: Config, strategy, manifest,
   return results
 
 
+@dataclasses.dataclass
+class _Training:
+  """What run() trains: its phase, step counter and networks to report."""
+  phase: Phase
+  step_counter: tf.Variable
+  networks: Dict[str, keras.Model]   # reported at the end, by name
+  selected: keras.Model              # selected on validation, finetuned, served
+  # Validated at every evaluation under run.eval_all_networks (curves.png).
+  others: Dict[str, keras.Model] = dataclasses.field(default_factory=dict)
+
+
+def _build_training(context: RunContext, build) -> _Training:
+  """The phase of `run.algorithm`, built in the strategy's scope."""
+  config = context.config
+  algorithm, optim_cfg = config.run.algorithm, config.optim
+  model_dir = config.run.model_dir
+  batches = dict(global_labeled_batch=optim_cfg.labeled_batch_size,
+                 global_unlabeled_batch=config.unlabeled_batch_size)
+  teacher_lr, student_lr = optim.learning_rates(optim_cfg)
+  if algorithm in ('mpl', 'pseudo_labels'):
+    # pseudo_labels is the MPL step with mpl_weight = uda_weight = 0
+    # (config.validate checks): a teacher trained on the labels alone.
+    teacher, student, ema_student = (build('teacher'), build('student'),
+                                     build('ema_student'))
+    ema_student.set_weights(student.get_weights())
+    mpl_step = MplStep(
+        config.mpl, optim_cfg, teacher, student,
+        optim.make_optimizer(teacher_lr, optim_cfg, 'teacher_optimizer',
+                             teacher),
+        optim.make_optimizer(student_lr, optim_cfg, 'student_optimizer',
+                             student),
+        ema_student=ema_student, seed=config.run.seed,
+        nonfinite=config.run.nonfinite, **batches)
+    phase = _unlabeled_phase(algorithm, context, mpl_step,
+                             mpl_replica_step(mpl_step),
+                             [teacher, student, ema_student])
+    networks = {f'{algorithm}_ema_student': ema_student,
+                f'{algorithm}_student': student,
+                f'{algorithm}_teacher': teacher}
+    return _Training(phase, mpl_step.step, networks, ema_student,
+                     {'student': student, 'teacher': teacher})
+  if algorithm == 'uda':
+    model, ema_model = build('uda'), build('uda_ema')
+    ema_model.set_weights(model.get_weights())
+    uda_step = UdaStep(config.mpl, optim_cfg, model,
+                       optim.make_optimizer(teacher_lr, optim_cfg,
+                                            'optimizer', model),
+                       ema_model=ema_model, nonfinite=config.run.nonfinite,
+                       **batches)
+    phase = _unlabeled_phase('uda', context, uda_step, uda_step,
+                             [model, ema_model])
+    return _Training(phase, uda_step.step,
+                     {'uda_ema': ema_model, 'uda': model},
+                     ema_model, {'uda': model})
+  if algorithm == 'supervised':
+    model = build('supervised')
+    optimizer = optim.make_optimizer(teacher_lr, optim_cfg, 'optimizer', model)
+    phase = _supervised_phase(
+        'supervised', context, model=model, optimizer=optimizer,
+        num_steps=optim_cfg.num_steps,
+        batch_size=optim_cfg.labeled_batch_size,
+        weight_decay_config=optim_cfg, directory=model_dir,
+        model_key=checkpoints.DEFAULT_ITEM)
+    return _Training(phase, optimizer.iterations, {'supervised': model},
+                     model)
+  raise ConfigError(f'algorithm={algorithm!r} is not mpl, pseudo_labels, uda '
+                    f'or supervised.')
+
+
+def _unlabeled_phase(name: str, context: RunContext, train_step,
+                     replica_step: Callable, models) -> Phase:
+  """A phase on labeled and unlabeled batches (MPL, UDA) in model_dir."""
+  config = context.config
+  return Phase(
+      name, context, replica_step=replica_step, step_counter=train_step.step,
+      checkpoint_items=train_step.checkpoint_items(),
+      dataset_fn=_dataset_fn(config, context.manifest, 'mpl'),
+      num_steps=config.optim.num_steps, splits=('labeled', 'unlabeled'),
+      directory=config.run.model_dir, models=models, guard=train_step.guard)
+
+
+def _supervised_phase(name: str, context: RunContext, *, model: keras.Model,
+                      optimizer, num_steps: int, batch_size: int,
+                      weight_decay_config, directory: str,
+                      model_key: str = 'model') -> Phase:
+  """A phase on labeled batches alone (baseline, finetuning, supervised)."""
+  config = context.config
+  supervised_step = SupervisedStep(model, optimizer, weight_decay_config,
+                                   config.mpl.label_smoothing, batch_size,
+                                   nonfinite=config.run.nonfinite)
+  return Phase(
+      name, context, replica_step=supervised_step,
+      step_counter=optimizer.iterations,
+      checkpoint_items={model_key: model, 'optimizer': optimizer,
+                        'health': supervised_step.guard.checkpoint_item()},
+      dataset_fn=_dataset_fn(config, context.manifest, 'supervised',
+                             batch_size),
+      num_steps=num_steps, splits=('labeled',), directory=directory,
+      models=[model], guard=supervised_step.guard)
+
+
+def mpl_replica_step(mpl_step: MplStep) -> Callable:
+  """The MPL step plus the diagnostics the loop logs."""
+
+  def replica_step(batch):
+    metrics, outputs = mpl_step(batch)
+    metrics = dict(metrics)
+    metrics['mpl/h_positive'] = tf.cast(metrics['mpl/h'] > 0, tf.float32)
+    if 'unlabeled_labels' in batch:
+      correct = tf.equal(outputs['pseudo_label_ids'],
+                         tf.cast(batch['unlabeled_labels'], tf.int32))
+      metrics['student/pseudo_label_accuracy'] = tf.reduce_mean(
+          tf.cast(correct, tf.float32))
+    return metrics
+
+  return replica_step
+
+
+def _dataset_fn(config: Config, manifest, kind: str, batch_size: int = 0):
+  """stream(input_context, start_step, small_batch=None): a phase's input.
+
+  `small_batch` gives the same kind of stream in batches of that many
+  labeled images (and as many unlabeled ones), for image summaries.
+  """
+
+  def stream(context, step, small_batch: Optional[int] = None):
+    if kind == 'mpl':
+      small = config if small_batch is None else dataclasses.replace(
+          config, optim=dataclasses.replace(
+              config.optim, labeled_batch_size=small_batch, uda_ratio=1))
+      return pipeline.train_dataset(small, manifest, context, step)
+    return pipeline.labeled_dataset(config, manifest,
+                                    small_batch or batch_size, context, step)
+
+  return stream
+
+
+def _finetune(context: RunContext, ema_student, build, later_steps: float):
+  """Trains a copy of the EMA student on the labeled images alone."""
+  config, strategy, manifest = (context.config, context.strategy,
+                                context.manifest)
+  finetune = config.finetune
+  batch_size = finetune.batch_size or config.optim.labeled_batch_size
+  decay_config = dataclasses.replace(config.optim,
+                                     weight_decay=finetune.weight_decay)
+  with strategy.scope():
+    finetuned = build('finetuned_student')
+    finetuned.set_weights(ema_student.get_weights())
+    schedule = optim.WarmupCosine(finetune.learning_rate, finetune.steps)
+    phase = _supervised_phase(
+        'finetune', context, model=finetuned,
+        optimizer=optim.make_optimizer(schedule, decay_config,
+                                       'finetune_optimizer', finetuned),
+        num_steps=finetune.steps, batch_size=batch_size,
+        weight_decay_config=decay_config,
+        directory=os.path.join(config.run.model_dir, 'finetune'),
+        # checkpoints.DEFAULT_ITEM, the key export serves: the finetuned
+        # student replaces the EMA one.
+        model_key=checkpoints.DEFAULT_ITEM)
+    phase.write_images = False
+  start = time.time()
+  phase.train(validation_curve(config, strategy, manifest, finetuned,
+                               os.path.join(config.run.model_dir, 'finetune')),
+              later_steps * finetune.steps)
+  return finetuned, time.time() - start
+
+
 def phase_costs(config: Config) -> List[float]:
   """[main, finetune, supervised baseline]: each phase's whole work.
 
@@ -299,31 +347,3 @@ def phase_costs(config: Config) -> List[float]:
                 run_cfg.algorithm != 'supervised' else 0)
   return [float(optim_cfg.num_steps * per_step), float(finetune),
           float(supervised)]
-
-
-def _finetune(config: Config, strategy, manifest, ema_student, build,
-              stop: cluster.StopRequest, later_steps: float):
-  """Trains a copy of the EMA student on the labeled images alone."""
-  finetune = config.finetune
-  batch_size = finetune.batch_size or config.optim.labeled_batch_size
-  decay_config = dataclasses.replace(config.optim,
-                                     weight_decay=finetune.weight_decay)
-  with strategy.scope():
-    finetuned = build('finetuned_student')
-    finetuned.set_weights(ema_student.get_weights())
-    schedule = optim.WarmupCosine(finetune.learning_rate, finetune.steps)
-    phase = _supervised_phase(
-        'finetune', config, strategy, manifest, finetuned,
-        optim.make_optimizer(schedule, decay_config, 'finetune_optimizer',
-                             finetuned),
-        finetune.steps, batch_size, decay_config,
-        os.path.join(config.run.model_dir, 'finetune'), stop,
-        # checkpoints.DEFAULT_ITEM, the key export serves: the finetuned
-        # student replaces the EMA one.
-        model_key=checkpoints.DEFAULT_ITEM)
-    phase.write_images = False
-  start = time.time()
-  phase.train(validation_curve(config, strategy, manifest, finetuned,
-                               os.path.join(config.run.model_dir, 'finetune')),
-              later_steps * finetune.steps)
-  return finetuned, time.time() - start

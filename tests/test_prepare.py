@@ -11,6 +11,7 @@ import io
 import os
 import subprocess
 import sys
+from typing import Dict, Iterable, List, Optional, Tuple
 from unittest import mock
 
 import numpy as np
@@ -28,6 +29,44 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SVHN_TRAIN_CLASS_SIZES = [4948, 13861, 10585, 8497, 7458, 6882, 5727, 5595,
                            5045, 4659]
 
+
+def _write_encoded(out_dir: str, split: str,
+                   examples: Iterable[Tuple[bytes, int]], num_records: int,
+                   shard_size: Optional[int] = None,
+                   num_classes: Optional[int] = None) -> List[str]:
+  """Writes (encoded bytes, label) pairs as one split; returns shard paths.
+
+  What a source whose files are already PNG or JPEG bytes would write; the
+  library's writers encode arrays themselves.
+  """
+  num_shards = records.num_shards_for(num_records, shard_size)
+  with records.SplitWriter(out_dir, split, num_records, num_shards,
+                           num_classes) as writer:
+    for encoded, label in examples:
+      writer.write(encoded, label)
+  return writer.paths
+
+
+def _check_disjoint(indices: Dict[str, np.ndarray],
+                    allow_overlap=(('labeled', 'unlabeled'),)) -> None:
+  """ValueError if two splits share an index, except the allowed pairs.
+
+  An assertion of the split rules, checked here against every rule's output.
+  """
+  names = sorted(indices)
+  allowed = {frozenset(pair) for pair in allow_overlap}
+  size = 1 + max((int(i.max()) for i in indices.values() if i.size),
+                 default=0)
+  for position, first in enumerate(names):
+    in_first = np.zeros(size, bool)
+    in_first[indices[first]] = True
+    for second in names[position + 1:]:
+      if frozenset((first, second)) in allowed:
+        continue
+      shared = indices[second][in_first[indices[second]]]
+      if shared.size:
+        raise ValueError(f'Splits {first!r} and {second!r} share '
+                         f'{shared.size} images (e.g. index {shared[0]}).')
 
 def _png(image):
   return tf.io.encode_png(image).numpy()
@@ -81,7 +120,7 @@ class SchemaTest(tf.test.TestCase):
   def test_png_arrays_round_trip_with_variable_size_parse(self):
     images = [_random_images(1, 5, 7)[0], _random_images(1, 9, 4, seed=1)[0]]
     out_dir = self.get_temp_dir()
-    records.write_encoded(out_dir, 'test', [(_png(images[0]), 3),
+    _write_encoded(out_dir, 'test', [(_png(images[0]), 3),
                                             (_png(images[1]), 0)], 2)
     (first, first_label), (second, second_label) = _parsed(out_dir, 'test')
     self.assertEqual(first.shape, [5, 7, 3])
@@ -95,7 +134,7 @@ class SchemaTest(tf.test.TestCase):
   def test_jpeg_bytes_are_stored_unchanged(self):
     jpeg = _jpeg(_random_images(1, 12, 10)[0])
     out_dir = self.get_temp_dir()
-    records.write_encoded(out_dir, 'labeled', [(jpeg, 4)], 1)
+    _write_encoded(out_dir, 'labeled', [(jpeg, 4)], 1)
     stored = tf.train.Example.FromString(_raw_records(out_dir, 'labeled')[0])
     feature = stored.features.feature
     self.assertEqual(feature[records.IMAGE_KEY].bytes_list.value[0], jpeg)
@@ -109,7 +148,7 @@ class SchemaTest(tf.test.TestCase):
   def test_shard_size_gives_nearly_equal_named_shards(self):
     out_dir = self.get_temp_dir()
     png = _png(_random_images(1, 4, 4)[0])
-    paths = records.write_encoded(out_dir, 'unlabeled',
+    paths = _write_encoded(out_dir, 'unlabeled',
                                   [(png, i % 3) for i in range(10)], 10,
                                   shard_size=4)
     self.assertEqual([os.path.basename(p) for p in paths],
@@ -135,7 +174,7 @@ class SchemaTest(tf.test.TestCase):
           records.write_split(out_dir, 'test', bad_images, np.array(labels),
                               **kwargs)
     with self.assertRaisesRegex(ValueError, 'JPEG or PNG'):
-      records.write_encoded(out_dir, 'test', [(b'GIF89a...', 0)], 1)
+      _write_encoded(out_dir, 'test', [(b'GIF89a...', 0)], 1)
     self.assertEmpty([f for f in os.listdir(out_dir) if '.tmp' in f])
 
 
@@ -217,7 +256,7 @@ class SplitRulesTest(tf.test.TestCase):
   def _assert_disjoint_and_cover(self, indices, num_images,
                                  unlabeled_includes_labeled=False):
     allowed = [('labeled', 'unlabeled')] if unlabeled_includes_labeled else []
-    splits.check_disjoint(indices, allow_overlap=allowed)
+    _check_disjoint(indices, allow_overlap=allowed)
     covered = np.zeros(num_images, bool)
     for split_indices in indices.values():
       covered[split_indices] = True

@@ -29,7 +29,7 @@ crashed writer never leaves a file that looks finished.
 
 import json
 import os
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -230,19 +230,6 @@ class SplitWriter:
       self.close()
     else:
       self.abort()
-
-
-def write_encoded(out_dir: str, split: str,
-                  examples: Iterable[Tuple[bytes, int]], num_records: int,
-                  shard_size: Optional[int] = None,
-                  num_classes: Optional[int] = None) -> List[str]:
-  """Writes (encoded bytes, label) pairs as one split; returns shard paths."""
-  num_shards = num_shards_for(num_records, shard_size)
-  with SplitWriter(out_dir, split, num_records, num_shards,
-                   num_classes) as writer:
-    for encoded, label in examples:
-      writer.write(encoded, label)
-  return writer.paths
 
 
 def write_split(out_dir: str, split: str, images: np.ndarray,

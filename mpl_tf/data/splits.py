@@ -323,22 +323,3 @@ def custom(labels: np.ndarray, seed: int, **overrides
            ) -> Dict[str, np.ndarray]:
   """A user's own sizes; labeled_per_class or labeled_fraction is needed."""
   return make('custom', labels, seed, rule_params('custom', **overrides))
-
-
-def check_disjoint(indices: Dict[str, np.ndarray],
-                   allow_overlap=(('labeled', 'unlabeled'),)) -> None:
-  """ValueError if two splits share an index, except the allowed pairs."""
-  names = sorted(indices)
-  allowed = {frozenset(pair) for pair in allow_overlap}
-  size = 1 + max((int(i.max()) for i in indices.values() if i.size),
-                 default=0)
-  for position, first in enumerate(names):
-    in_first = np.zeros(size, bool)
-    in_first[indices[first]] = True
-    for second in names[position + 1:]:
-      if frozenset((first, second)) in allowed:
-        continue
-      shared = indices[second][in_first[indices[second]]]
-      if shared.size:
-        raise ValueError(f'Splits {first!r} and {second!r} share '
-                         f'{shared.size} images (e.g. index {shared[0]}).')
