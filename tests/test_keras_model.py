@@ -15,13 +15,13 @@ import sys
 import tempfile
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from mpl_tf import distribute
 from mpl_tf import optim
-from mpl_tf.config import MplConfig, OptimConfig, RunConfig
-from mpl_tf.keras_model import MetaPseudoLabels, check_backend
+import mpl_tf
+from mpl_tf import keras_model
+from mpl_tf.config import OptimConfig, RunConfig
 from mpl_tf.mpl_step import MplStep
 from tests import test_mpl_step as reference
 from tests.tiny_models import keras_mlp, random_batch
@@ -55,9 +55,9 @@ def networks(dropout: bool = False):
           keras_mlp(DIM, HIDDEN, CLASSES, 10, 'student'))
 
 
-def mpl_model(dropout: bool = False, **compile_args) -> MetaPseudoLabels:
+def mpl_model(dropout: bool = False, **compile_args) -> keras_model.MetaPseudoLabels:
   teacher, student = networks(dropout)
-  model = MetaPseudoLabels(teacher, student, ema_decay=OPTIM.ema_decay)
+  model = mpl_tf.MetaPseudoLabels(teacher, student, ema_decay=OPTIM.ema_decay)
   model.compile(
       optim.make_optimizer(reference.TEACHER_LR, OPTIM, 'teacher_optimizer'),
       optim.make_optimizer(reference.STUDENT_LR, OPTIM, 'student_optimizer'),
@@ -66,7 +66,7 @@ def mpl_model(dropout: bool = False, **compile_args) -> MetaPseudoLabels:
   return model
 
 
-def state(model: MetaPseudoLabels):
+def state(model: keras_model.MetaPseudoLabels):
   """Every number a resumed fit must restore, by name."""
   values = {}
   for name in ('teacher', 'student', 'ema_student'):
@@ -266,5 +266,20 @@ class ErrorsTest(tf.test.TestCase):
       mpl_model(labeled_batch_size=8).fit(data, verbose=0)
 
   def test_another_backend(self):
+    # (Keras's other backends are not installed here: with them Keras itself
+    # fails to import, so the check is tested directly.)
     with self.assertRaisesRegex(RuntimeError, 'KERAS_BACKEND=tensorflow'):
-      check_backend('jax')
+      keras_model.check_backend('jax')
+    keras_model.check_backend('tensorflow')
+
+
+class ImportTest(tf.test.TestCase):
+
+  def test_mpl_tf_is_light_and_exports_the_model_lazily(self):
+    self.assertIs(mpl_tf.MetaPseudoLabels, keras_model.MetaPseudoLabels)
+    code = ('import sys, mpl_tf, mpl_tf.config; '
+            'print(sorted({"tensorflow", "keras"} & set(sys.modules)))')
+    loaded = subprocess.run([sys.executable, '-c', code], cwd=REPO,
+                            capture_output=True, text=True, check=True,
+                            timeout=60).stdout.strip()
+    self.assertEqual(loaded, '[]')
