@@ -166,7 +166,10 @@ class MetaPseudoLabels(keras.Model):
         self.ema_student.set_weights(student.get_weights())
       self.position = keras_resume.FitPosition()
     self.mpl_step: Optional[MplStep] = None
+    # A running mean per step metric ever logged (kept across compiles:
+    # Keras tracks them for good), and those logged now.
     self._trackers: Dict[str, keras.metrics.Mean] = {}
+    self._logged: Sequence[str] = ()
     self.built = True
 
   @property
@@ -246,8 +249,10 @@ class MetaPseudoLabels(keras.Model):
           global_labeled_batch=labeled_batch_size or 0,
           global_unlabeled_batch=unlabeled_batch_size or 0,
           ema_student=self.ema_student, seed=self.seed, nonfinite=nonfinite)
-      self._trackers = {name: keras.metrics.Mean(name=log_name(name))
-                        for name in step_metrics}
+      for name in step_metrics:
+        if name not in self._trackers:
+          self._trackers[name] = keras.metrics.Mean(name=log_name(name))
+      self._logged = tuple(step_metrics)
     if previous is not None:   # compiled again: the step's state goes on
       for variable, value in zip(self._step_state(), previous):
         variable.assign(value)
@@ -313,17 +318,17 @@ class MetaPseudoLabels(keras.Model):
     # changes no state.
     with tf.control_dependencies(self._size_checks(batch)):
       metrics, _ = self._replica_step(batch)
-    unknown = [name for name in self._trackers if name not in metrics]
+    unknown = [name for name in self._logged if name not in metrics]
     if unknown:
       raise ValueError(f'MetaPseudoLabels: step_metrics {unknown} are not '
                        f'metrics of the step: {sorted(metrics)}.')
-    for name, tracker in self._trackers.items():
-      tracker.update_state(metrics[name])
+    for name in self._logged:
+      self._trackers[name].update_state(metrics[name])
     return self._running_logs()
 
   def _running_logs(self) -> Dict[str, tf.Tensor]:
-    return {tracker.name: tracker.result()
-            for tracker in self._trackers.values()}
+    return {log_name(name): self._trackers[name].result()
+            for name in self._logged}
 
   def get_metrics_result(self):
     # Keras reads every metric at the end of each fit() epoch, where
@@ -340,7 +345,7 @@ class MetaPseudoLabels(keras.Model):
   def test_step(self, data):
     logs = super().test_step(data)
     return {name: value for name, value in logs.items()
-            if name not in self._running_logs()}
+            if name not in {log_name(n) for n in self._trackers}}
 
   def make_train_function(self, force=False):
     if self.train_function is not None and not force:

@@ -23,6 +23,7 @@ import mpl_tf
 from mpl_tf import keras_model
 from mpl_tf.config import OptimConfig, RunConfig
 from mpl_tf.mpl_step import MplStep
+from mpl_tf.phase import NonFiniteError
 from tests import test_mpl_step as reference
 from tests.tiny_models import keras_mlp, random_batch
 
@@ -222,23 +223,60 @@ class CallbacksTest(_TempDirTestCase):
     directory = self._temp_dir()
     student_path = os.path.join(directory, 'student.keras')
     weights_path = os.path.join(directory, 'all.weights.h5')
-    model = mpl_model()
-    model.fit(dataset(batches(2)), epochs=1, verbose=0, callbacks=[
-        keras.callbacks.ModelCheckpoint(student_path),
+    batch = batches(1)[0]
+    images, labels = batch['labeled_images'], batch['labels']
+    validation = tf.data.Dataset.from_tensors((images, labels))
+    model = mpl_model(metrics=['accuracy'])
+    history = model.fit(dataset(batches(2)), epochs=1, verbose=0,
+                        validation_data=validation, callbacks=[
+        keras.callbacks.ModelCheckpoint(student_path, monitor='val_accuracy',
+                                        save_best_only=True),
         keras.callbacks.ModelCheckpoint(weights_path, save_weights_only=True)])
-    images = batches(1)[0]['labeled_images']
+    self.assertIn('val_accuracy', history.history)
+    # save(): the EMA student, a plain Keras model.
     loaded = keras.models.load_model(student_path)
+    self.assertAllClose(loaded(images), model.ema_student(images))
     self.assertAllClose(loaded.predict(images, verbose=0),
                         model.predict(images, verbose=0))
-    self.assertAllClose(loaded(images), model.ema_student(images))
-    model.evaluate(tf.data.Dataset.from_tensors(
-        (images, batches(1)[0]['labels'])), verbose=0)
-    restored = mpl_model()
+    # evaluate(): the EMA student's compiled metrics, not the step's.
+    results = model.evaluate(validation, verbose=0, return_dict=True)
+    self.assertEqual(set(results), {'loss', 'accuracy'})
+    correct = tf.argmax(model.ema_student(images), -1) == tf.cast(labels,
+                                                                  tf.int64)
+    self.assertAllClose(results['accuracy'],
+                        tf.reduce_mean(tf.cast(correct, tf.float32)))
+    # save_weights(): everything, into a model compiled alike.
+    restored = mpl_model(metrics=['accuracy'])
     restored.load_weights(weights_path)
     self.assertEqual(restored.step, 2)
     mine, theirs = state(restored), state(model)
     for key, value in theirs.items():
       self.assertAllEqual(mine[key], value, msg=key)
+
+  def test_a_nonfinite_step_stops_fit_before_any_callback_saves_it(self):
+    weights_path = os.path.join(self._temp_dir(), 'all.weights.h5')
+    poisoned = batches(2)
+    poisoned[1] = dict(poisoned[1], labeled_images=poisoned[1][
+        'labeled_images'] * float('nan'))
+    model = mpl_model()
+    with self.assertRaisesRegex(NonFiniteError, 'at step 2 '):
+      model.fit(dataset(poisoned), verbose=0, callbacks=[
+          keras.callbacks.ModelCheckpoint(weights_path, save_freq=1,
+                                          save_weights_only=True)])
+    restored = mpl_model()
+    restored.load_weights(weights_path)
+    self.assertEqual(restored.step, 1)   # the last finite state
+
+  def test_compiling_again_keeps_the_step_state(self):
+    model = mpl_model()
+    model.fit(dataset(batches(1)), verbose=0)
+    baseline = model.mpl_step.baseline.numpy()
+    names = [metric.name for metric in model.metrics]
+    model.compile(keras.optimizers.SGD(0.1), keras.optimizers.SGD(0.1),
+                  CONFIG)
+    self.assertEqual(model.step, 1)
+    self.assertEqual(model.mpl_step.baseline.numpy(), baseline)
+    self.assertEqual([metric.name for metric in model.metrics], names)
 
 
 class ErrorsTest(tf.test.TestCase):
