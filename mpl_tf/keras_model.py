@@ -77,6 +77,9 @@ def log_name(step_metric: str) -> str:
 
 def _parse_batch(data) -> Optional[Dict[str, tf.Tensor]]:
   """The step's batch dict from any accepted form, or None."""
+  if (isinstance(data, tuple) and len(data) in (1, 3) and
+      isinstance(data[0], dict) and all(d is None for d in data[1:])):
+    data = data[0]   # (x,) or (x, None, None): train_on_batch, arrays
   if isinstance(data, dict):
     return {key: data[key] for key in BATCH_KEYS} if all(
         key in data for key in BATCH_KEYS) else None
@@ -162,7 +165,8 @@ class MetaPseudoLabels(keras.Model):
     self.ema_student = None
     with self.distribute_strategy.scope():
       if ema_decay > 0:
-        self.ema_student = ema_student or keras.models.clone_model(student)
+        self.ema_student = (keras.models.clone_model(student)
+                            if ema_student is None else ema_student)
         self.ema_student.set_weights(student.get_weights())
       self.position = keras_resume.FitPosition()
     self.mpl_step: Optional[MplStep] = None
@@ -193,8 +197,7 @@ class MetaPseudoLabels(keras.Model):
               unlabeled_batch_size: Optional[int] = None,
               nonfinite: str = 'stop',
               step_metrics: Sequence[str] = STEP_METRICS,
-              loss='sparse_categorical_crossentropy_from_logits',
-              metrics=None, **kwargs):
+              loss=None, metrics=None, **kwargs):
     """The MPL step's optimizers and choices, and what `evaluate` reports.
 
     Args:
@@ -213,8 +216,8 @@ class MetaPseudoLabels(keras.Model):
       nonfinite: 'stop' (fit raises NonFiniteError) or 'skip' (the step is
         undone; docs/reliability.md).
       step_metrics: MplStep metrics logged by fit() (see STEP_METRICS).
-      loss, metrics: of `evaluate` on (images, labels) batches; the default
-        loss is sparse cross-entropy on logits.
+      loss, metrics: of `evaluate` on (images, labels) batches; loss
+        defaults to sparse cross-entropy on logits.
       **kwargs: passed to keras.Model.compile (steps_per_execution,
         jit_compile, run_eagerly, ...).
     """
@@ -224,7 +227,7 @@ class MetaPseudoLabels(keras.Model):
                                grad_clip_norm=grad_clip_norm,
                                ema_decay=self.ema_decay)
     validate(Config(mpl=mpl_config, optim=optim_config))
-    if loss == 'sparse_categorical_crossentropy_from_logits':
+    if loss is None:
       loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     teacher_optimizer = keras.optimizers.get(teacher_optimizer)
     student_optimizer = keras.optimizers.get(student_optimizer)
@@ -384,20 +387,19 @@ class MetaPseudoLabels(keras.Model):
       data_batch = (batch['labeled_images'], batch['labels'])
     return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
 
-  def save_own_variables(self, store):
+  def _own_saved_state(self) -> List[tf.Variable]:
     if self.mpl_step is None:
-      raise RuntimeError('MetaPseudoLabels: compile() before save_weights(): '
-                         'the weights include the step\'s state.')
-    own = self._trainable_variables + self._non_trainable_variables
-    for index, variable in enumerate(own + self._step_state()):
+      raise RuntimeError('MetaPseudoLabels: compile() before save_weights() '
+                         'or load_weights(): they include the step\'s state.')
+    return (self._trainable_variables + self._non_trainable_variables +
+            self._step_state())
+
+  def save_own_variables(self, store):
+    for index, variable in enumerate(self._own_saved_state()):
       store[str(index)] = tf.convert_to_tensor(variable).numpy()
 
   def load_own_variables(self, store):
-    if self.mpl_step is None:
-      raise RuntimeError('MetaPseudoLabels: compile() before load_weights(): '
-                         'the weights include the step\'s state.')
-    state = (self._trainable_variables + self._non_trainable_variables +
-             self._step_state())
+    state = self._own_saved_state()
     if len(store.keys()) != len(state):
       raise ValueError(
           f'MetaPseudoLabels: the weights file holds {len(store.keys())} '

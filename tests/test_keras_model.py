@@ -269,7 +269,7 @@ class CallbacksTest(_TempDirTestCase):
 
   def test_compiling_again_keeps_the_step_state(self):
     model = mpl_model()
-    model.fit(dataset(batches(1)), verbose=0)
+    model.train_on_batch(batches(1)[0])
     baseline = model.mpl_step.baseline.numpy()
     names = [metric.name for metric in model.metrics]
     model.compile(keras.optimizers.SGD(0.1), keras.optimizers.SGD(0.1),
