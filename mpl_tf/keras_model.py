@@ -1,36 +1,27 @@
 """Meta Pseudo Labels as a Keras model: `fit()` on any teacher and student.
 
 Many who want MPL on their own data already have Keras networks and tf.data
-pipelines, and train with `model.fit` and its callbacks (ModelCheckpoint,
+pipelines, and train with `model.fit`, its callbacks (ModelCheckpoint,
 BackupAndRestore, TensorBoard, EarlyStopping) and progress bar.
 `MetaPseudoLabels` is a `keras.Model` that owns both networks, as Keras's own
 knowledge-distillation and semi-supervised examples do, and whose
-`train_step` is one call of the library's `MplStep` (mpl_step.py: Algorithm
-1), not a copy of it. `call`, `evaluate` and `predict` use the student, or
-its EMA copy when `ema_decay > 0`. main.py remains the way to run the paper's
-presets, TPU scripts, the finetuning stage and streams rebuilt at any step
-(docs/keras_fit.md says when to use which).
+`train_step` is one call of the library's `MplStep` (Algorithm 1), not a copy
+of it. `call`, `evaluate`, `predict` and `save` use the student, or its EMA
+copy when `ema_decay > 0`. docs/keras_fit.md says when to use `fit()` and
+when main.py (the paper's presets, TPUs, finetuning, streams rebuilt at any
+step). TensorFlow backend of Keras 3 only: importing this module under
+another backend raises an error naming KERAS_BACKEND=tensorflow.
 
-TensorFlow backend of Keras 3 only: MplStep is written with tf.distribute and
-tf.GradientTape; importing this module under another backend raises an error
-naming KERAS_BACKEND=tensorflow.
+Losses are divided by the global batch sizes: `compile()`'s, else the first
+batch's static sizes times the replicas. A batch of another size (a finite
+dataset's last batch, unless batched with drop_remainder=True) stops `fit()`
+with an error instead of silently mis-scaling the losses.
 
-Batches: a dict with the keys of `BATCH_KEYS` (extra keys are ignored), a
-4-tuple in that order, or ((x_l, y_l), (x_u_ori, x_u_aug)) as
-`tf.data.Dataset.zip` of a labeled and an unlabeled dataset gives. Losses
-are divided by the global batch sizes: `compile()`'s labeled_batch_size and
-unlabeled_batch_size, else the first batch's static sizes times the
-replicas. A batch of another size (a finite dataset's last batch, which Keras
-gives partial unless the dataset is batched with drop_remainder=True) stops
-`fit()` with an error instead of silently mis-scaling the losses.
-
-What `save_weights` (and so BackupAndRestore and ModelCheckpoint with
-save_weights_only) saves: both networks, the EMA student, both optimizers'
-slots and iteration counts (Keras tracks these), plus what Keras does not
-track: MplStep's step counter, h baseline and non-finite counters, the
-dropout seed states, and where the fit stands in its data (keras_resume.py),
-so a run resumed mid-epoch goes on with the weights of an uninterrupted one.
-`save()` writes the network `call` runs, as a plain Keras model.
+`save_weights` (so BackupAndRestore) saves what Keras tracks (networks, EMA
+student, optimizer slots and iterations) and what it does not: MplStep's
+counter, h baseline and non-finite counters, the dropout seed states, and
+where the fit stands in its data (keras_resume.py), so that a fit resumed
+mid-epoch ends with the weights of an uninterrupted one.
 """
 
 from typing import Dict, List, Optional, Sequence
