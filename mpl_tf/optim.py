@@ -13,10 +13,12 @@ The steps sum gradients across replicas themselves, where the reduction is
 written, because they need the global gradients (for the exact feedback h,
 for global-norm clipping, for weight decay added once). Keras's TensorFlow
 optimizers sum gradients across replicas again inside `apply_gradients`;
-every optimizer made here turns that hidden second sum off.
+every optimizer made here turns that hidden second sum off, and
+`sum_gradients_once` turns it off in one made elsewhere.
 """
 
 import math
+import types
 from typing import List, Optional, Sequence
 
 import keras
@@ -135,6 +137,17 @@ class Tf1Momentum(_GradientsAlreadySummed, keras.optimizers.Optimizer):
 
 class SummedGradientsSGD(_GradientsAlreadySummed, keras.optimizers.SGD):
   """Keras's SGD (velocity includes the rate) on already-summed gradients."""
+
+
+def sum_gradients_once(optimizer: keras.optimizers.Optimizer) -> None:
+  """Turns off the second cross-replica sum of an optimizer made elsewhere.
+
+  For any Keras optimizer handed to a step (mpl_tf.MetaPseudoLabels takes
+  the user's): this instance's `apply_gradients` then takes the step's
+  summed gradients as they are, as the optimizers made here do.
+  """
+  optimizer._all_reduce_sum_gradients = types.MethodType(  # pylint: disable=protected-access
+      _GradientsAlreadySummed._all_reduce_sum_gradients, optimizer)  # pylint: disable=protected-access
 
 
 def learning_rates(optim: OptimConfig):
