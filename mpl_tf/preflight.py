@@ -124,7 +124,7 @@ def check_not_in_a_file(directory: str, flag: str) -> str:
   """
   if storage.has_scheme(directory):
     return directory
-  path = os.path.abspath(directory)
+  path = storage.absolute(directory)
   while not tf.io.gfile.exists(path):
     path = os.path.dirname(path)
   if not tf.io.gfile.isdir(path):

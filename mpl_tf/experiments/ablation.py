@@ -37,7 +37,6 @@ interrupted grid keeps what it measured.
 
 import dataclasses
 import os
-import shutil
 import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -124,11 +123,9 @@ def run_image_variant(config: AblationConfig, mpl: MplConfig,
                       seed: int) -> Dict[str, Any]:
   """One digits MPL run through train.run in a temporary model_dir."""
   from mpl_tf import train  # pylint: disable=g-import-not-at-top
-  model_dir = tempfile.mkdtemp(prefix='mpl_ablation_')
-  try:
+  with tempfile.TemporaryDirectory(prefix='mpl_ablation_',
+                                   ignore_cleanup_errors=True) as model_dir:
     results = train.run(image_config(config, model_dir, mpl, seed=seed))
-  finally:
-    shutil.rmtree(model_dir, ignore_errors=True)
   row = {'seed': seed, 'train_seconds': results['timings']['train_seconds']}
   for network, key in IMAGE_NETWORKS.items():
     row[network] = results[key]['test']['top1']
