@@ -226,13 +226,16 @@ def write_json(path: str, payload: Any) -> None:
   """Writes JSON (sorted keys) to a temporary name, then renames it.
 
   A reader never sees half a file, and a killed write leaves the old one.
+  The temporary name is the process's own (`<path>.tmp-<pid>`), so two
+  processes writing the same file never write into one temporary file.
   Creates the directory first.
   """
   tf.io.gfile.makedirs(posixpath.dirname(path) if has_scheme(path) else
                        (os.path.dirname(path) or '.'))
-  with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
+  temporary_path = f'{path}.tmp-{os.getpid()}'
+  with tf.io.gfile.GFile(temporary_path, 'w') as f:
     f.write(json.dumps(payload, indent=2, sort_keys=True))
-  tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+  tf.io.gfile.rename(temporary_path, path, overwrite=True)
 
 
 def read_json(path: str) -> Any:

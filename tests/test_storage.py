@@ -70,6 +70,37 @@ def _rename_failing_on(name):
   return rename
 
 
+
+class WriteJsonTest(tf.test.TestCase):
+  """storage.write_json: whole files only, on any file system."""
+
+  def test_a_write_killed_before_its_rename_keeps_the_old_file(self):
+    directory = f'ram://write_json_{uuid.uuid4().hex}/run'
+    path = f'{directory}/results.json'
+    storage.write_json(path, {'b': 2, 'a': 1})
+    self.assertEqual(storage.read_json(path), {'a': 1, 'b': 2})
+    self.assertEqual(tf.io.gfile.listdir(directory), ['results.json'])
+    # Killed after writing the new content, before it is moved into place.
+    with mock.patch.object(tf.io.gfile, 'rename',
+                           side_effect=KeyboardInterrupt):
+      with self.assertRaises(KeyboardInterrupt):
+        storage.write_json(path, {'a': 3})
+    self.assertEqual(storage.read_json(path), {'a': 1, 'b': 2})
+
+  def test_the_temporary_name_is_the_processs_own(self):
+    # So two processes writing one file never share a temporary file, and
+    # prepare's overwrite check recognises it ('.tmp-').
+    path = f'ram://write_json_{uuid.uuid4().hex}/manifest.json'
+    renamed = []
+    rename = tf.io.gfile.rename
+    def recording_rename(source, target, overwrite=False):
+      renamed.append(source)
+      rename(source, target, overwrite=overwrite)
+    with mock.patch.object(tf.io.gfile, 'rename', recording_rename):
+      storage.write_json(path, {'a': 1})
+    self.assertEqual(renamed, [f'{path}.tmp-{os.getpid()}'])
+    self.assertEqual(storage.read_json(path), {'a': 1})
+
 class HelpersTest(tf.test.TestCase):
 
   def test_paths_with_a_scheme_are_never_made_absolute(self):

@@ -34,6 +34,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
+from mpl_tf import storage
+
 IMAGE_KEY = 'image/encoded'
 LABEL_KEY = 'image/class/label'
 MANIFEST_NAME = 'manifest.json'
@@ -315,13 +317,9 @@ def split_files(data_dir: str, split: str) -> List[str]:
 
 
 def write_manifest(data_dir: str, manifest: Dict[str, Any]) -> str:
-  """Writes `manifest.json` atomically (temporary name, then rename)."""
-  tf.io.gfile.makedirs(data_dir)
+  """Writes `manifest.json` atomically (storage.write_json); its path."""
   path = os.path.join(data_dir, MANIFEST_NAME)
-  temporary_path = f'{path}.tmp-{os.getpid()}'
-  with tf.io.gfile.GFile(temporary_path, 'w') as f:
-    f.write(json.dumps(manifest, indent=2, sort_keys=True))
-  tf.io.gfile.rename(temporary_path, path, overwrite=True)
+  storage.write_json(path, manifest)
   return path
 
 
