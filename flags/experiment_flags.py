@@ -12,9 +12,14 @@ disagree. The ablation command also takes every TwoMoon flag, because its
 two_moon task runs that setup, and the --image_* flags, from which
 `image_base_config` reads its digits runs' base Config with
 flags/definitions.py, the training flags.
+
+Without --output_dir a command writes under runs/experiments/NAME (never
+docs/: the commands above name it to refresh docs/results.md); report has
+no default, since it rewrites a results.md in place.
 """
 
 import dataclasses
+import os
 from typing import Optional, Sequence, Tuple
 
 from absl import flags as absl_flags
@@ -86,17 +91,27 @@ def _define_field(name, default, help_text, flag_values):
   define_fn(name, default, help_text, flag_values=flag_values)
 
 
-def _define_output_dir(flag_values) -> None:
+def output_dir_default(name: str) -> str:
+  """Where experiment NAME writes without --output_dir: runs/ (git-ignored).
+
+  Never docs/: the committed JSON and figure there are rewritten only by a
+  command that names --output_dir=docs, so a trial run loses nothing.
+  """
+  return os.path.join('runs', 'experiments', name)
+
+
+def _define_output_dir(flag_values, name: str) -> None:
   if 'output_dir' not in flag_values:
     absl_flags.DEFINE_string(
-        'output_dir', 'docs', 'Writes results/*.json (and figures/) under '
-        'this directory; empty = write nothing.', flag_values=flag_values)
+        'output_dir', output_dir_default(name), 'Writes results/*.json (and '
+        'figures/) under this directory (docs/results.md\'s are in docs); '
+        'empty = write nothing.', flag_values=flag_values)
 
 
-def define_two_moon(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
-                    ) -> None:
-  """Declares the TwoMoon flags (prefixed two_moon_ where ambiguous)."""
-  _define_output_dir(flag_values)
+def define_two_moon(flag_values: absl_flags.FlagValues = absl_flags.FLAGS,
+                    name: str = 'two_moon') -> None:
+  """Declares the TwoMoon flags; `name`: the command (its output_dir)."""
+  _define_output_dir(flag_values, name)
   for field, help_text in _TWO_MOON_HELP.items():
     _define_field(field, getattr(_TWO_MOON, field), f'[two_moon] {help_text}',
                   flag_values)
@@ -149,7 +164,7 @@ _PROTOCOL_HELP = {
 def define_two_moon_protocol(
     flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> None:
   """The protocol's flags (two_moon_protocol.ProtocolConfig)."""
-  _define_output_dir(flag_values)
+  _define_output_dir(flag_values, 'two_moon')
   for field in _PROTOCOL_TWO_MOON_FIELDS:
     _define_field(field, getattr(_TWO_MOON, field),
                   f'[two_moon] {_TWO_MOON_HELP[field]}', flag_values)
@@ -194,7 +209,7 @@ def two_moon_protocol_config(
 def define_two_moon_tuning(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                            ) -> None:
   """The TwoMoon flags (the base of every setting) and the seed count."""
-  define_two_moon(flag_values)
+  define_two_moon(flag_values, 'two_moon_tuning')
   absl_flags.DEFINE_integer('tuning_seeds', 4, '[two_moon_tuning] Seeds per '
                             'setting (each runs Pseudo Labels and MPL).',
                             flag_values=flag_values)
@@ -213,23 +228,31 @@ def two_moon_tuning_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
 
 def define_report(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                   ) -> None:
-  """The report command's one flag: where results.md and results/ are."""
-  _define_output_dir(flag_values)
+  """The report command's one flag: where results.md and results/ are.
+
+  No default: report rewrites results.md in place, so the directory (docs
+  for the committed one) is named on the command line.
+  """
+  absl_flags.DEFINE_string(
+      'output_dir', '', 'The directory whose results.md is re-rendered from '
+      'its results/*.json (required; docs: docs/results.md).',
+      flag_values=flag_values)
 
 
 def report_output_dir(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                       ) -> str:
   output_dir = flag_values['output_dir'].value
   if not output_dir:
-    raise config_lib.ConfigError('--output_dir: the directory holding '
-                                 'results.md and results/ (e.g. docs).')
+    raise config_lib.ConfigError(
+        '--output_dir: the directory whose results.md is re-rendered from its '
+        'results/*.json; pass --output_dir=docs for docs/results.md.')
   return output_dir
 
 
 def define_ablation(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                     ) -> None:
   """Declares the ablation flags and, for its two_moon task, TwoMoon's."""
-  define_two_moon(flag_values)
+  define_two_moon(flag_values, 'ablation')
   absl_flags.DEFINE_list('ablation_tasks', list(_ABLATION.tasks),
                          f'Tasks to run: {", ".join(ablation.TASKS)}.',
                          flag_values=flag_values)
