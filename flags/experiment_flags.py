@@ -27,8 +27,10 @@ from absl import flags as absl_flags
 from flags import definitions
 from mpl_tf import config as config_lib
 from mpl_tf.experiments import ablation
+from mpl_tf.experiments import checks
 from mpl_tf.experiments import two_moon
 from mpl_tf.experiments import two_moon_protocol
+from mpl_tf.experiments import two_moon_tuning
 
 _TWO_MOON = two_moon.TwoMoonConfig()
 _ABLATION = ablation.AblationConfig()
@@ -199,10 +201,7 @@ def two_moon_protocol_config(
   two_moon_cfg = dataclasses.replace(
       _TWO_MOON, **{f: flag_values[f].value for f in _PROTOCOL_TWO_MOON_FIELDS})
   config = two_moon_protocol.ProtocolConfig(two_moon=two_moon_cfg, **fields)
-  try:
-    config.check()
-  except ValueError as error:
-    raise config_lib.ConfigError(str(error)) from None
+  config.check()   # before anything trains: every count, grid and seed
   return config, flag_values['output_dir'].value or None
 
 
@@ -221,8 +220,7 @@ def two_moon_tuning_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
   """(base TwoMoonConfig, seeds per setting, output_dir or None)."""
   base, output_dir = two_moon_config(flag_values)
   seeds = flag_values['tuning_seeds'].value
-  if seeds < 1:
-    raise config_lib.ConfigError(f'--tuning_seeds={seeds}: must be >= 1.')
+  two_moon_tuning.check(base, seeds)   # every setting, before any trains
   return base, seeds, output_dir
 
 
@@ -291,14 +289,11 @@ def ablation_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                     ) -> Tuple[ablation.AblationConfig, Optional[str]]:
   """(AblationConfig, output_dir or None) from the parsed flags."""
   two_moon_cfg, output_dir = two_moon_config(flag_values)
-  for name in ('ablation_tasks', 'variants'):
-    known = ablation.TASKS if name == 'ablation_tasks' else ablation.VARIANTS
-    unknown = [v for v in flag_values[name].value if v not in known]
-    if unknown:
-      raise config_lib.ConfigError(
-          f'--{name}: unknown {", ".join(unknown)}; choose from '
-          f'{", ".join(known)}.')
   tasks = tuple(flag_values['ablation_tasks'].value)
+  # A flag, not a field: it sets the Config's num_steps, steps_per_loop and
+  # checkpoint_every, whose own message would name none of them.
+  checks.at_least('image_steps', flag_values['image_steps'].value, 1,
+                  'training steps of every digits run')
   image = None
   if 'digits' in tasks:
     try:
@@ -314,4 +309,5 @@ def ablation_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
       tasks=tasks, variants=tuple(flag_values['variants'].value),
       two_moon=two_moon_cfg, image=image,
       **{field: flag_values[field].value for field in _ABLATION_HELP})
+  config.check()   # before anything trains: tasks, variants, every count
   return config, output_dir
