@@ -8,8 +8,10 @@
 `define_two_moon` / `define_ablation` declare the flags; `two_moon_config` /
 `ablation_config` read them once into the experiments' frozen dataclasses.
 Defaults come from those dataclasses, so a flag and its field cannot
-disagree. The ablation command also takes every TwoMoon flag, because its
-two_moon task runs that setup, and the --image_* flags, from which
+disagree. A command defines only the flags it reads: one that its grid or
+variants would override is refused as unknown, not silently ignored. The
+ablation command takes the TwoMoon flags of its two_moon task's setup, and
+the --image_* flags, from which
 `image_base_config` reads its digits runs' base Config with
 flags/definitions.py, the training flags.
 
@@ -49,15 +51,28 @@ _TWO_MOON_HELP = {
     'student_lr': 'Peak rate (cosine decay) of the student.',
     'momentum': 'Nesterov momentum of every optimizer (0 = plain SGD).',
     'unlabeled_batch': 'Unlabeled points per step (0 = all of them).',
-    'num_seeds': 'Seeds (data draw, labeled points, initial weights).',
-    'first_seed': 'First seed.',
-    'figure_seed': 'The seed whose decision boundaries are drawn.',
+    'first_seed': 'First seed (data draw, labeled points, initial weights).',
 }
 _TWO_MOON_ENUMS = {
     'pseudo_label': (config_lib.PSEUDO_LABELS, 'Pseudo labels of the MPL run.'),
     'feedback': (config_lib.FEEDBACKS, 'Feedback h of the MPL run.'),
     'feedback_sign': (config_lib.FEEDBACK_SIGNS, 'Sign of h of the MPL run.'),
 }
+_ALL_TWO_MOON_FIELDS = tuple(_TWO_MOON_HELP) + tuple(_TWO_MOON_ENUMS)
+# The TwoMoonConfig fields each command reads; the others are no flags of
+# it, so a value it would override or never read is refused as unknown.
+# two_moon_tuning: every setting sets num_steps, student_lr, mpl_weight and
+# unlabeled_batch; the seeds are --tuning_seeds from --first_seed.
+_TUNING_TWO_MOON_FIELDS = ('noise', 'labeled_per_class', 'unlabeled_per_class',
+                           'test_points', 'hidden_units', 'teacher_lr',
+                           'momentum', 'first_seed', 'pseudo_label',
+                           'feedback', 'feedback_sign')
+# ablation: the variants set the MPL choices and mpl_weight; the seeds are
+# 0 .. --two_moon_seeds-1.
+_ABLATION_TWO_MOON_FIELDS = ('noise', 'labeled_per_class',
+                             'unlabeled_per_class', 'test_points',
+                             'hidden_units', 'num_steps', 'teacher_lr',
+                             'student_lr', 'momentum', 'unlabeled_batch')
 _ABLATION_HELP = {
     'two_moon_seeds': 'Seeds per variant of the two_moon task.',
     'image_seeds': 'Seeds per variant of the digits task.',
@@ -111,24 +126,29 @@ def _define_output_dir(flag_values, name: str) -> None:
 
 
 def define_two_moon(flag_values: absl_flags.FlagValues = absl_flags.FLAGS,
-                    name: str = 'two_moon') -> None:
-  """Declares the TwoMoon flags; `name`: the command (its output_dir)."""
+                    name: str = 'two_moon',
+                    fields: Sequence[str] = _ALL_TWO_MOON_FIELDS) -> None:
+  """Declares the TwoMoon flags of `fields`; `name`: the command."""
   _define_output_dir(flag_values, name)
-  for field, help_text in _TWO_MOON_HELP.items():
-    _define_field(field, getattr(_TWO_MOON, field), f'[two_moon] {help_text}',
-                  flag_values)
-  for field, (choices, help_text) in _TWO_MOON_ENUMS.items():
-    absl_flags.DEFINE_enum(field, getattr(_TWO_MOON, field), list(choices),
-                           f'[two_moon] {help_text}', flag_values=flag_values)
+  for field in fields:
+    if field in _TWO_MOON_ENUMS:
+      choices, help_text = _TWO_MOON_ENUMS[field]
+      absl_flags.DEFINE_enum(field, getattr(_TWO_MOON, field), list(choices),
+                             f'[two_moon] {help_text}',
+                             flag_values=flag_values)
+    else:
+      _define_field(field, getattr(_TWO_MOON, field),
+                    f'[two_moon] {_TWO_MOON_HELP[field]}', flag_values)
 
 
-def two_moon_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
+def two_moon_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS,
+                    fields: Sequence[str] = _ALL_TWO_MOON_FIELDS
                     ) -> Tuple[two_moon.TwoMoonConfig, Optional[str]]:
-  """(TwoMoonConfig, output_dir or None) from the parsed flags."""
-  fields = {field.name: flag_values[field.name].value
-            for field in dataclasses.fields(two_moon.TwoMoonConfig)}
-  return (two_moon.TwoMoonConfig(**fields),
-          flag_values['output_dir'].value or None)
+  """(TwoMoonConfig, output_dir or None): `fields` from the flags, the
+  others TwoMoonConfig's defaults."""
+  config = dataclasses.replace(
+      _TWO_MOON, **{field: flag_values[field].value for field in fields})
+  return config, flag_values['output_dir'].value or None
 
 
 # TwoMoonConfig fields the protocol keeps fixed (the rates and step counts
@@ -208,7 +228,7 @@ def two_moon_protocol_config(
 def define_two_moon_tuning(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                            ) -> None:
   """The TwoMoon flags (the base of every setting) and the seed count."""
-  define_two_moon(flag_values, 'two_moon_tuning')
+  define_two_moon(flag_values, 'two_moon_tuning', _TUNING_TWO_MOON_FIELDS)
   absl_flags.DEFINE_integer('tuning_seeds', 4, '[two_moon_tuning] Seeds per '
                             'setting (each runs Pseudo Labels and MPL).',
                             flag_values=flag_values)
@@ -218,7 +238,7 @@ def two_moon_tuning_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                            ) -> Tuple[two_moon.TwoMoonConfig, int,
                                       Optional[str]]:
   """(base TwoMoonConfig, seeds per setting, output_dir or None)."""
-  base, output_dir = two_moon_config(flag_values)
+  base, output_dir = two_moon_config(flag_values, _TUNING_TWO_MOON_FIELDS)
   seeds = flag_values['tuning_seeds'].value
   two_moon_tuning.check(base, seeds)   # every setting, before any trains
   return base, seeds, output_dir
@@ -250,7 +270,7 @@ def report_output_dir(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
 def define_ablation(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                     ) -> None:
   """Declares the ablation flags and, for its two_moon task, TwoMoon's."""
-  define_two_moon(flag_values, 'ablation')
+  define_two_moon(flag_values, 'ablation', _ABLATION_TWO_MOON_FIELDS)
   absl_flags.DEFINE_list('ablation_tasks', list(_ABLATION.tasks),
                          f'Tasks to run: {", ".join(ablation.TASKS)}.',
                          flag_values=flag_values)
@@ -288,7 +308,8 @@ def image_base_config(steps: int, model: str, data_dir: str,
 def ablation_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                     ) -> Tuple[ablation.AblationConfig, Optional[str]]:
   """(AblationConfig, output_dir or None) from the parsed flags."""
-  two_moon_cfg, output_dir = two_moon_config(flag_values)
+  two_moon_cfg, output_dir = two_moon_config(flag_values,
+                                             _ABLATION_TWO_MOON_FIELDS)
   tasks = tuple(flag_values['ablation_tasks'].value)
   # A flag, not a field: it sets the Config's num_steps, steps_per_loop and
   # checkpoint_every, whose own message would name none of them.

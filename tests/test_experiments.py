@@ -25,8 +25,7 @@ from mpl_tf.experiments import report
 from mpl_tf.experiments import two_moon
 from mpl_tf.experiments import two_moon_tuning
 
-TINY = two_moon.TwoMoonConfig(num_steps=5, unlabeled_batch=16, test_points=200,
-                              num_seeds=1)
+TINY = two_moon.TwoMoonConfig(num_steps=5, unlabeled_batch=16, test_points=200)
 
 
 class TwoMoonTest(tf.test.TestCase):

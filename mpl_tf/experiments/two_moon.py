@@ -63,9 +63,8 @@ class TwoMoonConfig:
   pseudo_label: str = 'sampled'
   feedback: str = 'exact'
   feedback_sign: str = 'paper'
-  num_seeds: int = 10
+  # The first of the seeds a caller runs (two_moon_tuning: --tuning_seeds).
   first_seed: int = 0
-  figure_seed: int = 0
 
   def check(self) -> None:
     """Refuses a value no run can use, naming its flag (checks.py: why)."""

@@ -50,7 +50,9 @@ def settings() -> List[Setting]:
             f' mpl_weight={weight:g}')
     grid.append((name, dict(num_steps=steps, unlabeled_batch=batch,
                             student_lr=student_lr, mpl_weight=weight), {}))
-  common = dict(num_steps=3000, student_lr=1.0)
+  # Every setting sets these four (the command takes no flag for them), so
+  # a row named batch=64 draws 64 points whatever the base's batch.
+  common = dict(num_steps=3000, student_lr=1.0, unlabeled_batch=64)
   grid += [
       ('batch=8 mpl_weight=10', dict(common, unlabeled_batch=8,
                                      mpl_weight=10.0), {}),
@@ -85,7 +87,7 @@ def check(base: two_moon_lib.TwoMoonConfig, num_seeds: int) -> None:
                two_moon_lib.TEST_SEED_OFFSET)
   checks.at_least('unlabeled_per_class', base.unlabeled_per_class, 1,
                   'unlabeled points per class')
-  batch = max(fields.get('unlabeled_batch', base.unlabeled_batch)
+  batch = max(fields['unlabeled_batch']
               for _, fields, _ in settings())
   if batch > two_moon_lib.NUM_CLASSES * base.unlabeled_per_class:
     raise ConfigError(
