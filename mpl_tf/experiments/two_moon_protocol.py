@@ -161,7 +161,7 @@ class ProtocolConfig:
                    self.first_tuning_seed + self.tuning_seeds)
     evaluation = range(self.first_eval_seed,
                        self.first_eval_seed + self.eval_seeds)
-    if set(tuning) & set(evaluation):
+    if max(tuning.start, evaluation.start) < min(tuning.stop, evaluation.stop):
       raise ConfigError(
           f'--first_tuning_seed={self.first_tuning_seed}, --tuning_seeds='
           f'{self.tuning_seeds}: the tuning seeds {tuning[0]}-{tuning[-1]} '
@@ -390,15 +390,20 @@ def run(config: ProtocolConfig, output_dir: Optional[str] = None,
   payload = {'command': command, 'config': dataclasses.asdict(config),
              'methods': results, 'seconds': time.time() - start}
   if output_dir:
-    figure_path = f'{output_dir}/figures/two_moon.png'
-    figure_data = two_moon_lib.make_data(config.two_moon, config.figure_seed)
-    two_moon_lib.plot_panels(
-        figure_data, panels, figure_path,
-        f'TwoMoon, seed {config.figure_seed}: 6 labeled + 1,994 unlabeled '
-        f'points, each method at its tuned setting')
+    # The JSON first: a figure that cannot be drawn loses no measurement.
     json_path = f'{output_dir}/results/two_moon.json'
     payload['seconds'] = time.time() - start
     storage.write_json(json_path, payload)
-    log(f'wrote {json_path} and {figure_path}')
+    log(f'wrote {json_path}')
+    if panels:   # none when --methods holds no method of FIGURE_METHODS
+      figure_path = f'{output_dir}/figures/two_moon.png'
+      moons = config.two_moon
+      two_moon_lib.plot_panels(
+          two_moon_lib.make_data(moons, config.figure_seed), panels,
+          figure_path, f'TwoMoon, seed {config.figure_seed}: '
+          f'{2 * moons.labeled_per_class} labeled + '
+          f'{2 * moons.unlabeled_per_class:,} unlabeled points, each method '
+          f'at its tuned setting')
+      log(f'wrote {figure_path}')
   log(f'total {payload["seconds"]:.0f} s')
   return payload
