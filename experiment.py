@@ -5,7 +5,7 @@ prepare.py: NAME's flags (flags/experiment_flags.py) -> its frozen config ->
 the library's run, which writes `<output_dir>/results/*.json` (and
 figures/; by default under runs/experiments/NAME, never docs/ unless named).
 The command line it was given is recorded in the JSON and heads the table
-`python experiment.py report` renders from it. An unknown
+`python experiment.py report --output_dir=...` renders from it. An unknown
 experiment or bad flags end with one message on stderr and exit status 2,
 without a traceback.
 """
