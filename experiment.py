@@ -3,8 +3,9 @@
 The command line of mpl_tf/experiments, kept thin like main.py and
 prepare.py: NAME's flags (flags/experiment_flags.py) -> its frozen config ->
 the library's run, which writes `<output_dir>/results/*.json` (and
-figures/). The command line it was given is recorded in the JSON and heads
-the table `python experiment.py report` renders from it. An unknown
+figures/; by default under runs/experiments/NAME, never docs/ unless named).
+The command line it was given is recorded in the JSON and heads the table
+`python experiment.py report --output_dir=...` renders from it. An unknown
 experiment or bad flags end with one message on stderr and exit status 2,
 without a traceback.
 """
@@ -33,7 +34,9 @@ from mpl_tf.experiments import two_moon_tuning  # pylint: disable=g-import-not-a
 
 _USAGE = """\
 Runs an experiment of docs/results.md and writes its JSON under
---output_dir (results/, figures/); `report` renders results.md's tables.
+--output_dir (results/, figures/; by default runs/experiments/NAME, docs/
+only when named, as here to refresh docs/results.md); `report` renders the
+tables of --output_dir's results.md.
 
   python experiment.py two_moon --output_dir=docs
   python experiment.py two_moon_tuning --output_dir=docs

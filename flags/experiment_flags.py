@@ -8,13 +8,20 @@
 `define_two_moon` / `define_ablation` declare the flags; `two_moon_config` /
 `ablation_config` read them once into the experiments' frozen dataclasses.
 Defaults come from those dataclasses, so a flag and its field cannot
-disagree. The ablation command also takes every TwoMoon flag, because its
-two_moon task runs that setup, and the --image_* flags, from which
+disagree. A command defines only the flags it reads: one that its grid or
+variants would override is refused as unknown, not silently ignored. The
+ablation command takes the TwoMoon flags of its two_moon task's setup, and
+the --image_* flags, from which
 `image_base_config` reads its digits runs' base Config with
 flags/definitions.py, the training flags.
+
+Without --output_dir a command writes under runs/experiments/NAME (never
+docs/: the commands above name it to refresh docs/results.md); report has
+no default, since it rewrites a results.md in place.
 """
 
 import dataclasses
+import os
 from typing import Optional, Sequence, Tuple
 
 from absl import flags as absl_flags
@@ -22,8 +29,10 @@ from absl import flags as absl_flags
 from flags import definitions
 from mpl_tf import config as config_lib
 from mpl_tf.experiments import ablation
+from mpl_tf.experiments import checks
 from mpl_tf.experiments import two_moon
 from mpl_tf.experiments import two_moon_protocol
+from mpl_tf.experiments import two_moon_tuning
 
 _TWO_MOON = two_moon.TwoMoonConfig()
 _ABLATION = ablation.AblationConfig()
@@ -42,15 +51,28 @@ _TWO_MOON_HELP = {
     'student_lr': 'Peak rate (cosine decay) of the student.',
     'momentum': 'Nesterov momentum of every optimizer (0 = plain SGD).',
     'unlabeled_batch': 'Unlabeled points per step (0 = all of them).',
-    'num_seeds': 'Seeds (data draw, labeled points, initial weights).',
-    'first_seed': 'First seed.',
-    'figure_seed': 'The seed whose decision boundaries are drawn.',
+    'first_seed': 'First seed (data draw, labeled points, initial weights).',
 }
 _TWO_MOON_ENUMS = {
     'pseudo_label': (config_lib.PSEUDO_LABELS, 'Pseudo labels of the MPL run.'),
     'feedback': (config_lib.FEEDBACKS, 'Feedback h of the MPL run.'),
     'feedback_sign': (config_lib.FEEDBACK_SIGNS, 'Sign of h of the MPL run.'),
 }
+_ALL_TWO_MOON_FIELDS = tuple(_TWO_MOON_HELP) + tuple(_TWO_MOON_ENUMS)
+# The TwoMoonConfig fields each command reads; the others are no flags of
+# it, so a value it would override or never read is refused as unknown.
+# two_moon_tuning: every setting sets num_steps, student_lr, mpl_weight and
+# unlabeled_batch; the seeds are --tuning_seeds from --first_seed.
+_TUNING_TWO_MOON_FIELDS = ('noise', 'labeled_per_class', 'unlabeled_per_class',
+                           'test_points', 'hidden_units', 'teacher_lr',
+                           'momentum', 'first_seed', 'pseudo_label',
+                           'feedback', 'feedback_sign')
+# ablation: the variants set the MPL choices and mpl_weight; the seeds are
+# 0 .. --two_moon_seeds-1.
+_ABLATION_TWO_MOON_FIELDS = ('noise', 'labeled_per_class',
+                             'unlabeled_per_class', 'test_points',
+                             'hidden_units', 'num_steps', 'teacher_lr',
+                             'student_lr', 'momentum', 'unlabeled_batch')
 _ABLATION_HELP = {
     'two_moon_seeds': 'Seeds per variant of the two_moon task.',
     'image_seeds': 'Seeds per variant of the digits task.',
@@ -86,32 +108,47 @@ def _define_field(name, default, help_text, flag_values):
   define_fn(name, default, help_text, flag_values=flag_values)
 
 
-def _define_output_dir(flag_values) -> None:
+def output_dir_default(name: str) -> str:
+  """Where experiment NAME writes without --output_dir: runs/ (git-ignored).
+
+  Never docs/: the committed JSON and figure there are rewritten only by a
+  command that names --output_dir=docs, so a trial run loses nothing.
+  """
+  return os.path.join('runs', 'experiments', name)
+
+
+def _define_output_dir(flag_values, name: str) -> None:
   if 'output_dir' not in flag_values:
     absl_flags.DEFINE_string(
-        'output_dir', 'docs', 'Writes results/*.json (and figures/) under '
-        'this directory; empty = write nothing.', flag_values=flag_values)
+        'output_dir', output_dir_default(name), 'Writes results/*.json (and '
+        'figures/) under this directory (docs/results.md\'s are in docs); '
+        'empty = write nothing.', flag_values=flag_values)
 
 
-def define_two_moon(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
-                    ) -> None:
-  """Declares the TwoMoon flags (prefixed two_moon_ where ambiguous)."""
-  _define_output_dir(flag_values)
-  for field, help_text in _TWO_MOON_HELP.items():
-    _define_field(field, getattr(_TWO_MOON, field), f'[two_moon] {help_text}',
-                  flag_values)
-  for field, (choices, help_text) in _TWO_MOON_ENUMS.items():
-    absl_flags.DEFINE_enum(field, getattr(_TWO_MOON, field), list(choices),
-                           f'[two_moon] {help_text}', flag_values=flag_values)
+def define_two_moon(flag_values: absl_flags.FlagValues = absl_flags.FLAGS,
+                    name: str = 'two_moon',
+                    fields: Sequence[str] = _ALL_TWO_MOON_FIELDS) -> None:
+  """Declares the TwoMoon flags of `fields`; `name`: the command."""
+  _define_output_dir(flag_values, name)
+  for field in fields:
+    if field in _TWO_MOON_ENUMS:
+      choices, help_text = _TWO_MOON_ENUMS[field]
+      absl_flags.DEFINE_enum(field, getattr(_TWO_MOON, field), list(choices),
+                             f'[two_moon] {help_text}',
+                             flag_values=flag_values)
+    else:
+      _define_field(field, getattr(_TWO_MOON, field),
+                    f'[two_moon] {_TWO_MOON_HELP[field]}', flag_values)
 
 
-def two_moon_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
+def two_moon_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS,
+                    fields: Sequence[str] = _ALL_TWO_MOON_FIELDS
                     ) -> Tuple[two_moon.TwoMoonConfig, Optional[str]]:
-  """(TwoMoonConfig, output_dir or None) from the parsed flags."""
-  fields = {field.name: flag_values[field.name].value
-            for field in dataclasses.fields(two_moon.TwoMoonConfig)}
-  return (two_moon.TwoMoonConfig(**fields),
-          flag_values['output_dir'].value or None)
+  """(TwoMoonConfig, output_dir or None): `fields` from the flags, the
+  others TwoMoonConfig's defaults."""
+  config = dataclasses.replace(
+      _TWO_MOON, **{field: flag_values[field].value for field in fields})
+  return config, flag_values['output_dir'].value or None
 
 
 # TwoMoonConfig fields the protocol keeps fixed (the rates and step counts
@@ -149,7 +186,7 @@ _PROTOCOL_HELP = {
 def define_two_moon_protocol(
     flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> None:
   """The protocol's flags (two_moon_protocol.ProtocolConfig)."""
-  _define_output_dir(flag_values)
+  _define_output_dir(flag_values, 'two_moon')
   for field in _PROTOCOL_TWO_MOON_FIELDS:
     _define_field(field, getattr(_TWO_MOON, field),
                   f'[two_moon] {_TWO_MOON_HELP[field]}', flag_values)
@@ -184,17 +221,14 @@ def two_moon_protocol_config(
   two_moon_cfg = dataclasses.replace(
       _TWO_MOON, **{f: flag_values[f].value for f in _PROTOCOL_TWO_MOON_FIELDS})
   config = two_moon_protocol.ProtocolConfig(two_moon=two_moon_cfg, **fields)
-  try:
-    config.check()
-  except ValueError as error:
-    raise config_lib.ConfigError(str(error)) from None
+  config.check()   # before anything trains: every count, grid and seed
   return config, flag_values['output_dir'].value or None
 
 
 def define_two_moon_tuning(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                            ) -> None:
   """The TwoMoon flags (the base of every setting) and the seed count."""
-  define_two_moon(flag_values)
+  define_two_moon(flag_values, 'two_moon_tuning', _TUNING_TWO_MOON_FIELDS)
   absl_flags.DEFINE_integer('tuning_seeds', 4, '[two_moon_tuning] Seeds per '
                             'setting (each runs Pseudo Labels and MPL).',
                             flag_values=flag_values)
@@ -204,32 +238,39 @@ def two_moon_tuning_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                            ) -> Tuple[two_moon.TwoMoonConfig, int,
                                       Optional[str]]:
   """(base TwoMoonConfig, seeds per setting, output_dir or None)."""
-  base, output_dir = two_moon_config(flag_values)
+  base, output_dir = two_moon_config(flag_values, _TUNING_TWO_MOON_FIELDS)
   seeds = flag_values['tuning_seeds'].value
-  if seeds < 1:
-    raise config_lib.ConfigError(f'--tuning_seeds={seeds}: must be >= 1.')
+  two_moon_tuning.check(base, seeds)   # every setting, before any trains
   return base, seeds, output_dir
 
 
 def define_report(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                   ) -> None:
-  """The report command's one flag: where results.md and results/ are."""
-  _define_output_dir(flag_values)
+  """The report command's one flag: where results.md and results/ are.
+
+  No default: report rewrites results.md in place, so the directory (docs
+  for the committed one) is named on the command line.
+  """
+  absl_flags.DEFINE_string(
+      'output_dir', '', 'The directory whose results.md is re-rendered from '
+      'its results/*.json (required; docs: docs/results.md).',
+      flag_values=flag_values)
 
 
 def report_output_dir(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                       ) -> str:
   output_dir = flag_values['output_dir'].value
   if not output_dir:
-    raise config_lib.ConfigError('--output_dir: the directory holding '
-                                 'results.md and results/ (e.g. docs).')
+    raise config_lib.ConfigError(
+        '--output_dir: the directory whose results.md is re-rendered from its '
+        'results/*.json; pass --output_dir=docs for docs/results.md.')
   return output_dir
 
 
 def define_ablation(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                     ) -> None:
   """Declares the ablation flags and, for its two_moon task, TwoMoon's."""
-  define_two_moon(flag_values)
+  define_two_moon(flag_values, 'ablation', _ABLATION_TWO_MOON_FIELDS)
   absl_flags.DEFINE_list('ablation_tasks', list(_ABLATION.tasks),
                          f'Tasks to run: {", ".join(ablation.TASKS)}.',
                          flag_values=flag_values)
@@ -267,15 +308,13 @@ def image_base_config(steps: int, model: str, data_dir: str,
 def ablation_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                     ) -> Tuple[ablation.AblationConfig, Optional[str]]:
   """(AblationConfig, output_dir or None) from the parsed flags."""
-  two_moon_cfg, output_dir = two_moon_config(flag_values)
-  for name in ('ablation_tasks', 'variants'):
-    known = ablation.TASKS if name == 'ablation_tasks' else ablation.VARIANTS
-    unknown = [v for v in flag_values[name].value if v not in known]
-    if unknown:
-      raise config_lib.ConfigError(
-          f'--{name}: unknown {", ".join(unknown)}; choose from '
-          f'{", ".join(known)}.')
+  two_moon_cfg, output_dir = two_moon_config(flag_values,
+                                             _ABLATION_TWO_MOON_FIELDS)
   tasks = tuple(flag_values['ablation_tasks'].value)
+  # A flag, not a field: it sets the Config's num_steps, steps_per_loop and
+  # checkpoint_every, whose own message would name none of them.
+  checks.at_least('image_steps', flag_values['image_steps'].value, 1,
+                  'training steps of every digits run')
   image = None
   if 'digits' in tasks:
     try:
@@ -291,4 +330,5 @@ def ablation_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
       tasks=tasks, variants=tuple(flag_values['variants'].value),
       two_moon=two_moon_cfg, image=image,
       **{field: flag_values[field].value for field in _ABLATION_HELP})
+  config.check()   # before anything trains: tasks, variants, every count
   return config, output_dir

@@ -25,8 +25,7 @@ from mpl_tf.experiments import report
 from mpl_tf.experiments import two_moon
 from mpl_tf.experiments import two_moon_tuning
 
-TINY = two_moon.TwoMoonConfig(num_steps=5, unlabeled_batch=16, test_points=200,
-                              num_seeds=1)
+TINY = two_moon.TwoMoonConfig(num_steps=5, unlabeled_batch=16, test_points=200)
 
 
 class TwoMoonTest(tf.test.TestCase):
@@ -235,6 +234,39 @@ class CommandTest(tf.test.TestCase):
       self.assertNotIn('Traceback', stderr)
     self.assertEqual(_run_command()[0], 2)
     self.assertEqual(_run_command('--help')[0], 0)
+
+  def test_output_dir_defaults_to_runs_never_docs(self):
+    """Without --output_dir an experiment writes under runs/experiments/NAME,
+    never over the committed docs/results; report, which rewrites a
+    results.md in place, is refused unless --output_dir names one."""
+    workdir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, workdir, ignore_errors=True)
+    self.enterContext(contextlib.chdir(workdir))
+    for name, define, read in (
+        ('two_moon', experiment_flags.define_two_moon_protocol,
+         experiment_flags.two_moon_protocol_config),
+        ('two_moon_tuning', experiment_flags.define_two_moon_tuning,
+         experiment_flags.two_moon_tuning_config),
+        ('ablation', experiment_flags.define_ablation,
+         experiment_flags.ablation_config)):
+      flag_values = absl_flags.FlagValues()
+      define(flag_values)
+      flag_values(['experiment.py'])
+      self.assertEqual(read(flag_values)[-1],
+                       os.path.join('runs', 'experiments', name), name)
+    os.makedirs(os.path.join('docs', 'results'))
+    markdown = ('<!-- generated: two_moon -->\nkept\n'
+                '<!-- end generated: two_moon -->\n')
+    with open(os.path.join('docs', 'results.md'), 'w') as f:
+      f.write(markdown)
+    status, stderr = _run_command('report')
+    self.assertEqual(status, 2)
+    self.assertEqual(stderr, 'error: --output_dir: the directory whose '
+                     'results.md is re-rendered from its results/*.json; pass '
+                     '--output_dir=docs for docs/results.md.\n')
+    with open(os.path.join('docs', 'results.md')) as f:
+      self.assertEqual(f.read(), markdown)
+    self.assertEqual(os.listdir('.'), ['docs'])
 
   def test_ablation_records_its_command_line(self):
     output_dir = tempfile.mkdtemp()

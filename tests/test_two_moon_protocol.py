@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from unittest import mock
 
 import numpy as np
 import tensorflow as tf
@@ -143,6 +144,33 @@ class ProtocolTest(tf.test.TestCase):
     table = '\n'.join(report.two_moon(payload))
     self.assertIn('UDA + MPL (Algorithm 1)', table)
     self.assertIn('(the feedback, with UDA)', table)
+
+  def test_json_is_written_without_figure_panels_and_titles_the_counts(self):
+    """--methods=fully_supervised draws no panel: its JSON is still written
+    (drawing zero panels failed after all the training, before the JSON),
+    and the figure's title gives the points the run drew."""
+    output_dir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, output_dir, ignore_errors=True)
+    result = {'title': 'ceiling'}
+    with mock.patch.object(protocol_lib, '_run_methods', return_value={
+        'fully_supervised': (result, None)}):
+      protocol_lib.run(dataclasses.replace(TINY, methods=('fully_supervised',)),
+                       output_dir, log=lambda _: None)
+    with open(os.path.join(output_dir, 'results', 'two_moon.json')) as f:
+      self.assertEqual(json.load(f)['methods'], {'fully_supervised': result})
+    self.assertFalse(os.path.exists(os.path.join(output_dir, 'figures')))
+    panel = two_moon.Panel('Supervised', 0.5, np.zeros((2, 2)))
+    moons = dataclasses.replace(MOONS, labeled_per_class=2,
+                                unlabeled_per_class=20)
+    with mock.patch.object(protocol_lib, '_run_methods', return_value={
+        'supervised': (result, panel)}), mock.patch.object(
+            two_moon, 'plot_panels') as plot:
+      protocol_lib.run(dataclasses.replace(TINY, two_moon=moons,
+                                           methods=('supervised',)),
+                       output_dir, log=lambda _: None)
+    self.assertEqual(plot.call_args.args[1], [panel])
+    self.assertStartsWith(plot.call_args.args[3],
+                          'TwoMoon, seed 0: 4 labeled + 40 unlabeled points')
 
 
 if __name__ == '__main__':

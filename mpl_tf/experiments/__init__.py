@@ -9,4 +9,5 @@ two_moon_tuning: a grid over what sets the feedback's strength on TwoMoon.
 ablation: the disputed choices of MplConfig, each varied alone, over seeds,
   on TwoMoon and on the offline digits through mpl_tf.train.run.
 report: renders docs/results.md's tables from the experiments' JSON.
+checks: the value checks every experiment config runs before it trains.
 """

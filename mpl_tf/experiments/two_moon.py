@@ -32,12 +32,13 @@ import tensorflow as tf
 
 from mpl_tf import losses
 from mpl_tf import optim
-from mpl_tf.config import MplConfig, OptimConfig
+from mpl_tf.config import ConfigError, MplConfig, OptimConfig
+from mpl_tf.experiments import checks
 from mpl_tf.mpl_step import MplStep
 
 NUM_CLASSES = 2
 # Offset between a seed's training draw and its test draw of make_moons.
-_TEST_SEED_OFFSET = 100_000
+TEST_SEED_OFFSET = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +63,38 @@ class TwoMoonConfig:
   pseudo_label: str = 'sampled'
   feedback: str = 'exact'
   feedback_sign: str = 'paper'
-  num_seeds: int = 10
+  # The first of the seeds a caller runs (two_moon_tuning: --tuning_seeds).
   first_seed: int = 0
-  figure_seed: int = 0
+
+  def check(self) -> None:
+    """Refuses a value no run can use, naming its flag (checks.py: why)."""
+    checks.at_least('noise', self.noise, 0, "the std of make_moons' Gaussian "
+                    'noise')
+    checks.at_least('labeled_per_class', self.labeled_per_class, 1,
+                    'labeled points per class')
+    checks.at_least('unlabeled_per_class', self.unlabeled_per_class, 1,
+                    'unlabeled points per class')
+    checks.at_least('test_points', self.test_points, 2,
+                    'held-out test points, one per class at least')
+    checks.at_least('hidden_units', self.hidden_units, 1,
+                    'units of each hidden layer')
+    checks.at_least('num_steps', self.num_steps, 1, 'training steps')
+    checks.at_least('mpl_weight', self.mpl_weight, 0,
+                    'weight of the MPL term; 0: no feedback')
+    checks.positive('teacher_lr', self.teacher_lr,
+                    'peak rate of the teacher and the supervised model')
+    checks.positive('student_lr', self.student_lr, 'peak rate of the student')
+    checks.below_one('momentum', self.momentum,
+                     'Nesterov momentum; 0: plain SGD')
+    checks.at_least('unlabeled_batch', self.unlabeled_batch, 0,
+                    'unlabeled points per step; 0: all of them')
+    unlabeled = NUM_CLASSES * self.unlabeled_per_class
+    if self.unlabeled_batch > unlabeled:
+      raise ConfigError(
+          f'--unlabeled_batch={self.unlabeled_batch}: more than the '
+          f'{unlabeled} unlabeled points (2 x --unlabeled_per_class); pass '
+          f'at most {unlabeled}, or 0 for all of them.')
+    checks.seeds('first_seed', self.first_seed, 1, TEST_SEED_OFFSET)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +128,7 @@ def make_data(config: TwoMoonConfig, seed: int) -> TwoMoonData:
                  replace=False) for c in range(NUM_CLASSES)])
   unlabeled = np.setdiff1d(np.arange(len(y)), labeled)
   x_test, y_test = make_moons(config.test_points, config.noise,
-                              seed + _TEST_SEED_OFFSET)
+                              seed + TEST_SEED_OFFSET)
   f32, i32 = (lambda a: a.astype(np.float32)), (lambda a: a.astype(np.int32))
   return TwoMoonData(f32(x[labeled]), i32(y[labeled]), f32(x[unlabeled]),
                      i32(y[unlabeled]), x_test, y_test)

@@ -44,7 +44,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from mpl_tf import storage
-from mpl_tf.config import MplConfig
+from mpl_tf.config import ConfigError, MplConfig
+from mpl_tf.experiments import checks
 from mpl_tf.experiments import two_moon as two_moon_lib
 from mpl_tf.experiments import two_moon_trainers as trainers
 from mpl_tf.experiments.two_moon import TwoMoonConfig
@@ -118,24 +119,62 @@ class ProtocolConfig:
   processes: int = 2
 
   def check(self) -> None:
-    unknown = set(self.methods) - set(METHOD_NAMES)
-    if unknown:
-      raise ValueError(f'unknown TwoMoon methods {sorted(unknown)}; choose '
-                       f'from {", ".join(METHOD_NAMES)}.')
+    """Refuses what would train on nothing or report something wrong.
+
+    Counts and grids first, so a zero count is named itself (not as the
+    figure seed it leaves outside the evaluation seeds); checks.py says why.
+    """
+    self.two_moon.check()
+    defaults = ProtocolConfig()
+    checks.at_least('validation_points', self.validation_points, 2,
+                    "points of each seed's validation draw, one per class at "
+                    'least')
+    checks.numbers('rate_grid', self.rate_grid, 0, defaults.rate_grid,
+                   strictly=True)
+    checks.numbers('supervised_rate_grid', self.supervised_rate_grid, 0,
+                   defaults.supervised_rate_grid, strictly=True)
     if len(self.supervised_rate_grid) != len(self.rate_grid) ** 2:
-      raise ValueError(
-          f'supervised_rate_grid has {len(self.supervised_rate_grid)} rates '
-          f'and rate_grid {len(self.rate_grid)}: every method gets the same '
-          f'number of rate settings, so it needs {len(self.rate_grid) ** 2}.')
-    first_tuning = range(self.first_tuning_seed,
-                         self.first_tuning_seed + self.tuning_seeds)
+      raise ConfigError(
+          f'--supervised_rate_grid has {len(self.supervised_rate_grid)} rates'
+          f' and --rate_grid {len(self.rate_grid)}: every method gets the '
+          f'same number of rate settings, so pass {len(self.rate_grid) ** 2}.')
+    checks.numbers('noise_grid', self.noise_grid, 0, defaults.noise_grid)
+    checks.numbers('step_counts', self.step_counts, 1, defaults.step_counts)
+    checks.positive('uda_weight', self.uda_weight,
+                    "weight of the teacher's UDA loss in the UDA methods")
+    checks.positive('uda_temperature', self.uda_temperature,
+                    'sharpening temperature of the UDA target')
+    checks.below_one('uda_threshold', self.uda_threshold,
+                     'confidence threshold of the UDA mask')
+    checks.at_least('convergence_factor', self.convergence_factor, 2,
+                    'the selected setting is retrained this many times the '
+                    'longest step count; 1 would repeat it')
+    checks.at_least('tuning_seeds', self.tuning_seeds, 1, 'seeds whose '
+                    "validation accuracy selects each method's setting")
+    checks.at_least('eval_seeds', self.eval_seeds, 1,
+                    'seeds the selected settings are reported on')
+    checks.seeds('first_tuning_seed', self.first_tuning_seed,
+                 self.tuning_seeds, _VALIDATION_SEED_OFFSET)
+    checks.seeds('first_eval_seed', self.first_eval_seed, self.eval_seeds,
+                 _VALIDATION_SEED_OFFSET)
+    tuning = range(self.first_tuning_seed,
+                   self.first_tuning_seed + self.tuning_seeds)
     evaluation = range(self.first_eval_seed,
                        self.first_eval_seed + self.eval_seeds)
-    if set(first_tuning) & set(evaluation):
-      raise ValueError('the tuning seeds overlap the evaluation seeds.')
+    if max(tuning.start, evaluation.start) < min(tuning.stop, evaluation.stop):
+      raise ConfigError(
+          f'--first_tuning_seed={self.first_tuning_seed}, --tuning_seeds='
+          f'{self.tuning_seeds}: the tuning seeds {tuning[0]}-{tuning[-1]} '
+          f'overlap the evaluation seeds {evaluation[0]}-{evaluation[-1]}; '
+          f'choose disjoint seeds.')
     if self.figure_seed not in evaluation:
-      raise ValueError(f'figure_seed={self.figure_seed} is no evaluation '
-                       f'seed.')
+      raise ConfigError(f'--figure_seed={self.figure_seed}: not an '
+                        f'evaluation seed; pass one of {evaluation[0]}-'
+                        f'{evaluation[-1]}.')
+    checks.values('methods', self.methods, lambda m: m in METHOD_NAMES,
+                  f'must be one of {", ".join(METHOD_NAMES)}', METHOD_NAMES)
+    checks.at_least('processes', self.processes, 1,
+                    'methods run in this many processes at once')
 
 
 def method_mpl_config(config: ProtocolConfig, method: Method) -> MplConfig:
@@ -351,15 +390,20 @@ def run(config: ProtocolConfig, output_dir: Optional[str] = None,
   payload = {'command': command, 'config': dataclasses.asdict(config),
              'methods': results, 'seconds': time.time() - start}
   if output_dir:
-    figure_path = f'{output_dir}/figures/two_moon.png'
-    figure_data = two_moon_lib.make_data(config.two_moon, config.figure_seed)
-    two_moon_lib.plot_panels(
-        figure_data, panels, figure_path,
-        f'TwoMoon, seed {config.figure_seed}: 6 labeled + 1,994 unlabeled '
-        f'points, each method at its tuned setting')
+    # The JSON first: a figure that cannot be drawn loses no measurement.
     json_path = f'{output_dir}/results/two_moon.json'
     payload['seconds'] = time.time() - start
     storage.write_json(json_path, payload)
-    log(f'wrote {json_path} and {figure_path}')
+    log(f'wrote {json_path}')
+    if panels:   # none when --methods holds no method of FIGURE_METHODS
+      figure_path = f'{output_dir}/figures/two_moon.png'
+      moons = config.two_moon
+      two_moon_lib.plot_panels(
+          two_moon_lib.make_data(moons, config.figure_seed), panels,
+          figure_path, f'TwoMoon, seed {config.figure_seed}: '
+          f'{2 * moons.labeled_per_class} labeled + '
+          f'{2 * moons.unlabeled_per_class:,} unlabeled points, each method '
+          f'at its tuned setting')
+      log(f'wrote {figure_path}')
   log(f'total {payload["seconds"]:.0f} s')
   return payload

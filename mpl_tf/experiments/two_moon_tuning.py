@@ -33,6 +33,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from mpl_tf import storage
+from mpl_tf.config import ConfigError
+from mpl_tf.experiments import checks
 from mpl_tf.experiments import two_moon as two_moon_lib
 
 # (name, TwoMoonConfig overrides, MplConfig overrides of the MPL run).
@@ -48,7 +50,9 @@ def settings() -> List[Setting]:
             f' mpl_weight={weight:g}')
     grid.append((name, dict(num_steps=steps, unlabeled_batch=batch,
                             student_lr=student_lr, mpl_weight=weight), {}))
-  common = dict(num_steps=3000, student_lr=1.0)
+  # Every setting sets these four (the command takes no flag for them), so
+  # a row named batch=64 draws 64 points whatever the base's batch.
+  common = dict(num_steps=3000, student_lr=1.0, unlabeled_batch=64)
   grid += [
       ('batch=8 mpl_weight=10', dict(common, unlabeled_batch=8,
                                      mpl_weight=10.0), {}),
@@ -67,6 +71,35 @@ def settings() -> List[Setting]:
        dict(common, mpl_weight=3.0, noise=0.15, student_lr=0.5), {}),
   ]
   return grid
+
+
+def check(base: two_moon_lib.TwoMoonConfig, num_seeds: int) -> None:
+  """Refuses a base or seed count some setting cannot run (checks.py: why).
+
+  Each setting replaces fields of `base`, so every setting's config is
+  checked, before the first one trains for minutes. The seeds and the
+  grid's batches come first: they, not base's own (unused) batch, are what
+  a too small --unlabeled_per_class cannot serve.
+  """
+  checks.at_least('tuning_seeds', num_seeds, 1,
+                  'seeds each setting runs Pseudo Labels and MPL on')
+  checks.seeds('first_seed', base.first_seed, num_seeds,
+               two_moon_lib.TEST_SEED_OFFSET)
+  checks.at_least('unlabeled_per_class', base.unlabeled_per_class, 1,
+                  'unlabeled points per class')
+  batch = max(fields['unlabeled_batch']
+              for _, fields, _ in settings())
+  if batch > two_moon_lib.NUM_CLASSES * base.unlabeled_per_class:
+    raise ConfigError(
+        f'--unlabeled_per_class={base.unlabeled_per_class}: the grid\'s '
+        f'settings draw up to {batch} unlabeled points per step, from 2 x '
+        f'{base.unlabeled_per_class}; pass at least {-(-batch // 2)}.')
+  base.check()
+  for name, fields, _ in settings():
+    try:
+      dataclasses.replace(base, **fields).check()
+    except ConfigError as error:
+      raise ConfigError(f'the setting {name!r}: {error}') from None
 
 
 def run_setting(base: two_moon_lib.TwoMoonConfig, setting: Setting,
@@ -102,6 +135,7 @@ def run(base: two_moon_lib.TwoMoonConfig, num_seeds: int,
         output_dir: Optional[str], command: str = '',
         log: Callable[[str], None] = print) -> Dict[str, Any]:
   """Every setting; rewrites the JSON after each, so a stop keeps results."""
+  check(base, num_seeds)
   start = time.time()
   seeds = list(range(base.first_seed, base.first_seed + num_seeds))
   payload = {'command': command, 'base': dataclasses.asdict(base),
