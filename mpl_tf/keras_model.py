@@ -45,6 +45,8 @@ check_backend(keras.backend.backend())
 import tensorflow as tf
 
 from mpl_tf import keras_resume
+from mpl_tf import keras_batches
+from mpl_tf.keras_batches import BATCH_KEYS  # the batch's keys, for users
 from mpl_tf import optim
 from mpl_tf.config import Config, MplConfig, OptimConfig, validate
 from mpl_tf.models import random_states, replica_distinct_randomness
@@ -52,8 +54,6 @@ from mpl_tf.mpl_step import MplStep
 from mpl_tf.phase import NonFiniteError, read_step
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-BATCH_KEYS = ('labeled_images', 'labels', 'unlabeled_images_ori',
-              'unlabeled_images_aug')
 # The step's metrics that fit() logs by default (progress bar, History,
 # TensorBoard), as running means over the epoch; '/' becomes '_' in logs.
 STEP_METRICS = ('mpl/h', 'teacher/supervised_loss', 'teacher/uda_loss',
@@ -64,42 +64,6 @@ STEP_METRICS = ('mpl/h', 'teacher/supervised_loss', 'teacher/uda_loss',
 def log_name(step_metric: str) -> str:
   """The name a step metric has in fit()'s logs ('mpl/h' -> 'mpl_h')."""
   return step_metric.replace('/', '_')
-
-
-def _parse_batch(data) -> Optional[Dict[str, tf.Tensor]]:
-  """The step's batch dict from any accepted form, or None."""
-  if (isinstance(data, tuple) and len(data) in (1, 3) and
-      isinstance(data[0], dict) and all(d is None for d in data[1:])):
-    data = data[0]   # (x,) or (x, None, None): train_on_batch, arrays
-  if isinstance(data, dict):
-    return {key: data[key] for key in BATCH_KEYS} if all(
-        key in data for key in BATCH_KEYS) else None
-  if not isinstance(data, (tuple, list)):
-    return None
-  parts = tuple(data)
-  if len(parts) == 2 and all(isinstance(p, (tuple, list)) and len(p) == 2
-                             for p in parts):
-    parts = (*parts[0], *parts[1])
-  if len(parts) == 4 and all(tf.is_tensor(p) for p in parts):
-    return dict(zip(BATCH_KEYS, parts))
-  return None
-
-
-def as_mpl_batch(data) -> Dict[str, tf.Tensor]:
-  """The step's batch dict; ValueError naming the accepted forms if none."""
-  batch = _parse_batch(data)
-  if batch is not None:
-    return batch
-  if isinstance(data, dict):
-    missing = ', '.join(key for key in BATCH_KEYS if key not in data)
-    found = f'a dict without {missing}'
-  else:
-    found = f'{type(data).__name__} {tf.nest.map_structure(type, data)}'
-  raise ValueError(
-      f'MetaPseudoLabels.fit takes batches that are a dict with the keys '
-      f'{", ".join(BATCH_KEYS)}; a tuple of those four tensors in that '
-      f'order; or ((labeled_images, labels), (unlabeled_images_ori, '
-      f'unlabeled_images_aug)). Got {found}.')
 
 
 class _FitHooks(keras.callbacks.Callback):
@@ -266,51 +230,12 @@ class MetaPseudoLabels(keras.Model):
             guard.first_terms, *self.position.variables,
             *random_states(*networks)]
 
-  def _size_checks(self, batch: Dict[str, tf.Tensor]) -> List[tf.Operation]:
-    """Checks that the batch has the global batches' sizes.
-
-    Raises at once where the sizes are static; returns run-time checks for
-    the others.
-    """
-    step = self.mpl_step
-    replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-    if not step.global_labeled_batch:   # inferred once, from the first batch
-      labeled = batch['labeled_images'].shape[0]
-      unlabeled = batch['unlabeled_images_ori'].shape[0]
-      if labeled is None or unlabeled is None:
-        raise ValueError(
-            'MetaPseudoLabels: the batch sizes are not static, so the global '
-            'batches the losses are divided by cannot be read from the '
-            'first batch: batch the dataset with drop_remainder=True, or '
-            'pass labeled_batch_size and unlabeled_batch_size to compile().')
-      step.global_labeled_batch = labeled * replicas
-      step.global_unlabeled_batch = unlabeled * replicas
-    checks = []
-    for key in BATCH_KEYS:
-      size = (step.global_labeled_batch if key in BATCH_KEYS[:2] else
-              step.global_unlabeled_batch)
-      if size % replicas:
-        raise ValueError(f'MetaPseudoLabels: a global batch of {size} does '
-                         f'not split between {replicas} replicas.')
-      message = (
-          f'MetaPseudoLabels: a batch whose {key} is not {size} rows (over '
-          f'{replicas} replica(s)). The losses are divided by the global '
-          f'batch, so every batch must have its size: batch the dataset '
-          f'with drop_remainder=True (a finite dataset\'s last batch is '
-          f'partial otherwise).')
-      rows = batch[key].shape[0]
-      if rows is not None and rows * replicas != size:
-        raise ValueError(f'{message} It has {rows * replicas}.')
-      if rows is None:
-        checks.append(tf.debugging.assert_equal(
-            tf.shape(batch[key])[0], size // replicas, message=message))
-    return checks
-
   def train_step(self, data):
-    batch = as_mpl_batch(data)
+    batch = keras_batches.as_mpl_batch(data)
     # Every op of the step runs after the size checks: a wrong batch
     # changes no state.
-    with tf.control_dependencies(self._size_checks(batch)):
+    with tf.control_dependencies(
+        keras_batches.size_checks(self.mpl_step, batch)):
       metrics, _ = self._replica_step(batch)
     unknown = [name for name in self._logged if name not in metrics]
     if unknown:
@@ -373,7 +298,8 @@ class MetaPseudoLabels(keras.Model):
     # first training batch (keras/src/backend/tensorflow/trainer.py,
     # _maybe_symbolic_build); they are evaluate's, so it gets the labeled
     # (images, labels) that evaluate's batches look like.
-    batch = _parse_batch(data_batch) if data_batch is not None else None
+    batch = (keras_batches.parse_batch(data_batch)
+             if data_batch is not None else None)
     if batch is not None:
       data_batch = (batch['labeled_images'], batch['labels'])
     return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
