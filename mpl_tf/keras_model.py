@@ -14,8 +14,10 @@ another backend raises an error naming KERAS_BACKEND=tensorflow.
 
 Losses are divided by the global batch sizes: `compile()`'s, else the first
 batch's static sizes times the replicas. A batch of another size (a finite
-dataset's last batch, unless batched with drop_remainder=True) stops `fit()`
-with an error instead of silently mis-scaling the losses.
+dataset's last batch, unless batched with drop_remainder=True), labels that
+are not integer class ids in [0, classes), images of mixed dtypes or not
+images at all, stop `fit()` with one error before the step changes anything
+(keras_batches.py), instead of training on wrong numbers.
 
 `save_weights` (so BackupAndRestore) saves what Keras tracks (networks, EMA
 student, optimizer slots and iterations) and what it does not: MplStep's
@@ -116,6 +118,8 @@ class MetaPseudoLabels(keras.Model):
     if not 0.0 <= ema_decay < 1.0:
       raise ValueError(f'ema_decay={ema_decay} must be in [0, 1).')
     self.teacher, self.student = teacher, student
+    self._classes: Optional[int] = None
+    self._num_classes()   # networks of two class counts stop here if static
     self.ema_decay, self.seed = float(ema_decay), int(seed)
     self.ema_student = None
     with self.distribute_strategy.scope():
@@ -218,6 +222,7 @@ class MetaPseudoLabels(keras.Model):
     self.student_optimizer = student_optimizer
     self._replica_step = replica_distinct_randomness(
         self.mpl_step, random_states(self.teacher, self.student))
+    self._step_function = self._replica_step   # (make_train_function's)
     super().compile(optimizer=student_optimizer, loss=loss, metrics=metrics,
                     **kwargs)
 
@@ -230,13 +235,31 @@ class MetaPseudoLabels(keras.Model):
             guard.first_terms, *self.position.variables,
             *random_states(*networks)]
 
+  def _num_classes(self, images: Optional[tf.Tensor] = None
+                   ) -> Optional[int]:
+    """The networks' class count, checked equal; None while unknown.
+
+    Functional and Sequential networks give it when the model is made;
+    subclassed ones at fit()'s first trace, from its images. Once, not per
+    step: the labels' range check needs it, and networks of two counts
+    would otherwise fail inside the step with a raw shape error.
+    """
+    if self._classes is None:
+      counts = [keras_batches.output_classes(role, network, images)
+                for role, network in (('teacher', self.teacher),
+                                      ('student', self.student))]
+      if None not in counts:
+        keras_batches.check_class_counts(*counts)
+        self._classes = counts[0]
+    return self._classes
+
   def train_step(self, data):
-    batch = keras_batches.as_mpl_batch(data)
-    # Every op of the step runs after the size checks: a wrong batch
+    batch, checks = keras_batches.checked_batch(data, self.mpl_step,
+                                                self._num_classes)
+    # Every op of the step runs after the batch's checks: a wrong batch
     # changes no state.
-    with tf.control_dependencies(
-        keras_batches.size_checks(self.mpl_step, batch)):
-      metrics, _ = self._replica_step(batch)
+    with tf.control_dependencies(checks):
+      metrics, _ = self._step_function(batch)
     unknown = [name for name in self._logged if name not in metrics]
     if unknown:
       raise ValueError(f'MetaPseudoLabels: step_metrics {unknown} are not '
@@ -269,7 +292,19 @@ class MetaPseudoLabels(keras.Model):
   def make_train_function(self, force=False):
     if self.train_function is not None and not force:
       return self.train_function
-    super().make_train_function(force)
+    # XLA compiles asserts to nothing (tf2xla ignores Assert), so under
+    # jit_compile (Keras's default on a GPU) the batch's device checks
+    # would vanish and a bad batch train: Keras's function is then made
+    # without XLA and only the replica step is compiled, with the checks
+    # in the graph around it, as main.py's device loop does.
+    jit = self.jit_compile
+    self._step_function = self._replica_step if not jit else tf.function(
+        self._replica_step, jit_compile=True, autograph=False)
+    self.jit_compile = False
+    try:
+      super().make_train_function(force)
+    finally:
+      self.jit_compile = jit
     self.train_function = self.position.wrap(
         self.train_function, lambda: self.step, self._running_logs)
     return self.train_function
