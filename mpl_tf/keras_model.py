@@ -10,7 +10,8 @@ of it. `call`, `evaluate`, `predict` and `save` use the student, or its EMA
 copy when `ema_decay > 0`. docs/keras_fit.md says when to use `fit()` and
 when main.py (the paper's presets, TPUs, finetuning, streams rebuilt at any
 step). TensorFlow backend of Keras 3 only: importing this module under
-another backend raises an error naming KERAS_BACKEND=tensorflow.
+another backend raises an error naming KERAS_BACKEND=tensorflow, before
+Keras is imported (keras_backend.py).
 
 Losses are divided by the global batch sizes: `compile()`'s, else the first
 batch's static sizes times the replicas. A batch of another size (a finite
@@ -28,22 +29,15 @@ mid-epoch ends with the weights of an uninterrupted one.
 
 from typing import Dict, List, Optional, Sequence
 
+from mpl_tf.keras_backend import check_backend, check_before_import
+
+check_before_import()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import keras
-
-
-def check_backend(backend: str) -> None:
-  """Raises RuntimeError unless `backend` is Keras's TensorFlow backend."""
-  if backend != 'tensorflow':
-    raise RuntimeError(
-        f'mpl_tf.MetaPseudoLabels needs the TensorFlow backend of Keras 3 '
-        f'(its step uses tf.distribute and tf.GradientTape), but Keras runs '
-        f'on {backend!r}: set KERAS_BACKEND=tensorflow before Keras is first '
-        f'imported. Other backends are not supported.')
-
 
 check_backend(keras.backend.backend())
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf
 
 from mpl_tf import keras_resume

@@ -8,17 +8,23 @@ with Keras's own sparse cross-entropy. The tiny float64 MLPs and fixtures
 of tests/test_keras_model.py.
 """
 
+import json
+import os
 import re
+import subprocess
+import sys
+import tempfile
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 import mpl_tf
+from mpl_tf import keras_backend
 from mpl_tf import keras_model
 from mpl_tf.keras_batches import IMAGE_KEYS
 from tests.test_keras_model import (CLASSES, CONFIG, DIM, HIDDEN, LABELED,
-                                    UNLABELED, batches, dataset,
+                                    REPO, UNLABELED, batches, dataset,
                                     mpl_model, networks)
 from tests.tiny_models import keras_mlp
 
@@ -158,6 +164,41 @@ class NetworksTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, two_counts):
       model.fit(dataset(batches(1)), verbose=0)
     self.assertEqual(model.step, 0)
+
+
+class BackendTest(tf.test.TestCase):
+
+  def test_another_backend_is_named_before_keras_is_imported(self):
+    # KERAS_BACKEND=jax (jax is not installed here: importing Keras fails
+    # inside Keras) ends with the library's message alone, and neither
+    # Keras nor TensorFlow is imported to find out.
+    code = ('import atexit, sys, mpl_tf\n'
+            'atexit.register(lambda: print(sorted(\n'
+            '    {"tensorflow", "keras"} & set(sys.modules))))\n'
+            'mpl_tf.MetaPseudoLabels\n')
+    run = subprocess.run([sys.executable, '-c', code], cwd=REPO,
+                         env=dict(os.environ, KERAS_BACKEND='jax'),
+                         capture_output=True, text=True, timeout=60)
+    self.assertEqual(run.returncode, 1, run.stderr)
+    self.assertEqual(run.stdout.strip(), '[]')
+    self.assertRegex(run.stderr.strip().splitlines()[-1],
+                     r"^RuntimeError: mpl_tf\.MetaPseudoLabels needs the "
+                     r"TensorFlow backend .* runs on 'jax' .*: set "
+                     r"KERAS_BACKEND=tensorflow ")
+    self.assertNotIn(f'{os.sep}keras{os.sep}', run.stderr)   # no Keras frame
+
+  def test_the_backend_is_read_as_keras_reads_it(self):
+    with tempfile.TemporaryDirectory() as home:
+      with open(os.path.join(home, 'keras.json'), 'w', encoding='utf-8') as f:
+        json.dump({'backend': 'jax', 'floatx': 'float32'}, f)
+      read = keras_backend.configured_backend
+      self.assertEqual(read({'KERAS_HOME': home}), 'jax')
+      self.assertEqual(read({'KERAS_HOME': home, 'KERAS_BACKEND': ''}), 'jax')
+      self.assertEqual(read({'KERAS_HOME': home, 'KERAS_BACKEND': 'torch'}),
+                       'torch')
+      self.assertEqual(read({'KERAS_HOME': os.path.join(home, 'none')}),
+                       'tensorflow')
+    self.assertEqual(read(os.environ), keras.backend.backend())
 
 
 class ErrorsTest(tf.test.TestCase):
