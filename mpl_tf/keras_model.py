@@ -10,12 +10,15 @@ of it. `call`, `evaluate`, `predict` and `save` use the student, or its EMA
 copy when `ema_decay > 0`. docs/keras_fit.md says when to use `fit()` and
 when main.py (the paper's presets, TPUs, finetuning, streams rebuilt at any
 step). TensorFlow backend of Keras 3 only: importing this module under
-another backend raises an error naming KERAS_BACKEND=tensorflow.
+another backend raises an error naming KERAS_BACKEND=tensorflow, before
+Keras is imported (keras_backend.py).
 
 Losses are divided by the global batch sizes: `compile()`'s, else the first
 batch's static sizes times the replicas. A batch of another size (a finite
-dataset's last batch, unless batched with drop_remainder=True) stops `fit()`
-with an error instead of silently mis-scaling the losses.
+dataset's last batch, unless batched with drop_remainder=True), labels that
+are not integer class ids in [0, classes), images of mixed dtypes or not
+images at all, stop `fit()` with one error before the step changes anything
+(keras_batches.py), instead of training on wrong numbers.
 
 `save_weights` (so BackupAndRestore) saves what Keras tracks (networks, EMA
 student, optimizer slots and iterations) and what it does not: MplStep's
@@ -26,25 +29,20 @@ mid-epoch ends with the weights of an uninterrupted one.
 
 from typing import Dict, List, Optional, Sequence
 
+from mpl_tf.keras_backend import check_backend, check_before_import
+
+check_before_import()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import keras
-
-
-def check_backend(backend: str) -> None:
-  """Raises RuntimeError unless `backend` is Keras's TensorFlow backend."""
-  if backend != 'tensorflow':
-    raise RuntimeError(
-        f'mpl_tf.MetaPseudoLabels needs the TensorFlow backend of Keras 3 '
-        f'(its step uses tf.distribute and tf.GradientTape), but Keras runs '
-        f'on {backend!r}: set KERAS_BACKEND=tensorflow before Keras is first '
-        f'imported. Other backends are not supported.')
-
 
 check_backend(keras.backend.backend())
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf
 
 from mpl_tf import keras_resume
+from mpl_tf import keras_batches
+from mpl_tf.keras_batches import BATCH_KEYS  # the batch's keys, for users
 from mpl_tf import optim
 from mpl_tf.config import Config, MplConfig, OptimConfig, validate
 from mpl_tf.models import random_states, replica_distinct_randomness
@@ -52,8 +50,6 @@ from mpl_tf.mpl_step import MplStep
 from mpl_tf.phase import NonFiniteError, read_step
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-BATCH_KEYS = ('labeled_images', 'labels', 'unlabeled_images_ori',
-              'unlabeled_images_aug')
 # The step's metrics that fit() logs by default (progress bar, History,
 # TensorBoard), as running means over the epoch; '/' becomes '_' in logs.
 STEP_METRICS = ('mpl/h', 'teacher/supervised_loss', 'teacher/uda_loss',
@@ -64,42 +60,6 @@ STEP_METRICS = ('mpl/h', 'teacher/supervised_loss', 'teacher/uda_loss',
 def log_name(step_metric: str) -> str:
   """The name a step metric has in fit()'s logs ('mpl/h' -> 'mpl_h')."""
   return step_metric.replace('/', '_')
-
-
-def _parse_batch(data) -> Optional[Dict[str, tf.Tensor]]:
-  """The step's batch dict from any accepted form, or None."""
-  if (isinstance(data, tuple) and len(data) in (1, 3) and
-      isinstance(data[0], dict) and all(d is None for d in data[1:])):
-    data = data[0]   # (x,) or (x, None, None): train_on_batch, arrays
-  if isinstance(data, dict):
-    return {key: data[key] for key in BATCH_KEYS} if all(
-        key in data for key in BATCH_KEYS) else None
-  if not isinstance(data, (tuple, list)):
-    return None
-  parts = tuple(data)
-  if len(parts) == 2 and all(isinstance(p, (tuple, list)) and len(p) == 2
-                             for p in parts):
-    parts = (*parts[0], *parts[1])
-  if len(parts) == 4 and all(tf.is_tensor(p) for p in parts):
-    return dict(zip(BATCH_KEYS, parts))
-  return None
-
-
-def as_mpl_batch(data) -> Dict[str, tf.Tensor]:
-  """The step's batch dict; ValueError naming the accepted forms if none."""
-  batch = _parse_batch(data)
-  if batch is not None:
-    return batch
-  if isinstance(data, dict):
-    missing = ', '.join(key for key in BATCH_KEYS if key not in data)
-    found = f'a dict without {missing}'
-  else:
-    found = f'{type(data).__name__} {tf.nest.map_structure(type, data)}'
-  raise ValueError(
-      f'MetaPseudoLabels.fit takes batches that are a dict with the keys '
-      f'{", ".join(BATCH_KEYS)}; a tuple of those four tensors in that '
-      f'order; or ((labeled_images, labels), (unlabeled_images_ori, '
-      f'unlabeled_images_aug)). Got {found}.')
 
 
 class _FitHooks(keras.callbacks.Callback):
@@ -152,6 +112,8 @@ class MetaPseudoLabels(keras.Model):
     if not 0.0 <= ema_decay < 1.0:
       raise ValueError(f'ema_decay={ema_decay} must be in [0, 1).')
     self.teacher, self.student = teacher, student
+    self._classes: Optional[int] = None
+    self._num_classes()   # networks of two class counts stop here if static
     self.ema_decay, self.seed = float(ema_decay), int(seed)
     self.ema_student = None
     with self.distribute_strategy.scope():
@@ -254,6 +216,7 @@ class MetaPseudoLabels(keras.Model):
     self.student_optimizer = student_optimizer
     self._replica_step = replica_distinct_randomness(
         self.mpl_step, random_states(self.teacher, self.student))
+    self._step_function = self._replica_step   # (make_train_function's)
     super().compile(optimizer=student_optimizer, loss=loss, metrics=metrics,
                     **kwargs)
 
@@ -266,52 +229,31 @@ class MetaPseudoLabels(keras.Model):
             guard.first_terms, *self.position.variables,
             *random_states(*networks)]
 
-  def _size_checks(self, batch: Dict[str, tf.Tensor]) -> List[tf.Operation]:
-    """Checks that the batch has the global batches' sizes.
+  def _num_classes(self, images: Optional[tf.Tensor] = None
+                   ) -> Optional[int]:
+    """The networks' class count, checked equal; None while unknown.
 
-    Raises at once where the sizes are static; returns run-time checks for
-    the others.
+    Functional and Sequential networks give it when the model is made;
+    subclassed ones at fit()'s first trace, from its images. Once, not per
+    step: the labels' range check needs it, and networks of two counts
+    would otherwise fail inside the step with a raw shape error.
     """
-    step = self.mpl_step
-    replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-    if not step.global_labeled_batch:   # inferred once, from the first batch
-      labeled = batch['labeled_images'].shape[0]
-      unlabeled = batch['unlabeled_images_ori'].shape[0]
-      if labeled is None or unlabeled is None:
-        raise ValueError(
-            'MetaPseudoLabels: the batch sizes are not static, so the global '
-            'batches the losses are divided by cannot be read from the '
-            'first batch: batch the dataset with drop_remainder=True, or '
-            'pass labeled_batch_size and unlabeled_batch_size to compile().')
-      step.global_labeled_batch = labeled * replicas
-      step.global_unlabeled_batch = unlabeled * replicas
-    checks = []
-    for key in BATCH_KEYS:
-      size = (step.global_labeled_batch if key in BATCH_KEYS[:2] else
-              step.global_unlabeled_batch)
-      if size % replicas:
-        raise ValueError(f'MetaPseudoLabels: a global batch of {size} does '
-                         f'not split between {replicas} replicas.')
-      message = (
-          f'MetaPseudoLabels: a batch whose {key} is not {size} rows (over '
-          f'{replicas} replica(s)). The losses are divided by the global '
-          f'batch, so every batch must have its size: batch the dataset '
-          f'with drop_remainder=True (a finite dataset\'s last batch is '
-          f'partial otherwise).')
-      rows = batch[key].shape[0]
-      if rows is not None and rows * replicas != size:
-        raise ValueError(f'{message} It has {rows * replicas}.')
-      if rows is None:
-        checks.append(tf.debugging.assert_equal(
-            tf.shape(batch[key])[0], size // replicas, message=message))
-    return checks
+    if self._classes is None:
+      counts = [keras_batches.output_classes(role, network, images)
+                for role, network in (('teacher', self.teacher),
+                                      ('student', self.student))]
+      if None not in counts:
+        keras_batches.check_class_counts(*counts)
+        self._classes = counts[0]
+    return self._classes
 
   def train_step(self, data):
-    batch = as_mpl_batch(data)
-    # Every op of the step runs after the size checks: a wrong batch
+    batch, checks = keras_batches.checked_batch(data, self.mpl_step,
+                                                self._num_classes)
+    # Every op of the step runs after the batch's checks: a wrong batch
     # changes no state.
-    with tf.control_dependencies(self._size_checks(batch)):
-      metrics, _ = self._replica_step(batch)
+    with tf.control_dependencies(checks):
+      metrics, _ = self._step_function(batch)
     unknown = [name for name in self._logged if name not in metrics]
     if unknown:
       raise ValueError(f'MetaPseudoLabels: step_metrics {unknown} are not '
@@ -344,7 +286,19 @@ class MetaPseudoLabels(keras.Model):
   def make_train_function(self, force=False):
     if self.train_function is not None and not force:
       return self.train_function
-    super().make_train_function(force)
+    # XLA compiles asserts to nothing (tf2xla ignores Assert), so under
+    # jit_compile (Keras's default on a GPU) the batch's device checks
+    # would vanish and a bad batch train: Keras's function is then made
+    # without XLA and only the replica step is compiled, with the checks
+    # in the graph around it, as main.py's device loop does.
+    jit = self.jit_compile
+    self._step_function = self._replica_step if not jit else tf.function(
+        self._replica_step, jit_compile=True, autograph=False)
+    self.jit_compile = False
+    try:
+      super().make_train_function(force)
+    finally:
+      self.jit_compile = jit
     self.train_function = self.position.wrap(
         self.train_function, lambda: self.step, self._running_logs)
     return self.train_function
@@ -373,7 +327,8 @@ class MetaPseudoLabels(keras.Model):
     # first training batch (keras/src/backend/tensorflow/trainer.py,
     # _maybe_symbolic_build); they are evaluate's, so it gets the labeled
     # (images, labels) that evaluate's batches look like.
-    batch = _parse_batch(data_batch) if data_batch is not None else None
+    batch = (keras_batches.parse_batch(data_batch)
+             if data_batch is not None else None)
     if batch is not None:
       data_batch = (batch['labeled_images'], batch['labels'])
     return super()._symbolic_build(iterator=iterator, data_batch=data_batch)

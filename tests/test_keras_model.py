@@ -3,8 +3,8 @@
 One fit step moves the networks exactly as one MplStep call from the same
 state and batch; two replicas equal one device; a fit killed mid-epoch and
 resumed by BackupAndRestore ends bitwise where an uninterrupted one does;
-TensorBoard gets the step's scalars; save() writes a plain student; bad
-batches and other backends stop with one clear message. Tiny float64 MLPs
+TensorBoard gets the step's scalars; save() writes a plain student. Bad
+inputs are tests/test_keras_inputs.py's. Tiny float64 MLPs
 (tests/tiny_models.py), as in tests/test_mpl_step.py.
 """
 
@@ -277,52 +277,6 @@ class CallbacksTest(_TempDirTestCase):
     self.assertEqual(model.step, 1)
     self.assertEqual(model.mpl_step.baseline.numpy(), baseline)
     self.assertEqual([metric.name for metric in model.metrics], names)
-
-
-class ErrorsTest(tf.test.TestCase):
-
-  def test_a_batch_without_a_key(self):
-    batch = dict(batches(1)[0])
-    del batch['unlabeled_images_aug']
-    with self.assertRaisesRegex(ValueError, 'without unlabeled_images_aug'):
-      mpl_model().fit(dataset([batch]), verbose=0)
-
-  def _ragged_dataset(self):
-    """Batches of 4 labeled and 6 unlabeled rows, then a partial one."""
-    rows = {key: tf.concat([b[key] for b in batches(3)], 0)[:size]
-            for key, size in (('labeled_images', 10), ('labels', 10),
-                              ('unlabeled_images_ori', 15),
-                              ('unlabeled_images_aug', 15))}
-    labeled = tf.data.Dataset.from_tensor_slices(
-        (rows['labeled_images'], rows['labels'])).batch(LABELED)
-    unlabeled = tf.data.Dataset.from_tensor_slices(
-        (rows['unlabeled_images_ori'], rows['unlabeled_images_aug'])
-    ).batch(UNLABELED)
-    return tf.data.Dataset.zip((labeled, unlabeled))
-
-  def test_batches_of_unknown_size(self):
-    with self.assertRaisesRegex(ValueError, 'drop_remainder=True'):
-      mpl_model().fit(self._ragged_dataset(), verbose=0)
-
-  def test_a_partial_last_batch(self):
-    model = mpl_model(labeled_batch_size=LABELED,
-                      unlabeled_batch_size=UNLABELED)
-    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
-                                'drop_remainder=True'):
-      model.fit(self._ragged_dataset(), verbose=0)
-    self.assertEqual(model.step, 2)   # the two whole batches
-
-  def test_a_batch_of_another_size(self):
-    data = dataset(batches(1))
-    with self.assertRaisesRegex(ValueError, 'is not 8 rows'):
-      mpl_model(labeled_batch_size=8).fit(data, verbose=0)
-
-  def test_another_backend(self):
-    # (Keras's other backends are not installed here: with them Keras itself
-    # fails to import, so the check is tested directly.)
-    with self.assertRaisesRegex(RuntimeError, 'KERAS_BACKEND=tensorflow'):
-      keras_model.check_backend('jax')
-    keras_model.check_backend('tensorflow')
 
 
 class ImportTest(tf.test.TestCase):
