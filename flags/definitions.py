@@ -101,10 +101,13 @@ _HELP = {
                                'same labeled images, for comparison.',
         'supervised_steps': 'Steps of that baseline (0 = as many as MPL).',
         'export_dir': 'Where --mode=export writes the SavedModel (empty: '
-                      'model_dir/export/1, where --mode=predict reads it).',
+                      'model_dir/export/1, where --mode=predict reads it '
+                      'unless --checkpoint names another export).',
         'checkpoint': 'For eval/export: a checkpoint prefix or (eval) a '
                       'SavedModel directory; empty: the best-on-validation '
-                      'EMA student in model_dir, else its latest checkpoint.',
+                      'EMA student in model_dir, else its latest checkpoint. '
+                      'For predict: the SavedModel directory to predict '
+                      'with.',
         'predict_files': 'For --mode=predict: comma-separated image files or '
                          'globs.',
         'nonfinite_skip_limit': 'With --nonfinite=skip: stop after this many '

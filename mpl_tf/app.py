@@ -23,12 +23,14 @@ from mpl_tf import cluster
 from mpl_tf import distribute
 from mpl_tf import export
 from mpl_tf import export_format
+from mpl_tf import preflight
 from mpl_tf import serving
 from mpl_tf import train
 from mpl_tf.config import Config, ConfigError
 from mpl_tf.data import offline
 from mpl_tf.data import records
 from mpl_tf.evaluate import Evaluator, evaluate, evaluate_split
+from mpl_tf.evaluations import check_finite_results
 
 # TF Serving loads numbered versions of a model directory.
 _EXPORT_VERSION = '1'
@@ -56,6 +58,43 @@ def default_export_dir(config: Config) -> str:
       config.run.model_dir, 'export', _EXPORT_VERSION)
 
 
+def predict_export(config: Config) -> str:
+  """The export --mode=predict classifies with.
+
+  --checkpoint when given (docs/export.md's form: it names the export, as
+  it does for --mode=eval), else --export_dir, else model_dir/export/1.
+  Prediction runs the serving signature, so a training checkpoint is
+  refused with the export command that makes one from it; two different
+  exports named by both flags are refused rather than one of them ignored.
+  """
+  checkpoint, export_dir = config.run.checkpoint, config.run.export_dir
+  if checkpoint and export_dir and (
+      checkpoint.rstrip('/') != export_dir.rstrip('/')):
+    raise ConfigError(
+        f'--mode=predict got --checkpoint={checkpoint} and --export_dir='
+        f'{export_dir}, two exports; pass one of them (--checkpoint names '
+        f'the export to predict with).')
+  if not checkpoint:
+    return default_export_dir(config)
+  if (not export_format.is_export(checkpoint) and
+      not export_format.looks_like_export(checkpoint) and
+      _names_a_checkpoint(checkpoint)):
+    raise ConfigError(
+        f'--checkpoint={checkpoint} is a training checkpoint; --mode=predict '
+        f'runs an export (the served model). Export it first: python main.py '
+        f'--flagfile=... --mode=export --checkpoint={checkpoint} '
+        f'--export_dir=DIR, then pass --checkpoint=DIR.')
+  return checkpoint
+
+
+def _names_a_checkpoint(path: str) -> bool:
+  try:
+    checkpoints.resolve_checkpoint(path)
+  except FileNotFoundError:
+    return False
+  return True
+
+
 def _evaluate_checkpoint(config: Config, manifest: Dict[str, Any],
                          checkpoint: str, strategy) -> Dict[str, Any]:
   """Validation and test of a checkpoint's network, on every replica."""
@@ -74,6 +113,7 @@ def run(config: Config) -> Dict[str, Any]:
   if mode == 'train':
     return train.run(config)
   strategy = distribute.get_strategy(config.run)
+  preflight.check_paths(config)
   chief = cluster.is_chief(strategy)
   manifest = (offline.ensure_prepared(config.data) if chief else
               records.read_manifest(config.data.data_dir))
@@ -97,13 +137,14 @@ def run(config: Config) -> Dict[str, Any]:
     print(f'evaluated {target} ({type(strategy).__name__}, '
           f'{strategy.num_replicas_in_sync} replica(s))')
     print(json.dumps(results, indent=2, sort_keys=True))
+    check_finite_results({target: results}, f'evaluating {target!r}')
     return results
   if mode == 'predict':
     if not config.run.predict_files:
       raise ConfigError('--mode=predict needs --predict_files (comma-separated '
                         'image files or globs).')
     paths = serving.expand_file_patterns(config.run.predict_files)
-    predictions = serving.predict_files(default_export_dir(config), paths)
+    predictions = serving.predict_files(predict_export(config), paths)
     for prediction in predictions:
       name = prediction.get('class_name')
       columns = [prediction['file'], str(prediction['class']),

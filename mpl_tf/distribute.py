@@ -11,9 +11,18 @@ The training step is written for any of them: it sums gradients across
 replicas itself and divides every loss by the global batch.
 """
 
+import json
+import os
+import re
+from typing import Optional
+
 import tensorflow as tf
 
 from mpl_tf.config import ConfigError, RunConfig
+
+_TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host0:port", "host1:port"]}, '
+                      '"task": {"type": "worker", "index": 0}}')
+_ADDRESS = re.compile(r'^[^:\s]+:\d+$|^\[[0-9a-fA-F:.]+\]:\d+$')
 
 
 def _local_devices():
@@ -54,11 +63,56 @@ def _build_strategy(run_config: RunConfig) -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy(
         devices=[device.name for device in _local_devices()])
   if name == 'multi_worker':
+    check_tf_config(os.environ.get('TF_CONFIG'))
     return tf.distribute.MultiWorkerMirroredStrategy()
   if name == 'one_device':
     return tf.distribute.OneDeviceStrategy(_local_devices()[0].name)
   raise ConfigError(f'strategy={name!r} is not tpu, mirrored, multi_worker '
                     f'or one_device.')
+
+
+def check_tf_config(value: Optional[str]) -> None:
+  """Raises ConfigError naming TF_CONFIG and its fault, if it is malformed.
+
+  TensorFlow's resolver parses TF_CONFIG with json.loads and indexes it, so
+  a typo surfaces as "Expecting ',' delimiter" or a KeyError that never
+  says which variable is wrong. Checked here: valid JSON, a "cluster" of
+  jobs listing "host:port" addresses, and a "task" whose type is one of
+  those jobs and whose index is in its range. An unset or empty TF_CONFIG
+  is left to TensorFlow (one local worker).
+  """
+  if not value:
+    return
+  def fault(what: str) -> ConfigError:
+    return ConfigError(
+        f'TF_CONFIG {what}. Every worker needs the same "cluster" and its '
+        f'own "task", e.g. TF_CONFIG=\'{_TF_CONFIG_EXAMPLE}\' '
+        f'(docs/training.md, multi-worker).')
+  try:
+    parsed = json.loads(value)
+  except ValueError as error:
+    raise fault(f'is not valid JSON ({error}; it reads {value[:80]!r})'
+                ) from None
+  if not isinstance(parsed, dict):
+    raise fault(f'is a JSON {type(parsed).__name__}, not an object')
+  cluster_spec, task = parsed.get('cluster'), parsed.get('task')
+  if not isinstance(cluster_spec, dict) or not cluster_spec:
+    raise fault('has no "cluster" object naming the jobs and their workers')
+  for job, addresses in cluster_spec.items():
+    if (not isinstance(addresses, list) or not addresses or not all(
+        isinstance(a, str) and _ADDRESS.match(a) for a in addresses)):
+      raise fault(f'lists {addresses!r} for job {job!r}; it must be a list of '
+                  f'"host:port" addresses')
+  if not isinstance(task, dict) or 'type' not in task or 'index' not in task:
+    raise fault('has no "task" with this worker\'s "type" and "index"')
+  kind, index = task['type'], task['index']
+  if kind not in cluster_spec:
+    raise fault(f'has task type {kind!r}, which is not a job of its cluster '
+                f'({", ".join(map(repr, cluster_spec))})')
+  if (not isinstance(index, int) or isinstance(index, bool) or
+      not 0 <= index < len(cluster_spec[kind])):
+    raise fault(f'has task index {index!r}; job {kind!r} has '
+                f'{len(cluster_spec[kind])} worker(s), numbered from 0')
 
 
 def check_batch_divides(strategy: tf.distribute.Strategy, name: str,

@@ -28,8 +28,20 @@ from mpl_tf.data import records
 SUM = tf.distribute.ReduceOp.SUM
 
 
+def _nonfinite_rows(logits: tf.Tensor) -> tf.Tensor:
+  """1.0 for each example whose logits hold a NaN or Inf, else 0.0."""
+  return 1.0 - tf.cast(tf.reduce_all(tf.math.is_finite(logits), axis=-1),
+                       tf.float32)
+
+
 def batch_counts(model: keras.Model, batch: Dict[str, tf.Tensor]) -> tf.Tensor:
-  """[top-1 hits, top-5 hits, summed loss, real examples] of one batch."""
+  """[top-1 hits, top-5 hits, summed loss, real examples, examples with
+  non-finite logits] of one batch.
+
+  The last count exists because in_top_k counts a NaN logit as a miss: a
+  network whose weights overflow would otherwise score a plausible-looking
+  0.0000 instead of being reported as broken (`nonfinite_networks`).
+  """
   logits = tf.cast(model(batch['images'], training=False), tf.float32)
   labels = tf.cast(batch['labels'], tf.int32)
   mask = tf.cast(batch['mask'], tf.float32)
@@ -38,15 +50,34 @@ def batch_counts(model: keras.Model, batch: Dict[str, tf.Tensor]) -> tf.Tensor:
   topk = tf.cast(tf.math.in_top_k(labels, logits, k), tf.float32)
   loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
   return tf.stack([tf.reduce_sum(top1 * mask), tf.reduce_sum(topk * mask),
-                   tf.reduce_sum(loss * mask), tf.reduce_sum(mask)])
+                   tf.reduce_sum(loss * mask), tf.reduce_sum(mask),
+                   tf.reduce_sum(_nonfinite_rows(logits) * mask)])
 
 
 def _as_result(totals) -> Dict[str, float]:
-  top1, top5, loss, count = [float(x) for x in totals]
+  """The result dict; `nonfinite` counts examples with NaN or Inf logits."""
+  top1, top5, loss, count, nonfinite = [float(x) for x in totals]
   if count == 0:
     raise ValueError('the evaluation set is empty.')
   return {'top1': top1 / count, 'top5': top5 / count, 'loss': loss / count,
-          'count': int(round(count))}
+          'count': int(round(count)), 'nonfinite': int(round(nonfinite))}
+
+
+def nonfinite_networks(results: Dict[str, Any]) -> Optional[str]:
+  """'name (N of M validation images, ...)' for networks with non-finite
+  outputs in `results` ({name: {split: result}}), or None if there are none.
+
+  A result of an older version, without the count, counts as finite.
+  """
+  broken = []
+  for name, splits in results.items():
+    found = [f'{splits[split]["nonfinite"]} of {splits[split]["count"]} '
+             f'{split} images' for split in ('validation', 'test')
+             if isinstance(splits, dict) and
+             splits.get(split, {}).get('nonfinite')]
+    if found:
+      broken.append(f'{name} ({", ".join(found)})')
+  return '; '.join(broken) or None
 
 
 class Evaluator:
@@ -83,7 +114,7 @@ class Evaluator:
 
       @tf.function
       def count_dataset(dataset):
-        totals = tf.zeros([4])
+        totals = tf.zeros([5])
         for batch in dataset:
           totals += counts(batch)
         return totals
@@ -180,12 +211,12 @@ def evaluate_saved_model(export: Union[str, serving_lib.ServingModel],
 
   `dataset` yields (uint8 images [n, H, W, 3], integer labels [n]), e.g.
   `eval_images(...)`. Returns the keys of `Evaluator`: top1, top5, loss,
-  count, so a checkpoint and its export can be compared directly.
+  count, nonfinite, so a checkpoint and its export can be compared directly.
   """
   serving = serving_lib.as_serving(export)
   k = min(5, serving.num_classes)
   top1 = topk = loss = 0.0
-  count = 0
+  count = nonfinite = 0
   for images, labels in dataset:
     labels = np.asarray(labels).astype(np.int64)
     if labels.size and (labels.min() < 0 or
@@ -203,10 +234,11 @@ def evaluate_saved_model(export: Union[str, serving_lib.ServingModel],
     loss += float(tf.reduce_sum(
         tf.nn.sparse_softmax_cross_entropy_with_logits(label_tensor, logits)))
     count += int(labels.size)
+    nonfinite += int(tf.reduce_sum(_nonfinite_rows(logits)))
   if count == 0:
     raise ValueError('the evaluation set is empty.')
   return {'top1': top1 / count, 'top5': topk / count, 'loss': loss / count,
-          'count': count}
+          'count': count, 'nonfinite': nonfinite}
 
 
 def evaluate_checkpoint(config: Config, manifest: Dict[str, Any],

@@ -18,7 +18,8 @@ import tensorflow as tf
 from mpl_tf import cluster
 from mpl_tf import storage
 from mpl_tf.config import Config
-from mpl_tf.evaluate import Evaluator, evaluate_split
+from mpl_tf.evaluate import Evaluator, evaluate_split, nonfinite_networks
+from mpl_tf.phase import NonFiniteError
 
 _HISTORY_FILE = 'eval_history.json'
 
@@ -77,7 +78,7 @@ class Evaluations:
       for name, top1 in others.items():
         tf.summary.scalar(f'validation/top1_{name}', top1, step=step)
     print(f'  step {step}: {self.selected.name} top-1 validation '
-          f'{entry["validation"]["top1"]:.4f}, test {entry["test"]["top1"]:.4f}'
+          f'{_top1(entry["validation"])}, test {_top1(entry["test"])}'
           + ''.join(f'; {name} validation {top1:.4f}'
                     for name, top1 in others.items()))
     return entry
@@ -122,6 +123,32 @@ def _describe(name: str) -> str:
   return ''
 
 
+def _top1(result: Dict[str, Any]) -> str:
+  """A result's top-1 for the console; 'non-finite' when any logit is NaN
+  or Inf (in_top_k would count those as misses and show 0.0000)."""
+  if result.get('nonfinite'):
+    return 'non-finite'
+  return f'{result["top1"]:.4f}'
+
+
+def check_finite_results(results: Dict[str, Any], what: str) -> None:
+  """Raises NonFiniteError if a network of `results` gave NaN or Inf logits.
+
+  Called after the results are printed and saved: a run (or an eval) whose
+  network outputs NaN has failed, however it got there (e.g. resumed from
+  finite but enormous weights, or a skip mode that finished with them),
+  and must not end with status 0.
+  """
+  broken = nonfinite_networks(results)
+  if broken:
+    raise NonFiniteError(
+        f'{what}: non-finite outputs (NaN or Inf logits) from {broken}: '
+        f'the weights are broken (typically finite but so large that the '
+        f'forward pass overflows), so their accuracy means nothing. Train '
+        f'again with lower learning rates or --grad_clip_norm, in another '
+        f'--model_dir.')
+
+
 def print_results(results, models) -> None:
   """The final table: every network on the same validation and test images."""
   test_count = results[next(iter(models))]['test'].get('count')
@@ -131,9 +158,9 @@ def print_results(results, models) -> None:
   # The supervised baseline first: what the labels alone give.
   order = sorted(models, key=lambda name: name != 'supervised')
   for name in order:
-    print('{:<27}{:<34}{:>11.4f}{:>11.4f}'.format(
-        name, _describe(name), results[name]['validation']['top1'],
-        results[name]['test']['top1']))
+    print('{:<27}{:<34}{:>11}{:>11}'.format(
+        name, _describe(name), _top1(results[name]['validation']),
+        _top1(results[name]['test'])))
   history = results['selected_history']
   if history:
     best, median = history['best_on_validation'], history['median_last']

@@ -51,11 +51,13 @@ class NonFiniteGuard:
     make = lambda value, name: tf.Variable(
         value, dtype=tf.int64, trainable=False, name=name, aggregation=_FIRST)
     self.skipped_steps = make(0, 'skipped_steps')
-    # Non-finite steps in a row up to now. Not checkpointed (a resumed run
-    # counts afresh): the loop stops a 'skip' run when it reaches
-    # run.nonfinite_skip_limit, because then the state every step starts
-    # from is itself broken (finite weights so large that the next forward
-    # pass overflows) and skipping would go on to the end with it.
+    # Non-finite steps in a row up to now. The loop stops a 'skip' run when
+    # it reaches run.nonfinite_skip_limit, because then the state every step
+    # starts from is itself broken (finite weights so large that the next
+    # forward pass overflows) and skipping would go on to the end with it.
+    # Checkpointed: a run resumed after that stop (or after any restart)
+    # must go on counting, or it would skip up to `limit - 1` more steps per
+    # restart and could finish with the broken state.
     self.consecutive_skipped = make(0, 'consecutive_skipped_steps')
     # The first step with a non-finite term (-1: none yet), and which terms
     # were non-finite then, as bits in the order of `term_names`.
@@ -64,9 +66,13 @@ class NonFiniteGuard:
     self.term_names: List[str] = []
 
   def checkpoint_item(self) -> tf.train.Checkpoint:
-    return tf.train.Checkpoint(skipped_steps=self.skipped_steps,
-                               first_nonfinite_step=self.first_step,
-                               first_nonfinite_terms=self.first_terms)
+    # A checkpoint written before consecutive_skipped_steps was saved
+    # restores it as 0 (restore matches only the objects it holds).
+    return tf.train.Checkpoint(
+        skipped_steps=self.skipped_steps,
+        consecutive_skipped_steps=self.consecutive_skipped,
+        first_nonfinite_step=self.first_step,
+        first_nonfinite_terms=self.first_terms)
 
   def run(self, step, step_fn: Callable[[], Tuple[Dict[str, tf.Tensor], Any]],
           checked: Sequence[str]) -> Tuple[Dict[str, tf.Tensor], Any]:
@@ -122,6 +128,8 @@ class NonFiniteGuard:
     if step < 0:
       return None
     bits = int(tf.convert_to_tensor(self.first_terms).numpy())
+    if not self.term_names:
+      return f'step {step + 1}'   # restored, before the step was traced
     names = [name for i, name in enumerate(self.term_names) if bits >> i & 1]
     return f'step {step + 1} ({", ".join(names) or "unknown term"})'
 

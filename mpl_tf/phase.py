@@ -175,6 +175,8 @@ class Phase:
     """
     run = self.config.run
     step = self.restore()
+    if self.guard.policy == 'skip':
+      self._check_skip_limit(step)
     if step == 0 and self.write_images:
       self._write_images()
     progress = Progress(self.name, self.num_steps, run.steps_per_loop,
@@ -242,8 +244,19 @@ class Phase:
           f'{self.name}: non-finite value (NaN or Inf) at '
           f'{self.guard.describe()}; the run stopped without saving it, '
           f'{self._last_checkpoint()}. {self._what_next()}')
+    self._check_skip_limit(step)
+    print(f'{self.name}: {skipped} non-finite step(s) skipped so far '
+          f'(the first at {self.guard.describe()}).')
+
+  def _check_skip_limit(self, step: int) -> None:
+    """Stops when the last nonfinite_skip_limit steps were all skipped.
+
+    Also called right after a restore: the count is checkpointed, so a run
+    started again after this stop (or with a lower limit) stops before it
+    trains, instead of skipping on from a broken state.
+    """
     in_a_row = read_step(self.guard.consecutive_skipped)
-    if in_a_row >= self.config.run.nonfinite_skip_limit:
+    if in_a_row and in_a_row >= self.config.run.nonfinite_skip_limit:
       self.writer.flush()
       raise NonFiniteError(
           f'{self.name}: the last {in_a_row} steps (up to step {step}) were '
@@ -254,8 +267,6 @@ class Phase:
           f'so large that every forward pass overflows, and its networks '
           f'would score 0 (NaN outputs); {self._last_checkpoint()}, which '
           f'may hold that state. {self._what_next(broken=True)}')
-    print(f'{self.name}: {skipped} non-finite step(s) skipped so far '
-          f'(the first at {self.guard.describe()}).')
 
   def _what_next(self, broken: bool = False) -> str:
     """The advice after a non-finite stop, which must fit check_model_dir.

@@ -116,6 +116,23 @@ def _labeled_class_counts(data_dir: str, manifest: Dict[str, Any]):
                              lambda total, one: total + one).numpy().tolist()
 
 
+def check_paths(config: Config) -> None:
+  """Raises ConfigError naming the flag whose path TensorFlow cannot reach.
+
+  Every path the modes read or write, probed once before any of them is
+  used: an unknown scheme or a bucket without network or credentials is one
+  message here, not an OpError from deep inside a later read.
+  """
+  run = config.run
+  paths = [('model_dir', run.model_dir), ('data_dir', config.data.data_dir),
+           ('export_dir', run.export_dir), ('checkpoint', run.checkpoint)]
+  paths += [('predict_files', pattern.strip())
+            for pattern in run.predict_files.split(',')]
+  for flag, path in paths:
+    if path:
+      storage.check_reachable(path, flag)
+
+
 def check_not_in_a_file(directory: str, flag: str) -> str:
   """Raises ConfigError if a local directory path runs into a file.
 
@@ -195,6 +212,7 @@ def check_and_start(config: Config, strategy) -> Dict[str, Any]:
   chief = cluster.is_chief(strategy)
   manifest, error = None, None
   try:
+    check_paths(config)
     check_writable(config.run.model_dir)
     check_not_in_a_file(config.data.data_dir, 'data_dir')
     if chief:

@@ -34,6 +34,8 @@ from typing import Any, Iterator, List, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from mpl_tf.config import ConfigError
+
 _SCHEME = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 # File systems whose listings include names that only extend a sibling's.
 _PREFIX_MATCHING = ('ram://',)
@@ -49,6 +51,46 @@ def absolute(path: str) -> str:
   if has_scheme(path):
     return path
   return os.path.abspath(os.path.expanduser(path))
+
+
+# What TensorFlow reads without tensorflow-io: anything else (s3://, hdfs://,
+# a typo) fails at its first file call with UnimplementedError.
+_WORKING_SCHEMES = ('a local path', 'gs:// (Cloud Storage)',
+                    'ram:// (in this process only)')
+
+
+def check_reachable(path: str, flag: str) -> None:
+  """Raises ConfigError unless TensorFlow can look at `path` (a --`flag`).
+
+  A path with a scheme fails at its first file call when the scheme is not
+  built into TensorFlow, or when its service cannot be reached (gs://
+  without network or credentials): here that is one message naming the
+  flag, the path and the likely cause, before anything is read or
+  written, instead of the call's OpError wherever it happens first. One
+  exists() call, which answers in milliseconds either way; local paths
+  are not probed (their errors already name them).
+  """
+  if not has_scheme(path):
+    return
+  try:
+    tf.io.gfile.exists(path)
+  except tf.errors.UnimplementedError:
+    scheme = path.split('://', 1)[0]
+    raise ConfigError(
+        f'--{flag}={path}: TensorFlow has no file system for {scheme}://. '
+        f'It reads {", ".join(_WORKING_SCHEMES)}; copy the files to one of '
+        f'those, or fix the path.') from None
+  except tf.errors.OpError as error:
+    cause = ' '.join((error.message or '').split())
+    if path.startswith('gs://'):
+      advice = ('check the network and the credentials (on a Cloud VM its '
+                'service account; elsewhere `gcloud auth application-default '
+                'login` or GOOGLE_APPLICATION_CREDENTIALS), and that the '
+                'bucket exists')
+    else:
+      advice = 'check the network, the credentials and the path'
+    raise ConfigError(f'--{flag}={path} cannot be reached ({cause}): '
+                      f'{advice}.') from None
 
 
 def renames_atomically(path: str) -> bool:

@@ -48,7 +48,8 @@ from mpl_tf import storage
 from mpl_tf.config import Config, ConfigError
 from mpl_tf.data import pipeline
 from mpl_tf.evaluate import summarize
-from mpl_tf.evaluations import Evaluations, print_results, validation_curve
+from mpl_tf.evaluations import (Evaluations, check_finite_results,
+                                print_results, validation_curve)
 from mpl_tf.models import build_model
 from mpl_tf.mpl_step import MplStep
 from mpl_tf.phase import Phase, RunContext, read_step
@@ -152,6 +153,8 @@ def _run(config: Config, strategy, manifest,
   cluster.chief_only(strategy, storage.write_json,
                      os.path.join(model_dir, 'results.json'), results)
   print_results(results, models)
+  check_finite_results({name: results[name] for name in models},
+                       f'the run in {model_dir!r}')
   if cluster.is_chief(strategy):
     try:
       drawn = curves.write_curves(model_dir, optim_cfg.num_steps)

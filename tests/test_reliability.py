@@ -272,6 +272,38 @@ class NonFiniteLoopTest(DataDirTestCase):
         if name.startswith('teacher') and value.size:
           largest = max(largest, float(np.abs(value).max()))
     self.assertGreater(largest, 1e20)
+    self.assertTrue(latest.endswith('ckpt-3'), latest)
+
+    # The same command again resumes from ckpt-3, whose count of steps
+    # skipped in a row (2) is in the checkpoint: it stops at step 4 again
+    # (counting afresh, it would skip steps 4-6 and stop only at step 6,
+    # or finish a shorter run with the broken teacher).
+    with self.assertRaisesRegex(phase.NonFiniteError,
+                                r'the last 3 steps \(up to step 4\)'):
+      train.run(config)
+    # A lower limit, which a resume may change, stops before any step.
+    lower = dataclasses.replace(config, run=dataclasses.replace(
+        config.run, nonfinite_skip_limit=2))
+    with self.assertRaisesRegex(phase.NonFiniteError,
+                                r'the last 2 steps \(up to step 3\)'):
+      train.run(lower)
+    self.assertTrue(tf.train.latest_checkpoint(os.path.join(
+        model_dir, 'checkpoints')).endswith('ckpt-3'))
+    # A limit above the steps left lets the run skip to its end; then the
+    # broken teacher's evaluation (NaN logits, which in_top_k counts as
+    # misses: top-1 0.0000) fails the run instead of being reported as a
+    # result with exit status 0.
+    higher = dataclasses.replace(config, run=dataclasses.replace(
+        config.run, nonfinite_skip_limit=20))
+    with self.assertRaisesRegex(
+        phase.NonFiniteError, r'non-finite outputs \(NaN or Inf logits\) '
+        r'from mpl_teacher \(100 of 100 validation images, 100 of 100 test '
+        r'images\).*weights are broken'):
+      train.run(higher)
+    with open(os.path.join(model_dir, 'results.json')) as f:
+      saved = json.load(f)
+    self.assertEqual(saved['mpl_teacher']['test']['nonfinite'], 100)
+    self.assertEqual(saved['mpl_student']['test']['nonfinite'], 0)
 
 
 def _rewrite_record(data_dir, split, index, serialized=None, corrupt=False):

@@ -121,6 +121,23 @@ class TrainEndToEndTest(DataDirTestCase):
         config.run, mode='predict', predict_files=image_path)))
     self.assertLen(predicted['predictions'], 1)
     self.assertBetween(predicted['predictions'][0]['class'], 0, 9)
+    # --checkpoint names the export predict runs (docs/export.md's form),
+    # not model_dir/export/1: moved elsewhere, the named one is used, and
+    # a missing or non-export path is refused, naming it.
+    moved = os.path.join(model_dir, 'served')
+    os.rename(exported['export_dir'], moved)
+    predict = lambda checkpoint: app.run(dataclasses.replace(
+        config, run=dataclasses.replace(
+            config.run, mode='predict', predict_files=image_path,
+            checkpoint=checkpoint)))
+    self.assertEqual(predict(moved), predicted)
+    with self.assertRaisesRegex(FileNotFoundError,
+                                f'No SavedModel in .*{model_dir}/nowhere'):
+      predict(os.path.join(model_dir, 'nowhere'))
+    with self.assertRaisesRegex(
+        ConfigError, f'--checkpoint={model_dir} is a training checkpoint.*'
+        f'--mode=export --checkpoint={model_dir}'):
+      predict(model_dir)
 
   def test_resume_continues_at_the_checkpoint_with_every_network(self):
     # A 3-step run; then its last checkpoint is taken away, as if the run

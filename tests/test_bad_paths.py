@@ -1,0 +1,131 @@
+"""Paths and clusters that cannot work: one message before anything is written.
+
+A path with a scheme TensorFlow lacks (foo://, s3:// without
+tensorflow-io) or a bucket without network fails at its first file call;
+a malformed TF_CONFIG fails inside TensorFlow's resolver. Each must be one
+message naming the flag or variable and the likely fix (docs/reliability.md,
+bad input), raised before a model_dir or data_dir is created.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from unittest import mock
+
+import tensorflow as tf
+
+from mpl_tf import app
+from mpl_tf import distribute
+from mpl_tf import storage
+from mpl_tf import train
+from mpl_tf.config import ConfigError
+from tests.test_train import REPO, _config, _tempdir
+
+# What tf.io.gfile.exists raised for a gs:// path on a machine without
+# network (TensorFlow 2.20): the error check_reachable translates.
+_NO_NETWORK = tf.errors.FailedPreconditionError(
+    None, None, "Error executing an HTTP request: libcurl code 6 meaning "
+    "'Could not resolve hostname', error details: Could not resolve host: "
+    "www.googleapis.com\n\t when reading metadata of gs://bucket/run")
+
+
+class UnreachablePathTest(tf.test.TestCase):
+
+  def test_unknown_scheme_names_the_flag_and_the_schemes_that_work(self):
+    with self.assertRaisesRegex(
+        ConfigError, r'--data_dir=foo://x/y: TensorFlow has no file system '
+        r'for foo://\. It reads a local path, gs://.*ram://'):
+      storage.check_reachable('foo://x/y', 'data_dir')
+    storage.check_reachable('ram://fine', 'model_dir')   # no error
+    storage.check_reachable('relative/local', 'model_dir')
+
+  def test_a_bucket_without_network_names_the_flag_and_the_credentials(self):
+    with mock.patch.object(tf.io.gfile, 'exists', side_effect=_NO_NETWORK):
+      with self.assertRaises(ConfigError) as raised:
+        storage.check_reachable('gs://bucket/run', 'model_dir')
+    message = str(raised.exception)
+    self.assertStartsWith(message, '--model_dir=gs://bucket/run cannot be '
+                                   'reached (Error executing')
+    self.assertIn('Could not resolve host', message)
+    self.assertIn('gcloud auth application-default login', message)
+    self.assertNotIn('\n', message)
+
+  def test_every_mode_checks_its_paths_before_writing(self):
+    data_dir, model_dir = _tempdir(self), _tempdir(self)
+    os.rmdir(data_dir)
+    os.rmdir(model_dir)
+    config = _config(model_dir, data_dir)
+    cases = [
+        # (what to change, the flag the message must name)
+        ({'data': {'data_dir': 'foo://x'}}, '--data_dir=foo://x'),
+        ({'run': {'export_dir': 's3://b/e'}}, '--export_dir=s3://b/e'),
+        ({'run': {'mode': 'eval', 'checkpoint': 'foo://c'}},
+         '--checkpoint=foo://c'),
+        ({'run': {'mode': 'predict', 'checkpoint': os.path.join(
+            model_dir, 'export'), 'predict_files': 'a.png,hdfs://h/*.png'}},
+         '--predict_files=hdfs://h/*.png'),
+    ]
+    for change, flag in cases:
+      changed = dataclasses.replace(config, **{
+          group: dataclasses.replace(getattr(config, group), **fields)
+          for group, fields in change.items()})
+      with self.subTest(flag=flag):
+        run = train.run if changed.run.mode == 'train' else app.run
+        with self.assertRaisesRegex(ConfigError, f'^{re.escape(flag)}[: ]'):
+          run(changed)
+        # Nothing was prepared or created (the digits set would be).
+        self.assertFalse(os.path.exists(data_dir))
+        self.assertFalse(os.path.exists(model_dir))
+
+
+class TfConfigTest(tf.test.TestCase):
+
+  def test_malformed_tf_config_names_tf_config_and_what_is_wrong(self):
+    good = {'cluster': {'worker': ['127.0.0.1:2000', 'host-1.x:2001']},
+            'task': {'type': 'worker', 'index': 1}}
+    distribute.check_tf_config(json.dumps(good))
+    distribute.check_tf_config(None)   # unset: TensorFlow's one local worker
+    cases = {
+        '{"cluster": {"worker": ["a:1"]} "task": {}}':
+            r'is not valid JSON \(Expecting .,. delimiter',
+        '["a:1"]': 'is a JSON list, not an object',
+        '{"task": {"type": "worker", "index": 0}}': 'has no "cluster"',
+        json.dumps({**good, 'cluster': {'worker': 'a:1,b:2'}}):
+            "lists 'a:1,b:2' for job 'worker'.*host:port",
+        json.dumps({**good, 'cluster': {'worker': ['a', 'b:2']}}):
+            "lists \\['a', 'b:2'\\].*host:port",
+        json.dumps({**good, 'task': {'type': 'worker'}}): 'has no "task"',
+        json.dumps({**good, 'task': {'type': 'chief', 'index': 0}}):
+            "has task type 'chief', which is not a job of its cluster",
+        json.dumps({**good, 'task': {'type': 'worker', 'index': 2}}):
+            "has task index 2; job 'worker' has 2 worker",
+        json.dumps({**good, 'task': {'type': 'worker', 'index': '0'}}):
+            "has task index '0'",
+    }
+    for value, expected in cases.items():
+      with self.subTest(value=value):
+        with self.assertRaisesRegex(ConfigError, '^TF_CONFIG ' + expected):
+          distribute.check_tf_config(value)
+
+  def test_main_py_says_it_in_one_line(self):
+    model_dir = os.path.join(_tempdir(self), 'run')
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, 'main.py'),
+         '--flagfile=' + os.path.join(REPO, 'flags', 'smoke.cfg'),
+         '--strategy=multi_worker', f'--model_dir={model_dir}'],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env=dict(os.environ, TF_CONFIG='{"cluster": {"worker": ["a:1"]} '
+                                       '"task": {}}'))
+    self.assertEqual(result.returncode, 2, result.stderr)
+    self.assertNotIn('Traceback', result.stderr)
+    errors = [l for l in result.stderr.splitlines() if l.startswith('error:')]
+    self.assertLen(errors, 1, result.stderr)
+    self.assertIn('TF_CONFIG is not valid JSON', errors[0])
+    self.assertFalse(os.path.exists(model_dir))
+
+
+if __name__ == '__main__':
+  tf.test.main()
