@@ -37,6 +37,8 @@ import tensorflow as tf
 _SCHEME = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 # File systems whose listings include names that only extend a sibling's.
 _PREFIX_MATCHING = ('ram://',)
+# File systems in the memory of the process that writes them.
+_IN_PROCESS = ('ram://',)
 
 
 def has_scheme(path: str) -> bool:
@@ -49,6 +51,30 @@ def absolute(path: str) -> str:
   if has_scheme(path):
     return path
   return os.path.abspath(os.path.expanduser(path))
+
+
+def outlives_process(path: str) -> bool:
+  """Whether what is written at `path` is still there when the process ends.
+
+  Not on TF's ram://, which lives in the writing process's memory: the
+  library may use it (tests, in-process pipelines), but a command that
+  writes its result there reports success and leaves nothing behind.
+  """
+  return not path.lower().startswith(_IN_PROCESS)
+
+
+def check_outlives_process(path: str, flag: str) -> None:
+  """ValueError naming `--flag` unless `path` outlives the command.
+
+  For the command-line layer: a flag whose directory must still hold the
+  result when the command has ended (a prepared data set, a run).
+  """
+  if not outlives_process(path):
+    raise ValueError(
+        f'--{flag}={path} is on ram://, TensorFlow\'s in-memory file system, '
+        f'which lives only as long as the process: whatever this command '
+        f'writes there is gone when it ends. Pass a local directory or a '
+        f'bucket path (gs://...) as --{flag}.')
 
 
 def renames_atomically(path: str) -> bool:
