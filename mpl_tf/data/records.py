@@ -29,6 +29,7 @@ crashed writer never leaves a file that looks finished.
 
 import json
 import os
+import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -49,11 +50,19 @@ _FEATURES = {
 }
 _JPEG_MAGIC = b'\xff\xd8\xff'
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+# The temporary names files are written under until they are renamed
+# (`<name>.tmp-<pid>`: SplitWriter, storage.write_json).
+_TEMPORARY = re.compile(r'(?P<final>.+)\.tmp-\d+')
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:
   """The file name of shard `index` of `num_shards` of a split."""
   return f'{split}-{index:05d}-of-{num_shards:05d}.tfrecord'
+
+
+def is_temporary(name: str) -> bool:
+  """Whether a file name is one a writer here uses until it renames it."""
+  return _TEMPORARY.fullmatch(name) is not None
 
 
 def image_format(encoded: bytes) -> Optional[str]:
