@@ -10,6 +10,7 @@ import dataclasses
 
 from absl import flags as absl_flags
 
+from mpl_tf import storage
 from mpl_tf.data import prepare as prepare_lib
 from mpl_tf.data import splits
 
@@ -116,11 +117,17 @@ def define(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> None:
 
 def to_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
               ) -> prepare_lib.PrepareConfig:
-  """Reads the parsed flags once into a frozen, validated PrepareConfig."""
+  """Reads the parsed flags once into a frozen, validated PrepareConfig.
+
+  The command also refuses an --out_dir on ram://, which the library
+  accepts: the prepared set would vanish with the process (ValueError).
+  """
   config = prepare_lib.PrepareConfig(**{
       field.name: flag_values[field.name].value
       for field in dataclasses.fields(prepare_lib.PrepareConfig)})
-  return prepare_lib.validate(config)
+  prepare_lib.validate(config)
+  storage.check_outlives_process(config.out_dir, 'out_dir')
+  return config
 
 
 def _check_every_field_has_a_flag() -> None:

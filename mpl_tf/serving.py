@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from mpl_tf import export_format
+from mpl_tf.data import image_header
 from mpl_tf.data import records
 
 _PREDICT_BATCH_SIZE = 32
@@ -94,14 +95,28 @@ def as_serving(export: Union[str, ServingModel]) -> ServingModel:
   return export if isinstance(export, ServingModel) else load_serving(export)
 
 
-def _decode_file(path: str) -> np.ndarray:
-  """uint8 RGB [H, W, 3] of a PNG/JPEG/GIF/BMP file; ValueError naming it."""
+def _read_file(path: str) -> bytes:
   try:
     with tf.io.gfile.GFile(path, 'rb') as f:
-      encoded = f.read()
+      return f.read()
   except tf.errors.OpError as error:
     raise ValueError(f'Cannot read image file {path!r}: '
                      f'{error.message}') from None
+
+
+def _decode_file(path: str, serving: Optional[ServingModel] = None
+                 ) -> np.ndarray:
+  """uint8 RGB [H, W, 3] of a PNG/JPEG/GIF/BMP file; ValueError naming it.
+
+  Its size is checked from the header first (image_header.py): against the
+  pixel limit and, given `serving`, against the sizes the export takes, so
+  an image that would be refused is never decoded.
+  """
+  encoded = _read_file(path)
+  header = image_header.check(encoded, repr(path))
+  if header is not None and serving is not None:
+    serving.check_images(tf.TensorSpec([1, header.height, header.width, 3],
+                                       tf.uint8), source=repr(path))
   try:
     return records.decode_image(tf.constant(encoded), channels=3).numpy()
   except tf.errors.OpError as error:
@@ -164,7 +179,7 @@ def predict_files(export: Union[str, ServingModel], paths: Sequence[str],
     by_shape: Dict[tuple, List[int]] = {}
     images = {}
     for index in range(start, min(start + batch_size, len(paths))):
-      image = _decode_file(paths[index])
+      image = _decode_file(paths[index], serving)
       serving.check_images(image[None], source=repr(paths[index]))
       images[index] = image
       by_shape.setdefault(image.shape, []).append(index)

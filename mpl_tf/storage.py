@@ -29,7 +29,7 @@ import os
 import posixpath
 import re
 import uuid
-from typing import Any, Iterator, List, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -39,6 +39,8 @@ from mpl_tf.config import ConfigError
 _SCHEME = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 # File systems whose listings include names that only extend a sibling's.
 _PREFIX_MATCHING = ('ram://',)
+# File systems in the memory of the process that writes them.
+_IN_PROCESS = ('ram://',)
 
 
 def has_scheme(path: str) -> bool:
@@ -93,6 +95,31 @@ def check_reachable(path: str, flag: str) -> None:
                       f'{advice}.') from None
 
 
+def outlives_process(path: str) -> bool:
+  """Whether what is written at `path` is still there when the process ends.
+
+  Not on TF's ram://, which lives in the writing process's memory: the
+  library may use it (tests, in-process pipelines), but a command that
+  writes its result there reports success and leaves nothing behind.
+  """
+  return not path.lower().startswith(_IN_PROCESS)
+
+
+def check_outlives_process(path: str, flag: str) -> None:
+  """ConfigError (a ValueError) naming `--flag` unless `path` outlives the
+  command.
+
+  For the command-line layer: a flag whose directory must still hold the
+  result when the command has ended (a prepared data set, a run).
+  """
+  if not outlives_process(path):
+    raise ConfigError(
+        f'--{flag}={path} is on ram://, TensorFlow\'s in-memory file system, '
+        f'which lives only as long as the process: whatever this command '
+        f'writes there is gone when it ends. Pass a local directory or a '
+        f'bucket path (gs://...) as --{flag}.')
+
+
 def renames_atomically(path: str) -> bool:
   """Whether a directory at `path` can be renamed into place in one step.
 
@@ -121,6 +148,75 @@ def hidden_sibling(path: str, kind: str) -> str:
   parent, name = split(path)
   return os.path.join(parent, f'.{name}.{kind}-{os.getpid()}-'
                               f'{uuid.uuid4().hex[:8]}')
+
+
+def _running(pid: int) -> bool:
+  """Whether process `pid` runs on this machine (signal 0 only probes)."""
+  if pid == os.getpid():
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:   # another user's process
+    return True
+  return True
+
+
+def interrupted_siblings(path: str, kinds: Sequence[str] = ('tmp', 'old')
+                         ) -> List[Tuple[str, str]]:
+  """(path, kind) of `path`'s hidden siblings that dead processes left.
+
+  A process killed (SIGKILL, a crash, power loss) between hidden_sibling()
+  and its own clean-up leaves the sibling behind. Only names exactly of
+  hidden_sibling's form (`.<name>.<kind>-<pid>-<8 hex digits>`) are listed,
+  so no file of a user's is taken for one; nor are those of a process still
+  running on this machine (another run writing the same path).
+  """
+  parent, name = split(path)
+  pattern = re.compile(rf'\.{re.escape(name)}\.'
+                       rf'({"|".join(map(re.escape, kinds))})-(\d+)-'
+                       rf'[0-9a-f]{{8}}')
+  listed = parent or '.'
+  if not tf.io.gfile.isdir(listed):
+    return []
+  found = []
+  for entry in sorted(listdir(listed)):
+    match = pattern.fullmatch(entry)
+    if match and not _running(int(match.group(2))):
+      found.append((os.path.join(parent, entry), match.group(1)))
+  return found
+
+
+def restore_replaced(final_dir: str) -> Optional[str]:
+  """Puts back a directory a killed replace_directory() had moved aside.
+
+  Killed between its two renames, replace_directory leaves `final_dir`
+  missing and the previous directory, whole, in an `.old` sibling; it is
+  renamed back (when there is exactly one). Returns the path it came from.
+  """
+  if tf.io.gfile.exists(final_dir):
+    return None
+  old = [path for path, _ in interrupted_siblings(final_dir, ('old',))]
+  if len(old) != 1:
+    return None
+  tf.io.gfile.rename(old[0], final_dir)
+  return old[0]
+
+
+def remove_interrupted(final_dir: str) -> List[str]:
+  """Deletes what killed writers of `final_dir` left next to it; the paths.
+
+  A `.tmp` sibling is a directory never put in place. An `.old` sibling is
+  deleted only once `final_dir` exists (it is then what a killed
+  replace_directory had replaced; see restore_replaced otherwise).
+  """
+  removed = []
+  for path, kind in interrupted_siblings(final_dir):
+    if kind == 'tmp' or tf.io.gfile.exists(final_dir):
+      rmtree(path)
+      removed.append(path)
+  return removed
 
 
 def _strip_slash(path: str) -> str:

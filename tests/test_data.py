@@ -8,6 +8,7 @@ directory with a small configuration, so the file runs in seconds on a CPU.
 
 import dataclasses
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -15,8 +16,10 @@ import tensorflow as tf
 
 from mpl_tf import config as config_lib
 from mpl_tf.data import offline
+from mpl_tf.data import prepare
 from mpl_tf.data import record_checks
 from mpl_tf.data import records
+from tests.testing import file_hashes
 
 _SMALL_DIGITS = dict(dataset='digits', labeled_per_class=5,
                      num_validation=100, num_test=200, split_seed=3)
@@ -188,6 +191,86 @@ class OfflineTest(tf.test.TestCase):
     with self.assertRaisesRegex(FileNotFoundError,
                                 "a manifest for 'cifar10_4k'"):
       offline.ensure_prepared(data_config)
+
+  def test_training_never_replaces_a_data_set_it_did_not_prepare(self):
+    # Issue 22: training with the flagfile's --dataset=digits and a
+    # --data_dir holding a set prepared by prepare.py ('p27') replaced that
+    # set by digits and exited 0. Each case below is refused, and no file
+    # under the root (every set, and beside them) is added or changed.
+    root = self.get_temp_dir()
+    rng = np.random.default_rng(0)
+    arrays = os.path.join(root, 'arrays.npz')
+    np.savez(arrays, images=rng.integers(0, 256, (24, 8, 8, 3), np.uint8),
+             labels=np.arange(24) % 3, test_labels=np.arange(6) % 3,
+             test_images=rng.integers(0, 256, (6, 8, 8, 3), np.uint8))
+    p27 = os.path.join(root, 'p27')
+    prepare.prepare(prepare.PrepareConfig(
+        source='npz', npz_path=arrays, split_rule='custom',
+        labeled_per_class=2, validation_per_class=1, out_dir=p27))
+    # A user's set named like an offline one: not drawn by training.
+    named_digits = os.path.join(root, 'named_digits')
+    shutil.copytree(p27, named_digits)
+    manifest = records.read_manifest(named_digits)
+    records.write_manifest(named_digits, {**manifest, 'dataset': 'digits'})
+    ours = os.path.join(root, 'ours')
+    shutil.copytree(self.data_config.data_dir, ours)
+    half = os.path.join(root, 'half')   # shards and a note, no manifest
+    records.write_split(half, 'labeled', np.zeros([2, 4, 4, 3], np.uint8),
+                        np.arange(2))
+    damaged = {name: os.path.join(root, name)
+               for name in ('truncated', 'a_list', 'a_directory')}
+    for name, path in damaged.items():
+      shutil.copytree(ours, path)
+    text = records.write_manifest(damaged['truncated'], manifest)
+    for path, content in ((text, '{"dataset": "dig'),
+                          (os.path.join(half, 'notes.txt'), 'mine'),
+                          (os.path.join(damaged['a_list'], 'manifest.json'),
+                           '["digits"]')):
+      with open(path, 'w') as f:
+        f.write(content)
+    os.remove(os.path.join(damaged['a_directory'], 'manifest.json'))
+    os.mkdir(os.path.join(damaged['a_directory'], 'manifest.json'))
+
+    def ensure(data_dir, dataset='digits', **changes):
+      return offline.ensure_prepared(dataclasses.replace(
+          self.data_config, data_dir=data_dir, dataset=dataset, **changes))
+
+    before = file_hashes(root)
+    refusals = [
+        (p27, 'digits', FileNotFoundError,
+         r"--data_dir=\S*p27 holds a manifest for 'p27', not for "
+         r"--dataset=digits.*pass --dataset=p27; .*another --data_dir"),
+        (ours, 'mnist5k', FileNotFoundError,
+         r"manifest for 'digits', not for --dataset=mnist5k.*"
+         r"--dataset=digits"),
+        (half, 'digits', FileNotFoundError,
+         r'no manifest.json but holds files \(labeled-00000-of-00001'
+         r'.tfrecord, notes.txt\).*another --data_dir'),
+        (damaged['truncated'], 'digits', ValueError, 'not valid JSON'),
+        (damaged['a_list'], 'digits', ValueError,
+         'holds a JSON list, not the object of a manifest'),
+        (damaged['a_directory'], 'digits', ValueError, 'cannot be read'),
+    ]
+    for data_dir, dataset, error, pattern in refusals:
+      with self.subTest(os.path.basename(data_dir)):
+        with self.assertRaisesRegex(error, pattern):
+          ensure(data_dir, dataset)
+        self.assertEqual(file_hashes(root), before)
+    # A set of the requested name that training did not draw is used as it
+    # is, whatever its split parameters: never redrawn.
+    self.assertEqual(ensure(named_digits)['split_indices_file'],
+                     'split_indices.npz')
+    self.assertEqual(file_hashes(root), before)
+    # Its own offline set, asked for with another seed, is redrawn (as
+    # before); a file of the user's beside it stays, nothing is left over.
+    with open(os.path.join(ours, 'notes.txt'), 'w') as f:
+      f.write('mine')
+    listing = sorted(os.listdir(root))
+    self.assertEqual(ensure(ours, split_seed=4)['seed'], 4)
+    self.assertEqual(records.read_manifest(ours)['seed'], 4)
+    with open(os.path.join(ours, 'notes.txt')) as f:
+      self.assertEqual(f.read(), 'mine')
+    self.assertEqual(sorted(os.listdir(root)), listing)
 
   def test_prepared_records_pass_the_check(self):
     counts = record_checks.check_dataset(self.data_config.data_dir,

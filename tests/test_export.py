@@ -23,6 +23,7 @@ from mpl_tf import serving as serving_lib
 from mpl_tf.data import augment
 from mpl_tf.data import records
 from mpl_tf.models import build_model
+from tests.testing import png_announcing
 
 _NUM_CLASSES = 10
 _SIZE = 32
@@ -227,6 +228,24 @@ class ExportTest(tf.test.TestCase):
                         _random_images(5, (40, 40, 3)), 'png')
     with self.assertRaisesRegex(ValueError, 'large.png.*40x40.*32x32'):
       serving_lib.predict_files(self.serving, [large])
+
+  def test_predict_files_sizes_each_file_from_its_header_first(self):
+    # Issue 22: a 1.1 MB PNG was decoded to 1.2 GB before its size was
+    # checked. Refused from the header now, by the pixel limit or by the
+    # size a 'pad_crop' export takes, and the decoder is never called.
+    directory = self._new_directory()
+    huge = os.path.join(directory, 'huge.png')
+    tf.io.write_file(huge, png_announcing(20_000, 20_000))
+    large = _write_file(os.path.join(directory, 'large.png'),
+                        _random_images(5, (40, 40, 3)), 'png')
+    with mock.patch.object(records, 'decode_image',
+                           side_effect=AssertionError('decoded')):
+      with self.assertRaisesRegex(
+          ValueError, 'huge.png.*20000x20000 pixels.*limit of 89,478,485 '
+                      'pixels.*refused before decoding'):
+        serving_lib.predict_files(self.inception_serving, [huge])
+      with self.assertRaisesRegex(ValueError, 'large.png.*40x40.*32x32'):
+        serving_lib.predict_files(self.serving, [large])
 
   def test_raw_signature_rejects_wrong_inputs(self):
     signature = self.serving.signature

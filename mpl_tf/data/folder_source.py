@@ -3,9 +3,11 @@
 `open_folder` lists the class sub-folders of a train folder (and of an
 optional test folder); the class index is the position of the sub-folder's
 name in sorted order. RGB JPEG and PNG files are passed through; gray, RGBA,
-GIF or BMP files are converted to RGB PNG. Read in any order asked for. Kept
-apart from the other families (`array_source.py`, `tfds_source.py`), which
-share only the `sources.py` interface with it.
+GIF or BMP files are converted to RGB PNG. Read in any order asked for. Each
+file is sized from its header (`image_header.py`) before it is decoded, so a
+small file announcing a huge image is refused, not decoded. Kept apart from
+the other families (`array_source.py`, `tfds_source.py`), which share only
+the `sources.py` interface with it.
 """
 
 import os
@@ -15,11 +17,19 @@ import numpy as np
 import tensorflow as tf
 
 from mpl_tf import storage
+from mpl_tf.data import image_header
 from mpl_tf.data import records
 from mpl_tf.data import sources
 
 AUTOTUNE = tf.data.AUTOTUNE
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+
+
+def _header_allows_decoding(encoded) -> np.bool_:
+  """image_header.check inside tf.data: raises (the element is dropped)."""
+  image_header.check(encoded.item() if isinstance(encoded, np.ndarray)
+                     else encoded, 'in the stream')
+  return np.bool_(True)
 
 
 def _to_rgb(image: np.ndarray) -> np.ndarray:
@@ -38,11 +48,19 @@ class FolderSplit(sources.SourceSplit):
     self.paths = list(paths)
 
   def _error(self, index: int) -> ValueError:
-    """Decodes one file eagerly to report why it failed, naming it."""
+    """Reads one file eagerly to report why it failed, naming it.
+
+    Its header is checked again first: a file refused for its size is
+    never decoded, here either.
+    """
     path = self.paths[index]
     try:
-      records.decode_image(tf.io.read_file(path), channels=0)
+      encoded = storage.read_bytes(path)
+      image_header.check(encoded, path)
+      records.decode_image(tf.constant(encoded), channels=0)
       reason = 'it could not be read'
+    except ValueError as error:
+      return error
     except tf.errors.OpError as error:
       reason = error.message.strip()
     return ValueError(f'Cannot use image file {path}: {reason}. Remove or '
@@ -55,7 +73,12 @@ class FolderSplit(sources.SourceSplit):
 
     def load(index, path):
       encoded = tf.io.read_file(path)
-      return index, encoded, records.decode_image(encoded, channels=0)
+      # Stateful: a stateless op that only gates another by a control
+      # dependency is pruned from the function, and the check never runs.
+      allowed = tf.numpy_function(_header_allows_decoding, [encoded], tf.bool,
+                                  stateful=True)
+      with tf.control_dependencies([allowed]):
+        return index, encoded, records.decode_image(encoded, channels=0)
 
     dataset = tf.data.Dataset.from_tensor_slices(
         (indices, tf.constant(paths, tf.string)))

@@ -18,6 +18,15 @@ makes every convolution 4x cheaper at 16x16: the README's demo trains on
 `splits.py` and writes them with `dataset_writer.write_prepared`, the
 writer of the data-preparation command; `ensure_prepared` makes a run
 prepare its data only once.
+
+Training prepares these sets by itself, so it must never take another data
+set for one: `ensure_prepared` redraws a directory only when its manifest
+is one `prepare` wrote (an offline name, and the fields only `prepare`
+writes), prepares only into a missing or empty directory, and refuses
+anything else (a set of another name, a damaged manifest, files without a
+manifest) before writing, with the flag that fixes it. A new set is written
+into a hidden sibling first and moved in at the end, manifest last, so a
+run killed while preparing leaves the directory as it was.
 """
 
 import dataclasses
@@ -117,14 +126,31 @@ def load_source(name: str, image_size: int = IMAGE_SIZE
   return images, labels.astype(np.int64)
 
 
-def _remove_old_splits(data_dir: str) -> None:
-  """Deletes the manifest first, so a half-done prepare is never reused."""
-  manifest_path = os.path.join(data_dir, records.MANIFEST_NAME)
-  if tf.io.gfile.exists(manifest_path):
-    tf.io.gfile.remove(manifest_path)
-  for split in records.SPLITS:
-    for path in tf.io.gfile.glob(records.shard_pattern(data_dir, split)):
-      tf.io.gfile.remove(path)
+# The fields only `prepare` writes ('source' as the source's name; other
+# writers record a description there): ensure_prepared compares them with
+# the DataConfig, and their presence tells an offline set from any other.
+_OFFLINE_FIELDS = ('source', 'labeled_per_class', 'num_validation',
+                   'num_test', 'source_indices')
+
+
+def _install(new_dir: str, data_dir: str) -> None:
+  """Moves a finished set into data_dir: the old manifest out first, the new
+  one in last, so a reader (which trusts only a directory with a manifest)
+  never takes a mix. Only files of a prepared set are replaced
+  (records.is_prepared_file); anything else in data_dir stays."""
+  tf.io.gfile.makedirs(data_dir)
+  try:
+    tf.io.gfile.remove(os.path.join(data_dir, records.MANIFEST_NAME))
+  except tf.errors.NotFoundError:
+    pass
+  for name in storage.listdir(data_dir):
+    if records.is_prepared_file(name):
+      tf.io.gfile.remove(os.path.join(data_dir, name))
+  names = sorted(storage.listdir(new_dir),
+                 key=lambda name: name == records.MANIFEST_NAME)
+  for name in names:
+    tf.io.gfile.rename(os.path.join(new_dir, name),
+                       os.path.join(data_dir, name), overwrite=True)
 
 
 def prepare(data_dir: str, source: str, labeled_per_class: int,
@@ -140,27 +166,33 @@ def prepare(data_dir: str, source: str, labeled_per_class: int,
   per-channel mean/std (0..255 scale) of the labeled plus unlabeled images
   (the ones training sees) and the source index of every record. Unlabeled
   records keep their labels, for diagnostics only.
+
+  The shards and manifest in `data_dir` are replaced whatever set they
+  belong to: training calls `ensure_prepared`, which refuses a set it did
+  not prepare before calling this.
   """
   images, labels = load_source(source, image_size)
   params = splits.rule_params('custom', labeled_per_class=labeled_per_class,
                               num_validation=num_validation, num_test=num_test)
   indices = splits.draw(labels, seed, params)
   digit_source = array_source.from_arrays(source, images, labels)
-  _remove_old_splits(data_dir)
   plan = {split: (digit_source.train, indices[split])
           for split in records.SPLITS}
-  return dataset_writer.write_prepared(
-      data_dir, digit_source, plan, dataset=source, split_rule='custom',
-      seed=seed, params=dataclasses.asdict(params), normalization='computed',
-      extra={
-          # The fields `ensure_prepared` compares with the DataConfig.
-          'source': source,
-          'labeled_per_class': labeled_per_class,
-          'num_validation': num_validation,
-          'num_test': num_test,
-          'source_indices': {split: i.tolist()
-                             for split, i in indices.items()},
-      })
+  extra = dict(zip(_OFFLINE_FIELDS, (
+      source, labeled_per_class, num_validation, num_test,
+      {split: i.tolist() for split, i in indices.items()})))
+  storage.remove_interrupted(data_dir)
+  temporary_dir = storage.hidden_sibling(data_dir, 'tmp')
+  try:
+    manifest = dataset_writer.write_prepared(
+        temporary_dir, digit_source, plan, dataset=source,
+        split_rule='custom', seed=seed, params=dataclasses.asdict(params),
+        normalization='computed', extra=extra)
+    _install(temporary_dir, data_dir)
+  finally:
+    if tf.io.gfile.exists(temporary_dir):
+      storage.rmtree(temporary_dir)
+  return manifest
 
 
 def _dataset_name(manifest: Dict[str, Any]) -> Any:
@@ -182,6 +214,19 @@ def _matches(manifest: Dict[str, Any],
   return all(manifest.get(key) == value for key, value in wanted.items())
 
 
+def _is_offline(manifest: Dict[str, Any]) -> bool:
+  """Whether `prepare` wrote this manifest, so training may redraw the set.
+
+  Its name is an offline source's, its 'source' is that name (prepare.py
+  records a description such as 'npz:...' there) and it has every field
+  only `prepare` writes. A set a user prepared under an offline name fails
+  this, and is used as it is or refused, never redrawn.
+  """
+  name = _dataset_name(manifest)
+  return (name in SOURCES and manifest.get('source') == name and
+          all(field in manifest for field in _OFFLINE_FIELDS))
+
+
 def _existing_manifest(data_dir: str):
   try:
     return records.read_manifest(data_dir)
@@ -189,33 +234,73 @@ def _existing_manifest(data_dir: str):
     return None
 
 
+def _other_data_set(data_dir: str, dataset: str,
+                    manifest: Dict[str, Any]) -> FileNotFoundError:
+  """The refusal of a data_dir that holds a set of another name."""
+  name = _dataset_name(manifest)
+  where = (' (training prepares it there)' if dataset in SOURCES else
+           f' and prepare it there with `python prepare.py --out_dir=<dir> '
+           f'--dataset={dataset} ...` (docs/data.md)')
+  if name is None:
+    use = ('its manifest.json names no data set (add "dataset" to it to '
+           'train on it)')
+  else:
+    use = f'to train on that set, pass --dataset={name}'
+  return FileNotFoundError(
+      f'--data_dir={data_dir} holds a manifest for {name!r}, not for '
+      f'--dataset={dataset}, and training never replaces a data set it did '
+      f'not prepare itself: {use}; for {dataset!r}, pass another '
+      f'--data_dir{where}.')
+
+
+def _check_nothing_there(data_dir: str, dataset: str) -> None:
+  """Refuses a data_dir that holds files but no manifest (not ours)."""
+  if not tf.io.gfile.isdir(data_dir):
+    return
+  entries = sorted(storage.listdir(data_dir))
+  if entries:
+    shown = ', '.join(entries[:5]) + (', ...' if len(entries) > 5 else '')
+    raise FileNotFoundError(
+        f'--data_dir={data_dir} has no manifest.json but holds files '
+        f'({shown}): a data set never finished, or files that are not one. '
+        f'Training prepares {dataset!r} only into a new or empty directory '
+        f'and never deletes files it did not write: pass another --data_dir, '
+        f'or empty this one yourself.')
+
+
 def ensure_prepared(data_config: config_lib.DataConfig) -> Dict[str, Any]:
   """The manifest of `data_config.data_dir`, preparing offline data if needed.
 
-  An existing manifest is reused when it was drawn for the requested data
-  set with the requested labeled_per_class, num_validation, num_test,
-  split_seed and image_size; for a data set prepared elsewhere only its
-  name must match (the manifest's 'dataset', or 'source' in manifests
-  written before 'dataset' existed). An offline source is (re)prepared
-  otherwise; any other data set must already be prepared.
+  A set whose manifest names another data set is refused (FileNotFoundError
+  naming --dataset=<its name>, or another --data_dir). An offline set that
+  `prepare` wrote is reused when it was drawn with the requested
+  labeled_per_class, num_validation, num_test, split_seed and image_size,
+  and redrawn otherwise; any other set of the requested name (the
+  manifest's 'dataset', or 'source' in manifests written before 'dataset'
+  existed) is used as it is. Without a manifest, an offline source is
+  prepared into a new or empty directory (a directory holding files is
+  refused); any other data set must be prepared first. A damaged manifest
+  is refused (ValueError). Nothing is written before a refusal.
   """
   data_dir, dataset = data_config.data_dir, data_config.dataset
   manifest = _existing_manifest(data_dir)
+  if manifest is not None and _dataset_name(manifest) != dataset:
+    raise _other_data_set(data_dir, dataset, manifest)
   if dataset in SOURCES:
     check_image_size(dataset, data_config.image_size)
-    if manifest is not None and _matches(manifest, data_config):
+    if manifest is None:
+      _check_nothing_there(data_dir, dataset)
+    elif not _is_offline(manifest) or _matches(manifest, data_config):
       return manifest
     return prepare(data_dir, dataset, data_config.labeled_per_class,
                    data_config.num_validation, data_config.num_test,
                    data_config.split_seed, data_config.image_size)
-  if manifest is not None and _dataset_name(manifest) == dataset:
+  if manifest is not None:
     return manifest
-  found = ('no manifest.json' if manifest is None else
-           f'a manifest for {_dataset_name(manifest)!r}')
   raise FileNotFoundError(
-      f'Data set {dataset!r} is not prepared in {data_dir!r} ({found}). '
-      f'Only the offline data sets ({", ".join(SOURCES)}) are prepared '
-      f'automatically; prepare {dataset!r} with `python '
+      f'Data set {dataset!r} is not prepared in {data_dir!r} (no '
+      f'manifest.json). Only the offline data sets ({", ".join(SOURCES)}) '
+      f'are prepared automatically; prepare {dataset!r} with `python '
       f'prepare.py --out_dir={data_dir} --dataset={dataset} ...` '
       f'(docs/data.md gives the commands for CIFAR-10, SVHN, ImageNet and '
       f'folders of images), or from arrays in code with '

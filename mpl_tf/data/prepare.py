@@ -10,7 +10,11 @@ PrepareConfig and calls `prepare`; this module reads no flags.
 
 `prepare` writes into a hidden sibling of `out_dir` (`.<name>.tmp-...`)
 and puts it in place only when everything is written, so a failed or
-interrupted run leaves the previous `out_dir` (if any) untouched. Every path
+interrupted run leaves the previous `out_dir` (if any) untouched. A run
+killed outright (SIGKILL) leaves its sibling behind: the next `prepare` of
+the same `out_dir` removes it before writing (and first puts back an
+`out_dir` that the killed run had just moved aside), touching only the
+names `storage.hidden_sibling` makes, of processes no longer running. Every path
 may be on any file system TensorFlow reads (gs://...; see `storage.py`): a
 local directory is renamed into place; elsewhere, where a directory rename
 is a copy of each file, the old manifest is removed first and the new one
@@ -236,7 +240,8 @@ def _check_out_dir(out_dir: str, overwrite: bool) -> None:
                        f'empty; pass --overwrite to replace the data set '
                        f'there, or choose another directory.')
   foreign = [entry for entry in entries
-             if not entry.endswith(_PREPARED_SUFFIXES) and '.tmp-' not in entry]
+             if not entry.endswith(_PREPARED_SUFFIXES) and
+             not records.is_temporary(entry)]
   if foreign:
     raise PrepareError(f'--out_dir={out_dir} holds files that are not part '
                        f'of a prepared data set ({sorted(foreign)[:5]}); '
@@ -257,6 +262,10 @@ def prepare(config: PrepareConfig,
   """Runs one preparation; returns the manifest written to config.out_dir."""
   validate(config)
   out_dir = storage.absolute(config.out_dir)
+  restored = storage.restore_replaced(out_dir)
+  if restored:
+    log(f'Put {out_dir} back from {restored}, where a killed run had moved '
+        f'it while replacing it.')
   _check_out_dir(out_dir, config.overwrite)
   log(f'Reading labels of the {config.source} source...')
   source = _open_source(config)
@@ -265,6 +274,8 @@ def prepare(config: PrepareConfig,
                              for split, (_, indices) in plan.items()))
   normalization = resolve_normalization(config.normalization,
                                         config.split_rule, source.name)
+  for path in storage.remove_interrupted(out_dir):
+    log(f'Removed {path}, left by a killed run.')
   temporary_dir = storage.hidden_sibling(out_dir, 'tmp')
   try:
     tf.io.gfile.makedirs(temporary_dir)

@@ -29,6 +29,7 @@ crashed writer never leaves a file that looks finished.
 
 import json
 import os
+import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -48,12 +49,33 @@ _FEATURES = {
     LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
 }
 _JPEG_MAGIC = b'\xff\xd8\xff'
+# The files a prepared set consists of, and the temporary names they are
+# written under (`<name>.tmp-<pid>`: SplitWriter, storage.write_json).
+_SHARD = re.compile(r'(?:labeled|unlabeled|validation|test)-\d{5,}-of-\d{5,}'
+                    r'\.tfrecord')
+_TEMPORARY = re.compile(r'(?P<final>.+)\.tmp-\d+')
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:
   """The file name of shard `index` of `num_shards` of a split."""
   return f'{split}-{index:05d}-of-{num_shards:05d}.tfrecord'
+
+
+def is_temporary(name: str) -> bool:
+  """Whether a file name is one a writer here uses until it renames it."""
+  return _TEMPORARY.fullmatch(name) is not None
+
+
+def is_prepared_file(name: str) -> bool:
+  """Whether a file name is a shard or manifest, or a temporary of one.
+
+  Only files named so are ever removed from a directory a set is replaced
+  in; any other file there is someone else's.
+  """
+  temporary = _TEMPORARY.fullmatch(name)
+  final = temporary.group('final') if temporary else name
+  return final == MANIFEST_NAME or _SHARD.fullmatch(final) is not None
 
 
 def image_format(encoded: bytes) -> Optional[str]:
@@ -334,8 +356,11 @@ def read_manifest(data_dir: str) -> Dict[str, Any]:
   otherwise pass for a file that cannot be read.
   """
   path = os.path.join(data_dir, MANIFEST_NAME)
+  fix = ('Prepare it again into an empty directory: an offline set (mnist5k, '
+         'digits) by training with --dataset set to it, any other with '
+         '`python prepare.py --out_dir=...` (docs/data.md).')
   try:
-    with tf.io.gfile.GFile(path, 'r') as f:
+    with tf.io.gfile.GFile(path, 'rb') as f:
       text = f.read()
   except tf.errors.NotFoundError:
     raise FileNotFoundError(
@@ -345,12 +370,18 @@ def read_manifest(data_dir: str) -> Dict[str, Any]:
         f'--dataset set to it and --data_dir={data_dir}; for any other, run '
         f'`python prepare.py --out_dir={data_dir} ...` (see '
         f'docs/data.md).') from None
+  except tf.errors.OpError as error:
+    raise ValueError(f'{path} cannot be read ({error.message.strip()}): the '
+                     f'prepared data set in {data_dir!r} is damaged. '
+                     f'{fix}') from None
   try:
-    return json.loads(text)
-  except json.JSONDecodeError as error:
+    manifest = json.loads(text)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
     raise ValueError(
         f'{path} is not valid JSON ({error}): the prepared data set in '
-        f'{data_dir!r} is damaged (a copy or write cut off?). Prepare it '
-        f'again into an empty directory: an offline set (mnist5k, digits) '
-        f'by training with --dataset set to it, any other with `python '
-        f'prepare.py --out_dir=...` (docs/data.md).') from None
+        f'{data_dir!r} is damaged (a copy or write cut off?). {fix}') from None
+  if not isinstance(manifest, dict):
+    raise ValueError(f'{path} holds a JSON {type(manifest).__name__}, not '
+                     f'the object of a manifest: the prepared data set in '
+                     f'{data_dir!r} is damaged. {fix}')
+  return manifest
