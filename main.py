@@ -65,6 +65,7 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
   try:
     config = definitions.to_config()
+    definitions.check_paths_outlive_the_command(config)
     if verbose:
       print(config.to_json())
     else:

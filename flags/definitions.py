@@ -233,6 +233,27 @@ def to_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
   return config_lib.validate(config)
 
 
+# main.py's path flags: what it writes (a run, offline data, an export)
+# and what it reads, which TF's in-memory ram:// cannot hold across
+# commands. The library and the tests keep using ram:// in one process.
+_PATH_FIELDS = (('run', 'model_dir'), ('data', 'data_dir'),
+                ('run', 'export_dir'), ('run', 'checkpoint'))
+
+
+def check_paths_outlive_the_command(config: config_lib.Config) -> None:
+  """ConfigError naming the flag whose path is on ram:// (main.py's check)."""
+  # Here, not at the top: storage imports TensorFlow, which main.py imports
+  # only after it has quieted TensorFlow's start-up logging.
+  from mpl_tf import storage  # pylint: disable=g-import-not-at-top
+  paths = [(field, getattr(getattr(config, group), field))
+           for group, field in _PATH_FIELDS]
+  paths += [('predict_files', pattern.strip())
+            for pattern in config.run.predict_files.split(',')]
+  for flag, path in paths:
+    if path:
+      storage.check_outlives_process(path, flag)
+
+
 def _check_every_field_has_one_flag() -> None:
   """Each field gets one flag and one help: its description, or one here."""
   for group, default in _DEFAULTS.items():

@@ -28,6 +28,7 @@ from absl import flags as absl_flags
 
 from flags import definitions
 from mpl_tf import config as config_lib
+from mpl_tf import storage
 from mpl_tf.experiments import ablation
 from mpl_tf.experiments import checks
 from mpl_tf.experiments import two_moon
@@ -117,6 +118,16 @@ def output_dir_default(name: str) -> str:
   return os.path.join('runs', 'experiments', name)
 
 
+def _output_dir(flag_values) -> Optional[str]:
+  """--output_dir, or None (write nothing); refused on ram:// (gone with the
+  process) or where TensorFlow cannot reach it, before anything trains."""
+  output_dir = flag_values['output_dir'].value or None
+  if output_dir:
+    storage.check_outlives_process(output_dir, 'output_dir')
+    storage.check_reachable(output_dir, 'output_dir')
+  return output_dir
+
+
 def _define_output_dir(flag_values, name: str) -> None:
   if 'output_dir' not in flag_values:
     absl_flags.DEFINE_string(
@@ -148,7 +159,7 @@ def two_moon_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS,
   others TwoMoonConfig's defaults."""
   config = dataclasses.replace(
       _TWO_MOON, **{field: flag_values[field].value for field in fields})
-  return config, flag_values['output_dir'].value or None
+  return config, _output_dir(flag_values)
 
 
 # TwoMoonConfig fields the protocol keeps fixed (the rates and step counts
@@ -222,7 +233,7 @@ def two_moon_protocol_config(
       _TWO_MOON, **{f: flag_values[f].value for f in _PROTOCOL_TWO_MOON_FIELDS})
   config = two_moon_protocol.ProtocolConfig(two_moon=two_moon_cfg, **fields)
   config.check()   # before anything trains: every count, grid and seed
-  return config, flag_values['output_dir'].value or None
+  return config, _output_dir(flag_values)
 
 
 def define_two_moon_tuning(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
@@ -259,7 +270,7 @@ def define_report(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
 
 def report_output_dir(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
                       ) -> str:
-  output_dir = flag_values['output_dir'].value
+  output_dir = _output_dir(flag_values)
   if not output_dir:
     raise config_lib.ConfigError(
         '--output_dir: the directory whose results.md is re-rendered from its '

@@ -115,18 +115,27 @@ def define(flag_values: absl_flags.FlagValues = absl_flags.FLAGS) -> None:
                             f'[{group}] {help_text}', flag_values=flag_values)
 
 
+# The flags that name files or directories (read, or written: out_dir).
+_PATH_FLAGS = ('tfds_data_dir', 'train_dir', 'test_dir', 'npz_path', 'out_dir')
+
+
 def to_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
               ) -> prepare_lib.PrepareConfig:
   """Reads the parsed flags once into a frozen, validated PrepareConfig.
 
   The command also refuses an --out_dir on ram://, which the library
-  accepts: the prepared set would vanish with the process (ValueError).
+  accepts: the prepared set would vanish with the process (ValueError);
+  and a path flag whose scheme TensorFlow lacks or whose bucket cannot be
+  reached, named before any work (storage.check_reachable).
   """
   config = prepare_lib.PrepareConfig(**{
       field.name: flag_values[field.name].value
       for field in dataclasses.fields(prepare_lib.PrepareConfig)})
   prepare_lib.validate(config)
   storage.check_outlives_process(config.out_dir, 'out_dir')
+  for flag in _PATH_FLAGS:
+    if getattr(config, flag):
+      storage.check_reachable(getattr(config, flag), flag)
   return config
 
 

@@ -116,8 +116,9 @@ def check_outlives_process(path: str, flag: str) -> None:
     raise ConfigError(
         f'--{flag}={path} is on ram://, TensorFlow\'s in-memory file system, '
         f'which lives only as long as the process: whatever this command '
-        f'writes there is gone when it ends. Pass a local directory or a '
-        f'bucket path (gs://...) as --{flag}.')
+        f'writes there is gone when it ends, and a new command finds it '
+        f'empty. Pass a local directory or a bucket path (gs://...) as '
+        f'--{flag}.')
 
 
 def renames_atomically(path: str) -> bool:

@@ -7,7 +7,9 @@ message naming the flag or variable and the likely fix (docs/reliability.md,
 bad input), raised before a model_dir or data_dir is created.
 """
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -17,6 +19,9 @@ from unittest import mock
 
 import tensorflow as tf
 
+import experiment as experiment_command
+import prepare as prepare_command
+from flags import definitions
 from mpl_tf import app
 from mpl_tf import distribute
 from mpl_tf import storage
@@ -79,6 +84,57 @@ class UnreachablePathTest(tf.test.TestCase):
         # Nothing was prepared or created (the digits set would be).
         self.assertFalse(os.path.exists(data_dir))
         self.assertFalse(os.path.exists(model_dir))
+
+
+class CommandPathTest(tf.test.TestCase):
+  """The commands' own path checks: ram:// (gone with the process) and
+  unreachable paths, refused by main.py, prepare.py and experiment.py
+  before any work; the library keeps accepting ram://."""
+
+  def test_main_py_refuses_ram_for_every_path_flag(self):
+    config = _config('runs/x', 'data/x')
+    definitions.check_paths_outlive_the_command(config)   # local: fine
+    for group, field in (('run', 'model_dir'), ('data', 'data_dir'),
+                         ('run', 'export_dir'), ('run', 'checkpoint'),
+                         ('run', 'predict_files')):
+      with self.subTest(field=field):
+        value = ('a.png,ram://x/b.png' if field == 'predict_files' else
+                 'ram://x')
+        changed = dataclasses.replace(config, **{group: dataclasses.replace(
+            getattr(config, group), **{field: value})})
+        with self.assertRaisesRegex(
+            ConfigError, f'^--{field}=ram://x.* is on ram://.*gone when it '
+            f'ends.*Pass a local directory or a bucket'):
+          definitions.check_paths_outlive_the_command(changed)
+
+  def _run_cli(self, module, argv):
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(
+        io.StringIO()):
+      status = module.run_cli(argv)
+    lines = stderr.getvalue().splitlines()
+    self.assertEqual(status, 2, stderr.getvalue())
+    self.assertLen([l for l in lines if l.startswith('error:')], 1, lines)
+    self.assertNotIn('Traceback', stderr.getvalue())
+    return lines[0]
+
+  def test_prepare_and_experiment_name_unreachable_paths(self):
+    out_dir = os.path.join(_tempdir(self), 'set')
+    line = self._run_cli(prepare_command, [
+        'prepare.py', '--source=folder', '--train_dir=foo://photos',
+        '--split_rule=custom', '--labeled_per_class=2', f'--out_dir={out_dir}'])
+    self.assertStartsWith(line, 'error: --train_dir=foo://photos: TensorFlow '
+                                'has no file system for foo://')
+    self.assertFalse(os.path.exists(out_dir))
+    # (report: were the check gone, it fails at once; two_moon would train)
+    line = self._run_cli(experiment_command, [
+        'experiment.py', 'report', '--output_dir=ram://results'])
+    self.assertStartsWith(line, 'error: --output_dir=ram://results is on '
+                                'ram://')
+    line = self._run_cli(experiment_command, [
+        'experiment.py', 'report', '--output_dir=foo://docs'])
+    self.assertStartsWith(line, 'error: --output_dir=foo://docs: TensorFlow '
+                                'has no file system')
 
 
 class TfConfigTest(tf.test.TestCase):
