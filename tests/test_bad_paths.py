@@ -7,9 +7,7 @@ message naming the flag or variable and the likely fix (docs/reliability.md,
 bad input), raised before a model_dir or data_dir is created.
 """
 
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import re
@@ -26,6 +24,7 @@ from mpl_tf import storage
 from mpl_tf import train
 from mpl_tf.config import ConfigError, RunConfig
 from tests.test_train import _config, _tempdir
+from tests.testing import run_cli_in_process
 
 # What tf.io.gfile.exists raised for a gs:// path on a machine without
 # network (TensorFlow 2.20): the error check_reachable translates.
@@ -106,14 +105,11 @@ class CommandPathTest(tf.test.TestCase):
           definitions.check_paths_outlive_the_command(changed)
 
   def _run_cli(self, module, argv):
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(
-        io.StringIO()):
-      status = module.run_cli(argv)
-    lines = stderr.getvalue().splitlines()
-    self.assertEqual(status, 2, stderr.getvalue())
+    status, stderr = run_cli_in_process(module.run_cli, argv)
+    lines = stderr.splitlines()
+    self.assertEqual(status, 2, stderr)
     self.assertLen([l for l in lines if l.startswith('error:')], 1, lines)
-    self.assertNotIn('Traceback', stderr.getvalue())
+    self.assertNotIn('Traceback', stderr)
     return lines[0]
 
   def test_prepare_and_experiment_name_unreachable_paths(self):

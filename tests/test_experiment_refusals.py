@@ -8,8 +8,6 @@ that slipped through to training shows as a call (and costs nothing), and
 each command's bad values are one table.
 """
 
-import contextlib
-import io
 import os
 from unittest import mock
 
@@ -20,6 +18,7 @@ from mpl_tf import models
 from mpl_tf.experiments import ablation
 from mpl_tf.experiments import two_moon_protocol
 from mpl_tf.experiments import two_moon_tuning
+from tests.testing import run_cli_in_process
 
 _SEEDS = 'seeds of make_moons and the initial weights'
 _TWO_MOON = (
@@ -49,11 +48,7 @@ _BATCH = (
 
 def _run_command(*args):
   """(exit status, stderr) of `python experiment.py *args`, in-process."""
-  stderr = io.StringIO()
-  with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(
-      io.StringIO()):
-    status = experiment.run_cli(['experiment.py', *args])
-  return status, stderr.getvalue()
+  return run_cli_in_process(experiment.run_cli, ['experiment.py', *args])
 
 
 class RefusalTest(tf.test.TestCase):

@@ -7,7 +7,6 @@ per variant, train.run on digits), not the numbers in docs/results.md.
 
 import contextlib
 import dataclasses
-import io
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from mpl_tf.experiments import ablation
 from mpl_tf.experiments import report
 from mpl_tf.experiments import two_moon
 from mpl_tf.experiments import two_moon_tuning
+from tests.testing import run_cli_in_process
 
 TINY = two_moon.TwoMoonConfig(num_steps=5, unlabeled_batch=16, test_points=200)
 
@@ -207,11 +207,7 @@ class ReportTest(tf.test.TestCase):
 
 def _run_command(*args):
   """(exit status, stderr) of `python experiment.py *args`, in-process."""
-  stderr = io.StringIO()
-  with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(
-      io.StringIO()):
-    status = experiment.run_cli(['experiment.py', *args])
-  return status, stderr.getvalue()
+  return run_cli_in_process(experiment.run_cli, ['experiment.py', *args])
 
 
 class CommandTest(tf.test.TestCase):

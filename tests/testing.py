@@ -2,6 +2,8 @@
 
 import hashlib
 import os
+import contextlib
+import io
 import shutil
 import struct
 import tempfile
@@ -38,6 +40,19 @@ def png_announcing(width: int, height: int) -> bytes:
   header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
   return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) +
           chunk(b'IDAT', zlib.compress(b'\x00' * 64)) + chunk(b'IEND', b''))
+
+
+def run_cli_in_process(run_cli, argv):
+  """(exit status, stderr) of a root command's run_cli(argv), stdout dropped.
+
+  The commands (prepare.py, experiment.py) return their status instead of
+  exiting, so their bad-input answers are tested without a process start.
+  """
+  stderr = io.StringIO()
+  with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(
+      io.StringIO()):
+    status = run_cli(list(argv))
+  return status, stderr.getvalue()
 
 
 class DataDirTestCase(tf.test.TestCase):
