@@ -84,6 +84,10 @@ _HELP = {
                'TPU VM).',
         'steps_per_loop': 'Training steps per device loop (one tf.function '
                           'call); logs and summaries follow each loop.',
+        'stop_check_steps': 'A stop request (SIGTERM: stop.sh, a '
+                            'preemption) is checked every this many steps '
+                            'inside a device loop, then a checkpoint is saved '
+                            'and the run ends; 0: only between device loops.',
         'checkpoint_every': 'Steps between checkpoints (a multiple of '
                             'steps_per_loop).',
         'keep_checkpoints': 'Checkpoints kept in model_dir/checkpoints.',

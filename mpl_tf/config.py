@@ -227,6 +227,10 @@ class RunConfig:
   # Steps run on the device per host call (one tf.function with tf.range),
   # like the released code's save_every; logs and summaries follow each.
   steps_per_loop: int = 50
+  # A device loop runs as calls of at most this many steps, with a check for
+  # a stop request (SIGTERM) between them: a stop is honoured within this
+  # many steps, whatever steps_per_loop is (0 = only between device loops).
+  stop_check_steps: int = 100
   checkpoint_every: int = 500    # a multiple of steps_per_loop
   keep_checkpoints: int = 3
   jit_compile: bool = False      # XLA for the replica step (TPU: always)
@@ -403,6 +407,9 @@ def validate(config: Config) -> Config:
   _check_choice('algorithm', run.algorithm, ALGORITHMS)
   _check_choice('nonfinite', run.nonfinite, NONFINITE_POLICIES)
   _check_positive('nonfinite_skip_limit', run.nonfinite_skip_limit)
+  if run.stop_check_steps < 0:
+    raise ConfigError(f'stop_check_steps={run.stop_check_steps} must be >= 0 '
+                      f'(0: check for a stop only between device loops).')
   if run.algorithm == 'pseudo_labels' and (mpl.mpl_weight or mpl.uda_weight):
     raise ConfigError(
         f'algorithm=pseudo_labels is the MPL step without feedback or UDA, '

@@ -53,6 +53,10 @@ class Evaluations:
       self.history = [entry for entry in storage.read_json(self.history_path)
                       if entry['step'] <= restored_step]
 
+  def has(self, step: int) -> bool:
+    """Whether the history holds an evaluation of `step`."""
+    return any(entry['step'] == step for entry in self.history)
+
   def evaluate(self, model: keras.Model, split: str) -> Dict[str, float]:
     return evaluate_split(self.evaluator, self.config, self.manifest, model,
                           split)

@@ -186,15 +186,7 @@ class Phase:
     metrics = {}
     while step < self.num_steps:
       count = min(run.steps_per_loop, self.num_steps - step)
-      try:
-        metrics = {k: float(v) for k, v in
-                   self.loop(iterator, tf.constant(count)).items()}
-      except tf.errors.OpError as error:
-        problem = pipeline.find_input_problem(self.config, self.manifest,
-                                              self.splits, error)
-        if problem is None:
-          raise
-        raise problem from error
+      metrics, stopped_early = self._device_loop(iterator, count)
       step = read_step(self.step_counter)
       skipped = read_step(self.guard.skipped_steps)
       with self.writer.as_default():
@@ -203,21 +195,62 @@ class Phase:
         tf.summary.scalar('health/skipped_steps', skipped, step=step)
       progress.update(step, {k: v for k, v in metrics.items() if k in _SHOWN})
       self._check_finite(step, skipped, metrics)
-      stopping = self.stop.requested()
-      if (stopping or step % run.checkpoint_every == 0 or
-          step == self.num_steps):
+      # (Every worker has the same stopped_early: it came from a vote.)
+      stopping = stopped_early or self.stop.requested()
+      saved = (stopping or step % run.checkpoint_every == 0 or
+               step == self.num_steps)
+      if saved:
         self._save(step)
       if stopping:
-        self.writer.flush()
-        raise cluster.StopRequested(
-            f'{self.name}: stopped by a stop request (SIGTERM) at step '
-            f'{step} of {self.num_steps}, after saving {self._last_checkpoint()}'
-            f'. Run the same command again to resume from there.')
+        self._stop(step)
       if on_eval and run.eval_every and step % run.eval_every == 0:
         on_eval(step)
+        # A stop asked for during the evaluation ends the run now, not a
+        # device loop later (the evaluation itself runs to its end).
+        if self.stop.requested():
+          if not saved:
+            self._save(step)
+          self._stop(step)
     progress.close()
     self.writer.flush()
     return metrics
+
+  def _device_loop(self, iterator, count: int):
+    """Runs `count` steps; returns (their mean metrics, stopped early).
+
+    The steps run as calls of the loop of at most run.stop_check_steps
+    steps each, with a vote on a stop request between two calls, so a
+    SIGTERM (a preemption, stop.sh) is honoured within that many steps
+    however long the device loop is. Every worker runs the same calls and
+    votes at the same points (the vote is a collective). Each call costs one
+    host round trip; the metrics are the step-weighted mean of the calls'.
+    """
+    chunk = self.config.run.stop_check_steps or count
+    done, sums = 0, {}
+    while done < count:
+      steps = min(chunk, count - done)
+      try:
+        means = self.loop(iterator, tf.constant(steps))
+      except tf.errors.OpError as error:
+        problem = pipeline.find_input_problem(self.config, self.manifest,
+                                              self.splits, error)
+        if problem is None:
+          raise
+        raise problem from error
+      for name, value in means.items():
+        sums[name] = sums.get(name, 0.0) + float(value) * steps
+      done += steps
+      if done < count and self.stop.requested():
+        break
+    return {name: total / done for name, total in sums.items()}, done < count
+
+  def _stop(self, step: int) -> None:
+    """Ends the run on a stop request, after the checkpoint of `step`."""
+    self.writer.flush()
+    raise cluster.StopRequested(
+        f'{self.name}: stopped by a stop request (SIGTERM) at step '
+        f'{step} of {self.num_steps}, after saving {self._last_checkpoint()}'
+        f'. Run the same command again to resume from there.')
 
   def _save(self, step: int) -> None:
     """A checkpoint of the state at `step`, never one holding NaN or Inf."""

@@ -25,6 +25,7 @@ from mpl_tf.data import records
 # Run fields that may change between a run and its resumption.
 _RESUMABLE_RUN_FIELDS = (
     'mode', 'model_dir', 'strategy', 'tpu', 'steps_per_loop',
+    'stop_check_steps',
     'checkpoint_every', 'keep_checkpoints', 'jit_compile', 'eval_every',
     'eval_batch_size', 'eval_median_last', 'eval_all_networks',
     'export_dir', 'checkpoint', 'predict_files', 'nonfinite',

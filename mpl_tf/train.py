@@ -102,7 +102,14 @@ def _run(config: Config, strategy, manifest,
 
   evaluations = Evaluations(config, strategy, manifest, training.selected,
                              model_dir, training.others)
-  evaluations.load_history(training.phase.restore())
+  restored = training.phase.restore()
+  evaluations.load_history(restored)
+  if (run_cfg.eval_every and 0 < restored < optim_cfg.num_steps and
+      restored % run_cfg.eval_every == 0 and not evaluations.has(restored)):
+    # The checkpoint of an evaluation step is saved before the evaluation;
+    # a run killed during it (stop.sh's wait ran out, a preemption) resumes
+    # here and evaluates that step first, so no evaluation is lost.
+    evaluations.record(restored)
   costs = phase_costs(config)
   start = time.time()
   training.phase.train(evaluations.record, sum(costs[1:]) / costs[0] *

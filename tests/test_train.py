@@ -142,9 +142,11 @@ class TrainEndToEndTest(DataDirTestCase):
   def test_resume_continues_at_the_checkpoint_with_every_network(self):
     # A 3-step run; then its last checkpoint is taken away, as if the run
     # had been killed after step 2, and the run is started again.
+    # The kill came during the evaluation of step 2, after its checkpoint
+    # was saved: eval_history.json holds no step 2 either.
     model_dir = _tempdir(self)
     config = _config(model_dir, self.data_dir, '--nosupervised_baseline',
-                     '--eval_every=0')
+                     '--eval_every=2', '--noeval_all_networks')
     train.run(config)
     directory = os.path.join(model_dir, 'checkpoints')
     straight = _variables_of_every_network(tf.train.latest_checkpoint(
@@ -155,12 +157,21 @@ class TrainEndToEndTest(DataDirTestCase):
     tf.compat.v1.train.update_checkpoint_state(
         directory, os.path.join(directory, 'ckpt-2'),
         [os.path.join(directory, f'ckpt-{i}') for i in (1, 2)])
+    history_path = os.path.join(model_dir, 'eval_history.json')
+    with open(history_path) as f:
+      evaluated = json.load(f)
+    self.assertEqual([entry['step'] for entry in evaluated], [2, 3])
+    with open(history_path, 'w') as f:
+      json.dump([], f)
 
     with self.assertRaisesRegex(ConfigError, 'num_steps: 3 -> 4'):
       # The same model_dir with another configuration is refused.
       train.run(dataclasses.replace(
           config, optim=dataclasses.replace(config.optim, num_steps=4)))
     train.run(config)
+    # The lost evaluation of step 2 ran again when the run resumed there.
+    with open(history_path) as f:
+      self.assertEqual([entry['step'] for entry in json.load(f)], [2, 3])
     resumed = _variables_of_every_network(tf.train.latest_checkpoint(
         directory))
     self.assertEqual(set(resumed), set(straight))
