@@ -19,10 +19,11 @@ row in the global batch): the same for any number of replicas and whichever
 replica holds the row.
 
 The rounds are int64 ops on 32-bit words (each 32 x 32-bit product in two
-16-bit halves, so no value exceeds 2^49): exact integer arithmetic on every
-backend, so the rows are the same bits on CPU, GPU and under XLA (TPU), which
-the stateless op's own XLA lowering is not (it orders its outputs otherwise).
-tests/test_row_noise.py checks the rows against TensorFlow's kernel.
+16-bit halves, so no value exceeds 2^49): exact integer arithmetic, so the
+rows do not depend on the backend or on XLA (TPU steps are compiled), unlike
+the stateless op itself, whose XLA lowering orders its outputs otherwise.
+tests/test_row_noise.py checks the rows against TensorFlow's CPU kernel,
+with and without XLA.
 """
 
 from typing import List, Sequence, Union
