@@ -9,6 +9,7 @@ cross-replica sum of the gradients).
 import tensorflow as tf
 
 from mpl_tf import config as config_lib
+from mpl_tf import row_noise
 
 # Keeps log(-log(u)) finite for the Gumbel noise of sampled pseudo labels.
 _TINY = 1e-20
@@ -37,20 +38,28 @@ def cross_entropy(target_probs: tf.Tensor, logits: tf.Tensor,
   return tf.reduce_sum(per_example) / tf.cast(global_count, logits.dtype)
 
 
+def _static_or_dynamic_shape(matrix: tf.Tensor):
+  """[rows, columns] of a matrix: Python ints where static (XLA's need)."""
+  dynamic = tf.shape(matrix)
+  return [dynamic[i] if size is None else size
+          for i, size in enumerate(matrix.shape.as_list())]
+
+
 def one_hot(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
   return tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
 
 
 def pseudo_labels(teacher_logits: tf.Tensor, mode: str, seed: tf.Tensor,
-                  first_row=0, global_rows=None):
+                  first_row=0):
   """Draws the pseudo label y_hat from the teacher's distribution P(.|x_u).
 
   Sampling uses the Gumbel-max trick, argmax(logits + Gumbel noise), which
-  draws exactly from softmax(logits). The noise is drawn for the whole global
-  batch from one stateless seed and each replica takes its own rows, so an
-  example's label depends on (seed, step, its row in the global batch) only:
-  one device and any number of replicas draw the same labels, and a resumed
-  run draws the labels it would have drawn.
+  draws exactly from softmax(logits). The noise of row g of the global batch
+  is row g of one stateless [N, K] uniform draw from `seed`, and each replica
+  draws only its own rows (`row_noise.uniform_rows`), so an example's label
+  depends on (seed, step, its row in the global batch) only: one device and
+  any number of replicas draw the same labels, a resumed run draws the labels
+  it would have drawn, and no replica draws the other replicas' noise.
 
   Args:
     teacher_logits: [N, K] teacher logits on this replica's unlabeled view.
@@ -58,7 +67,6 @@ def pseudo_labels(teacher_logits: tf.Tensor, mode: str, seed: tf.Tensor,
       'soft' (P itself, the released code).
     seed: int64 [2] seed of the stateless sampler (run seed and step).
     first_row: this replica's first row in the global unlabeled batch.
-    global_rows: rows of the global unlabeled batch (None: N, one replica).
 
   Returns:
     (target_probs [N, K], label_ids [N] int32). Both carry no gradient. For
@@ -67,14 +75,10 @@ def pseudo_labels(teacher_logits: tf.Tensor, mode: str, seed: tf.Tensor,
   config_lib._check_choice('pseudo_label', mode, config_lib.PSEUDO_LABELS)
   teacher_logits = tf.stop_gradient(teacher_logits)
   if mode == 'sampled':
-    rows = tf.shape(teacher_logits)[0]
-    classes = tf.shape(teacher_logits)[1]
-    total = rows if global_rows is None else global_rows
-    uniform = tf.random.stateless_uniform(
-        tf.stack([total, classes]), seed, minval=_TINY, maxval=1.0)
+    rows, classes = _static_or_dynamic_shape(teacher_logits)
+    uniform = row_noise.uniform_rows(seed, first_row, rows, classes,
+                                     minval=_TINY, maxval=1.0)
     gumbel = -tf.math.log(-tf.math.log(uniform))
-    gumbel = tf.slice(gumbel, tf.stack([first_row, 0]),
-                      tf.stack([rows, classes]))
     label_ids = tf.argmax(tf.cast(teacher_logits, tf.float32) + gumbel,
                           axis=-1, output_type=tf.int32)
   else:

@@ -187,13 +187,14 @@ class MplStep:
     teacher_logits = teacher_pass.forward()
 
     # Algorithm 1: Sample a pseudo label y_hat_u ~ P(. | x_u; theta_T)
-    # (drawn for the global batch, so any replica layout draws the same).
-    replica_id = replica_context.replica_id_in_sync_group
+    # (each replica draws the noise of its own rows, keyed by their rows in
+    # the global batch: any replica layout draws the same labels).
+    first_row = replica_context.replica_id_in_sync_group * local_unlabeled
     sample_seed = tf.stack([self.step,
                             tf.convert_to_tensor(self.seed, tf.int64)])
     pseudo_targets, pseudo_label_ids = losses.pseudo_labels(
         teacher_logits[cfg.student_view], cfg.pseudo_label, sample_seed,
-        first_row=replica_id * local_unlabeled, global_rows=n_unlabeled)
+        first_row=first_row)
 
     # Algorithm 1: Update the student using the pseudo label y_hat_u:
     # Algorithm 1:   theta_S(t+1) = theta_S(t)
