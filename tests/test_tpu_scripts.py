@@ -9,7 +9,11 @@ this repository (or, after install.sh, the copy it sent) and whose venv
 in place of main.py, prints its arguments and TPU environment and, when
 training, runs until SIGTERM, then says it saved a checkpoint and exits.
 So the VM-side scripts (tpu_scripts/vm/) run for real: the detached
-training run, its log file, stop by SIGTERM, the log's copy to GCS.
+training run, its log file, stop by SIGTERM, the log's copy to GCS, and
+setup.sh's version check (vm/check_versions.py) on the stand-in venv's
+package records, with fake runtime images and TPU runtime unit files. The
+stand-in gcloud also answers a zone's image list and a project's firewall
+rules, for create_tpu.sh's choices.
 """
 
 import glob
