@@ -603,10 +603,13 @@ class TpuScriptsTest(unittest.TestCase):
     self.assertNotEqual(result.returncode, 0)
     self.assertIn('accelerator type', result.stderr)
 
-  def _bash(self, command):
+  def _bash(self, command, **env):
+    """Runs COMMAND after sourcing common.sh, with the stand-ins first."""
     return subprocess.run(
         ['bash', '-c', f'source {SCRIPTS_DIR}/common.sh && {command}'],
-        capture_output=True, text=True)
+        capture_output=True, text=True,
+        env={'PATH': f'{self.bin_dir}:/usr/bin:/bin',
+             'FAKE_CALLS': self.calls_path, 'FAKE_VM_HOME': self.vm, **env})
 
   def _create_call(self, calls):
     creates = [c for c in calls if c[:5] == ['gcloud', 'compute', 'tpus',
@@ -699,21 +702,38 @@ class TpuScriptsTest(unittest.TestCase):
 
   def test_create_refuses_a_network_open_to_the_internet(self):
     open_rule = 'tf-open|default|INGRESS|0.0.0.0/0|tcp:8470-8476|False||'
-    for name, rules, env, creates in (
-        ('the default network\'s own rules', DEFAULT_NETWORK_RULES, {}, True),
-        ('every port to the internet',
-         DEFAULT_NETWORK_RULES + '\nall-open|default|INGRESS|0.0.0.0/0|all|'
-         'False||', {}, False),
-        ('TPU runtime ports to the internet', open_rule, {}, False),
+    # Which rules count (common.sh's open_ingress_rules, on network default).
+    for name, rules, network, found in (
+        ('the default network\'s own rules', DEFAULT_NETWORK_RULES, 'default',
+         ''),
+        ('every port', 'all-open|default|INGRESS|0.0.0.0/0|all|False||',
+         'default', 'all-open allows all from 0.0.0.0/0'),
+        ('TPU runtime ports', open_rule, 'default',
+         'tf-open allows tcp:8470-8476 from 0.0.0.0/0'),
+        ('SSH and more', 'ssh-web|default|INGRESS|0.0.0.0/0|tcp:22,tcp:80|'
+         'False||', 'default', 'ssh-web allows tcp:22,tcp:80 from 0.0.0.0/0'),
         ('IPv6 internet', 'v6|default|INGRESS|10.0.0.0/8,::/0|tcp|False||',
-         {}, False),
-        ('disabled', open_rule.replace('|False|', '|True|'), {}, True),
-        ('tagged VMs only', open_rule + 'web', {}, True),
-        ('another network', open_rule, {'NETWORK': 'private'}, True),
+         'default', 'v6 allows tcp from 10.0.0.0/8,::/0'),
+        ('disabled', open_rule.replace('|False|', '|True|'), 'default', ''),
+        ('tagged VMs only', open_rule + 'web', 'default', ''),
+        ('service account only', open_rule + '|sa@p.iam', 'default', ''),
+        ('egress', open_rule.replace('INGRESS', 'EGRESS'), 'default', ''),
+        ('another network', open_rule, 'private', ''),
         ('an office range', open_rule.replace('0.0.0.0/0', '203.0.113.0/24'),
-         {}, True),
-        ('overridden', open_rule, {'ALLOW_OPEN_INGRESS': '1'}, True)):
+         'default', '')):
       with self.subTest(name):
+        result = self._bash(f'open_ingress_rules {network}', PROJECT='p',
+                            FAKE_FIREWALL_RULES=rules)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), found)
+    self._calls()
+    # create_tpu.sh: refused before creating anything, or created on NETWORK.
+    for rules, env, creates in (
+        (DEFAULT_NETWORK_RULES, {}, True),
+        (DEFAULT_NETWORK_RULES + '\n' + open_rule, {}, False),
+        (open_rule, {'NETWORK': 'private'}, True),
+        (open_rule, {'ALLOW_OPEN_INGRESS': '1'}, True)):
+      with self.subTest(rules=rules, env=env):
         result = self._run('create_tpu.sh', ACCELERATOR_TYPE='v3-8',
                            FAKE_FIREWALL_RULES=rules, **env, **ENV)
         calls = self._calls('gcloud')
@@ -726,10 +746,11 @@ class TpuScriptsTest(unittest.TestCase):
           self.assertIsNone(create)
           self.assertIn('network default lets the internet reach',
                         result.stderr)
-          self.assertRegex(result.stderr, r'(tf-open|all-open|v6) allows ')
+          self.assertIn('tf-open allows tcp:8470-8476 from 0.0.0.0/0',
+                        result.stderr)
           self.assertIn('ALLOW_OPEN_INGRESS=1', result.stderr)
         listed = [c for c in calls if 'firewall-rules' in c]
-        self.assertEqual(len(listed), 0 if 'ALLOW_OPEN_INGRESS' in env else 1)
+        self.assertLen(listed, 0 if 'ALLOW_OPEN_INGRESS' in env else 1)
 
   # train.sh, logs.sh, stop.sh
 

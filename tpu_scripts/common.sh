@@ -177,6 +177,42 @@ base_runtime() {
   esac
 }
 
+# open_ingress_rules NETWORK: prints "NAME allows ALLOWED from SOURCES" for
+# each enabled ingress rule of NETWORK (in PROJECT) that applies to every VM
+# (no target tags or service accounts) and lets the internet (0.0.0.0/0,
+# ::/0) reach more than tcp:22 (SSH), tcp:3389 (RDP: the `default` network's
+# own rule; nothing listens there on a TPU VM) and ICMP.
+open_ingress_rules() {
+  local network="$1" rules name rule_network direction sources allowed disabled
+  local target_tags target_accounts item open format
+  format="value[separator='|'](name,network.basename(),direction,"
+  format+="sourceRanges.list(),allowed[].map().firewall_rule().list(),"
+  format+="disabled,targetTags.list(),targetServiceAccounts.list())"
+  rules="$(gcloud compute firewall-rules list --project="${PROJECT}" \
+    --format="${format}")" \
+    || error "could not list the firewall rules of project ${PROJECT}" \
+      "(gcloud compute firewall-rules list); set ALLOW_OPEN_INGRESS=1 to skip" \
+      "this check"
+  while IFS='|' read -r name rule_network direction sources allowed \
+    disabled target_tags target_accounts; do
+    [[ -n "${name}" && "${rule_network}" == "${network}" ]] || continue
+    [[ "${direction}" == INGRESS && "${disabled,,}" != true ]] || continue
+    [[ -z "${target_tags}${target_accounts}" ]] || continue
+    [[ ",${sources}," == *,0.0.0.0/0,* || ",${sources}," == *,::/0,* ]] \
+      || continue
+    open=""
+    for item in ${allowed//,/ }; do
+      case "${item}" in
+        tcp:22 | tcp:3389 | icmp) ;;
+        *) open=1 ;;
+      esac
+    done
+    if [[ -n "${open}" ]]; then
+      echo "${name} allows ${allowed} from ${sources}"
+    fi
+  done <<<"${rules}"
+}
+
 # tpu_ssh WORKER COMMAND: runs COMMAND on the TPU VM's worker(s) ('all' or 0).
 tpu_ssh() {
   gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --project="${PROJECT}" \

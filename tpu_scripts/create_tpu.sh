@@ -6,9 +6,11 @@
 # requirements.txt pins, for the TPU's generation and size (README.md, "TPU
 # software"): the first of common.sh's tf_runtime_candidates that
 # `gcloud compute tpus tpu-vm versions list` offers in ZONE, e.g.
-#   v3-8, v4-8, v5p-8:      tpu-vm-tf-X.Y.Z-pjrt-v5p-and-below, tpu-vm-tf-X.Y.Z-pjrt
-#   v5litepod-8, v6e-8:     tpu-vm-tf-X.Y.Z-pjrt-v5e-and-v6,    tpu-vm-tf-X.Y.Z-pjrt
-#   pod slices (v4-32...):  the same with -pod after X.Y.Z
+#   v3-8, v4-8, v5p-8:   tpu-vm-tf-X.Y.Z-pjrt-v5p-and-below, else
+#                        tpu-vm-tf-X.Y.Z-pjrt
+#   v5litepod-8, v6e-8:  tpu-vm-tf-X.Y.Z-pjrt-v5e-and-v6, else
+#                        tpu-vm-tf-X.Y.Z-pjrt
+#   pod slices (v4-32, v6e-16...): the same with -pod after X.Y.Z
 # If the zone offers none: one host gets Google's framework-neutral image
 # for its generation (tpu-ubuntu2204-base, v2-alpha-tpuv5, ...), since the
 # venv brings TensorFlow and libtpu; a pod slice is refused, since every
@@ -30,39 +32,8 @@ require_env PROJECT ZONE TPU_NAME ACCELERATOR_TYPE BUCKET
 
 network="${NETWORK:-default}"
 
-# open_ingress_rules: prints "NAME allows ALLOWED from SOURCES" for each
-# enabled ingress rule of ${network} that applies to every VM (no target tags
-# or service accounts) and lets the internet reach more than SSH, RDP, ICMP.
-open_ingress_rules() {
-  local rules name rule_network direction sources allowed disabled
-  local target_tags target_accounts item open
-  rules="$(gcloud compute firewall-rules list --project="${PROJECT}" \
-    --format="value[separator='|'](name,network.basename(),direction,sourceRanges.list(),allowed[].map().firewall_rule().list(),disabled,targetTags.list(),targetServiceAccounts.list())")" \
-    || error "could not list the firewall rules of project ${PROJECT}" \
-      "(gcloud compute firewall-rules list); set ALLOW_OPEN_INGRESS=1 to skip" \
-      "this check"
-  while IFS='|' read -r name rule_network direction sources allowed \
-    disabled target_tags target_accounts; do
-    [[ -n "${name}" && "${rule_network}" == "${network}" ]] || continue
-    [[ "${direction}" == INGRESS && "${disabled,,}" != true ]] || continue
-    [[ -z "${target_tags}${target_accounts}" ]] || continue
-    [[ ",${sources}," == *,0.0.0.0/0,* || ",${sources}," == *,::/0,* ]] \
-      || continue
-    open=""
-    for item in ${allowed//,/ }; do
-      case "${item}" in
-        tcp:22 | tcp:3389 | icmp) ;;  # SSH, and the default network's RDP
-        *) open=1 ;;
-      esac
-    done
-    if [[ -n "${open}" ]]; then
-      echo "${name} allows ${allowed} from ${sources}"
-    fi
-  done <<<"${rules}"
-}
-
 if [[ "${ALLOW_OPEN_INGRESS:-}" != 1 ]]; then
-  open_rules="$(open_ingress_rules)"
+  open_rules="$(open_ingress_rules "${network}")"
   if [[ -n "${open_rules}" ]]; then
     {
       echo "error: $(basename "$0"): network ${network} lets the internet" \
