@@ -9,16 +9,22 @@ this repository (or, after install.sh, the copy it sent) and whose venv
 in place of main.py, prints its arguments and TPU environment and, when
 training, runs until SIGTERM, then says it saved a checkpoint and exits.
 So the VM-side scripts (tpu_scripts/vm/) run for real: the detached
-training run, its log file, stop by SIGTERM, the log's copy to GCS.
+training run, its log file, stop by SIGTERM, the log's copy to GCS, and
+setup.sh's version check (vm/check_versions.py) on the stand-in venv's
+package records, with fake runtime images and TPU runtime unit files. The
+stand-in gcloud also answers a zone's image list and a project's firewall
+rules, for create_tpu.sh's choices.
 """
 
 import glob
+import importlib.util
 import json
 import os
 import re
 import shlex
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -36,11 +42,35 @@ TPU_SCRIPTS = sorted(
 VM_SCRIPTS = sorted(glob.glob(os.path.join(SCRIPTS_DIR, 'vm', '*.sh')))
 ENV = dict(PROJECT='p', ZONE='europe-west4-a', TPU_NAME='t', BUCKET='b')
 LIBTPU_TF_INDEX = 'https://storage.googleapis.com/libtpu-tf-releases/index.html'
+# The libtpu released with each pinned tensorflow-tpu (README.md, "TPU
+# software": tensorflow-tpu 2.20.0's wheel asks for libtpu~=0.0.14, 0.0.14
+# its floor; 2.19.1 pinned ==0.0.10, 2.18.0 ==2.18.0), and the newest 0.0.x
+# on PyPI when this was written, which pip would take without a pin.
+PAIRED_LIBTPU = {'2.20.0': '0.0.14'}
+NEWEST_LIBTPU = '0.0.52'
+# Google's pre-populated rules of a project's `default` network, as
+# create_tpu.sh's --format prints them (name|network|direction|sources|
+# allowed|disabled|target tags|target service accounts).
+DEFAULT_NETWORK_RULES = '\n'.join((
+    'default-allow-internal|default|INGRESS|10.128.0.0/9|'
+    'tcp:0-65535,udp:0-65535,icmp|False||',
+    'default-allow-ssh|default|INGRESS|0.0.0.0/0|tcp:22|False||',
+    'default-allow-rdp|default|INGRESS|0.0.0.0/0|tcp:3389|False||',
+    'default-allow-icmp|default|INGRESS|0.0.0.0/0|icmp|False||'))
 
 
 def _pinned_tf_version():
   with open(os.path.join(REPO, 'requirements.txt')) as f:
     return re.search(r'^tensorflow==(\S+)$', f.read(), re.M).group(1)
+
+
+def _load_check_versions():
+  """tpu_scripts/vm/check_versions.py as a module (it is not in a package)."""
+  spec = importlib.util.spec_from_file_location(
+      'check_versions', os.path.join(SCRIPTS_DIR, 'vm', 'check_versions.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def _write_executable(path, text):
@@ -50,8 +80,11 @@ def _write_executable(path, text):
 
 
 # Stand-in gcloud: records its arguments; `describe` answers the accelerator
-# type; `scp` copies into the stand-in VM; `ssh --command=C` runs C there
-# with a VM's environment (not this one's: no PROJECT, TPU_NAME...).
+# type (and the runtime image, when asked); `versions list` answers the
+# images of FAKE_RUNTIME_VERSIONS, `firewall-rules list` the rules of
+# FAKE_FIREWALL_RULES (as the scripts' --format prints them); `scp` copies
+# into the stand-in VM; `ssh --command=C` runs C there with a VM's
+# environment (not this one's: no PROJECT, TPU_NAME...).
 _GCLOUD = '''#!{python}
 import json, os, shutil, subprocess, sys
 args = sys.argv[1:]
@@ -59,7 +92,15 @@ with open(os.environ['FAKE_CALLS'], 'a') as f:
   f.write(json.dumps(['gcloud'] + args) + '\\n')
 vm = os.environ['FAKE_VM_HOME']
 if 'describe' in args:
-  print(os.environ.get('FAKE_ACCELERATOR_TYPE', 'v3-8'))
+  accelerator = os.environ.get('FAKE_ACCELERATOR_TYPE', 'v3-8')
+  if any('runtimeVersion' in a for a in args):
+    print(accelerator + '\\t' + os.environ.get('FAKE_RUNTIME_VERSION', ''))
+  else:
+    print(accelerator)
+elif 'versions' in args and 'list' in args:
+  print('\\n'.join(os.environ.get('FAKE_RUNTIME_VERSIONS', '').split()))
+elif 'firewall-rules' in args and 'list' in args:
+  print(os.environ.get('FAKE_FIREWALL_RULES', ''))
 elif 'scp' in args:
   source, target = args[args.index('scp') + 1:args.index('scp') + 3]
   shutil.copy(source, os.path.join(vm, target.split(':', 1)[1]))
@@ -106,8 +147,9 @@ shutil.copy(os.path.join({bin!r}, 'venv-python-stand-in'),
 
 # Stand-in for the venv's python.
 _VENV_PYTHON = '''#!{python}
-import json, os, re, signal, sys, time
+import json, os, re, shutil, signal, sys, time
 REAL_PYTHON = {python!r}
+NEWEST_LIBTPU = {newest_libtpu!r}
 venv = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 site = os.path.join(venv, 'site')
 args = sys.argv[1:]
@@ -116,6 +158,10 @@ with open(os.environ['FAKE_CALLS'], 'a') as f:
 
 def install(name, version):
   os.makedirs(site, exist_ok=True)
+  for old in os.listdir(site):  # pip keeps one version of a package
+    if (old.endswith('.dist-info') and
+        old[:-len('.dist-info')].rsplit('-', 1)[0] == name.replace('-', '_')):
+      shutil.rmtree(os.path.join(site, old))
   info = os.path.join(site, f"{{name.replace('-', '_')}}-{{version}}.dist-info")
   os.makedirs(info, exist_ok=True)
   with open(os.path.join(info, 'METADATA'), 'w') as f:
@@ -139,7 +185,8 @@ if args[:3] == ['-m', 'pip', 'install']:
   wanted += os.environ.get('FAKE_PIP_ALSO', '').split()
   names = [w.split('==')[0] for w in wanted]
   if 'tensorflow-tpu' in names and 'libtpu' not in names:
-    wanted.append('libtpu==0.0.14')  # what tensorflow-tpu asks for
+    # tensorflow-tpu 2.20.0 asks for libtpu~=0.0.14: pip takes the newest.
+    wanted.append('libtpu==' + NEWEST_LIBTPU)
   for requirement in wanted:
     install(*requirement.split('=='))
   sys.exit(0)
@@ -182,7 +229,8 @@ class TpuScriptsTest(unittest.TestCase):
                        ('venv-python-stand-in', _VENV_PYTHON)):
       _write_executable(os.path.join(self.bin_dir, name),
                         text.format(python=sys.executable,
-                                    bin=self.bin_dir))
+                                    bin=self.bin_dir,
+                                    newest_libtpu=NEWEST_LIBTPU))
     self.addCleanup(self._kill_runs)
 
   def _kill_runs(self):
@@ -224,11 +272,18 @@ class TpuScriptsTest(unittest.TestCase):
     os.remove(self.calls_path)
 
   def _run(self, script, *args, **env):
+    tf_version = _pinned_tf_version()
     return subprocess.run(
         ['bash', os.path.join(SCRIPTS_DIR, script), *args],
         capture_output=True, text=True, timeout=60,
         env={'PATH': f'{self.bin_dir}:/usr/bin:/bin',
-             'FAKE_CALLS': self.calls_path, 'FAKE_VM_HOME': self.vm, **env})
+             'FAKE_CALLS': self.calls_path, 'FAKE_VM_HOME': self.vm,
+             # The zone offers the documented TensorFlow images.
+             'FAKE_RUNTIME_VERSIONS': f'tpu-vm-tf-{tf_version}-pjrt '
+                                      f'tpu-vm-tf-{tf_version}-pod-pjrt '
+                                      'tpu-vm-tf-2.16.1-pjrt '
+                                      'tpu-ubuntu2204-base',
+             'FAKE_FIREWALL_RULES': DEFAULT_NETWORK_RULES, **env})
 
   def _calls(self, tool=None):
     if not os.path.exists(self.calls_path):
@@ -310,17 +365,20 @@ class TpuScriptsTest(unittest.TestCase):
   def test_install_puts_tensorflow_tpu_in_a_python_3_11_venv_on_every_worker(
       self):
     tf_version = _pinned_tf_version()
-    result = self._run('install.sh', **ENV)
+    image = f'tpu-vm-tf-{tf_version}-pjrt'
+    result = self._run('install.sh', FAKE_RUNTIME_VERSION=image, **ENV)
     self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
     calls = self._calls()
     gcloud = [c for c in calls if c[0] == 'gcloud']
-    self.assertIn('scp', gcloud[0])
-    self.assertIn('--worker=all', gcloud[0])
-    self.assertIn('ssh', gcloud[1])
-    self.assertIn('--worker=all', gcloud[1])  # every host: its input pipeline
-    command = [a for a in gcloud[1] if a.startswith('--command=')][0]
-    self.assertEqual(shlex.split(command)[-2:],
-                     ['bash', 'tpu_scripts/vm/setup.sh'])
+    self.assertIn('describe', gcloud[0])   # the type and image, for the check
+    self.assertIn('scp', gcloud[1])
+    self.assertIn('--worker=all', gcloud[1])
+    self.assertIn('ssh', gcloud[2])
+    self.assertIn('--worker=all', gcloud[2])  # every host: same pins, checked
+    command = [a for a in gcloud[2] if a.startswith('--command=')][0]
+    self.assertEqual(shlex.split(command)[-4:], [
+        'ACCELERATOR_TYPE=v3-8', f'TPU_RUNTIME_VERSION={image}',
+        'bash', 'tpu_scripts/vm/setup.sh'])
     # The copy on the VM is this tree.
     self.assertTrue(os.path.isfile(os.path.join(
         self.vm, 'mpl_tf', 'tpu_scripts', 'vm', 'setup.sh')))
@@ -337,6 +395,8 @@ class TpuScriptsTest(unittest.TestCase):
     self.assertLen(installs, 1, calls)
     install = installs[0]
     self.assertIn(f'tensorflow-tpu=={tf_version}', install)
+    # libtpu pinned to the build paired with it, not tensorflow-tpu's ~=.
+    self.assertIn(f'libtpu=={PAIRED_LIBTPU[tf_version]}', install)
     self.assertNotIn(f'tensorflow=={tf_version}', install)
     self.assertEqual(install[install.index('-f') + 1], LIBTPU_TF_INDEX)
     with open(install[install.index('-r') + 1]) as f:
@@ -345,21 +405,42 @@ class TpuScriptsTest(unittest.TestCase):
     self.assertRegex(requirements, r'(?m)^keras==')
     self.assertRegex(requirements, r'(?m)^numpy==')
     # What ended up in the venv, as setup.sh's own check read it.
-    self.assertIn(f'tensorflow-tpu {tf_version}, libtpu 0.0.14',
-                  result.stdout)
+    self.assertIn(f'tensorflow-tpu {tf_version}, libtpu '
+                  f'{PAIRED_LIBTPU[tf_version]}', result.stdout)
+    self.assertIn(f'image {image} on v3-8', result.stdout)
     site = os.listdir(os.path.join(venv, 'site'))
     self.assertIn(f'tensorflow_tpu-{tf_version}.dist-info', site)
     self.assertNotIn(f'tensorflow-{tf_version}.dist-info', site)   # CPU wheel
 
     # Again, with another Python and libtpu pinned: the venv is made again.
     result = self._run('install.sh', PYTHON_VERSION='3.12',
-                       LIBTPU_VERSION='0.0.17', **ENV)
+                       LIBTPU_VERSION='0.0.17', FAKE_RUNTIME_VERSION=image,
+                       **ENV)
     self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
     calls = self._calls()
     self.assertIn(['uv', 'venv', '--seed', '--clear', '--python', '3.12',
                    venv], calls)
     install = [c for c in calls if c[0] == 'venv-python' and '-r' in c][0]
     self.assertIn('libtpu==0.0.17', install)
+
+  def test_install_on_a_pod_slice_checks_the_runtime_of_every_host(self):
+    # The stand-in host runs no TPU runtime (no tpu-runtime.service), as a
+    # pod host from a base image would not: the install stops there, before
+    # pip, saying so; with TPU_RUNTIME_VERSION it goes as far as the check.
+    tf_version = _pinned_tf_version()
+    result = self._run('install.sh', FAKE_ACCELERATOR_TYPE='v4-32',
+                       FAKE_RUNTIME_VERSION=f'tpu-vm-tf-{tf_version}-pod-pjrt',
+                       **ENV)
+    self.assertEqual(result.returncode, 2, result.stdout)
+    self.assertIn(f'TPU software of host {socket.gethostname()} does not '
+                  'agree', result.stderr)
+    self.assertIn('found no /etc/systemd/system/tpu-runtime.service on this '
+                  'host of a multi-host slice', result.stderr)
+    calls = self._calls()
+    ssh = [c for c in calls if c[0] == 'gcloud' and 'ssh' in c]
+    self.assertIn('--worker=all', ssh[0])
+    self.assertFalse([c for c in calls if c[0] == 'venv-python'
+                      and c[1:4] == ['-m', 'pip', 'install']])
 
   def test_setup_refuses_a_venv_with_the_cpu_wheel_beside_tensorflow_tpu(self):
     self._vm_with_repo()
@@ -372,6 +453,133 @@ class TpuScriptsTest(unittest.TestCase):
     self.assertNotEqual(result.returncode, 0)
     self.assertIn('tensorflow', result.stderr)
     self.assertIn('beside tensorflow-tpu', result.stderr)
+
+  def _setup(self, **env):
+    """Runs vm/setup.sh in the stand-in VM (after install: _vm_with_repo)."""
+    return subprocess.run(
+        ['bash', os.path.join(SCRIPTS_DIR, 'vm', 'setup.sh')],
+        capture_output=True, text=True, timeout=60,
+        env={'PATH': f'{self.bin_dir}:/usr/bin:/bin', 'HOME': self.vm,
+             'FAKE_CALLS': self.calls_path, **env})
+
+  def test_version_check_names_what_it_found_and_what_it_expected(self):
+    checks = _load_check_versions()
+    tf_version = _pinned_tf_version()
+    libtpu = PAIRED_LIBTPU[tf_version]
+    good = {'tensorflow-tpu': tf_version, 'libtpu': libtpu}
+    self.assertEqual(checks.package_problems(good, tf_version, libtpu), [])
+    for found, message in (
+        (dict(good, libtpu=NEWEST_LIBTPU),
+         f'libtpu: found {NEWEST_LIBTPU}, expected {libtpu} (the build paired '
+         f'with tensorflow-tpu {tf_version}'),
+        (dict(good, libtpu=None), f'libtpu: found none, expected {libtpu}'),
+        (dict(good, **{'tensorflow-tpu': '2.19.1'}),
+         f'tensorflow-tpu: found 2.19.1, expected {tf_version} '
+         f'(requirements.txt pins tensorflow=={tf_version})'),
+        (dict(good, tensorflow=tf_version),
+         f'tensorflow {tf_version} is installed beside tensorflow-tpu')):
+      with self.subTest(found=found):
+        problems = checks.package_problems(found, tf_version, libtpu)
+        self.assertLen(problems, 1)
+        self.assertIn(message, problems[0])
+        self.assertRegex(problems[0], 'rerun tpu_scripts/install.sh|uninstall')
+
+    service = ('[Service]\nEnvironment="TF_DOCKER_URL=gcr.io/cloud-tpu-v2-images/'
+               'grpc_tpu_worker:tf-{}-pjrt"\n')
+    image = f'tpu-vm-tf-{tf_version}-pjrt'
+    pod_image = f'tpu-vm-tf-{tf_version}-pod-pjrt'
+    agreeing = (
+        (image, 'v3-8', None), (f'{image}-v5p-and-below', 'v4-8', None),
+        (f'{image}-v5e-and-v6', 'v6e-8', None), ('v2-alpha-tpuv6e', 'v6e-8',
+                                                 None),
+        (pod_image, 'v4-32', service.format(tf_version)),
+        (f'{pod_image}-v5e-and-v6', 'v5litepod-16', service.format(tf_version)),
+        ('', 'v4-32', None))   # nothing to check against
+    for args in agreeing:
+      with self.subTest(args=args):
+        self.assertEqual(checks.image_problems(*args[:2], tf_version, args[2]),
+                         [])
+    for (runtime, accelerator, text), messages in (
+        (('tpu-vm-tf-2.18.0-pjrt', 'v3-8', None),
+         ['runtime image: found tpu-vm-tf-2.18.0-pjrt (TensorFlow 2.18.0), '
+          f'expected tpu-vm-tf-{tf_version}-pjrt-v5p-and-below or {image} '
+          f'(TensorFlow {tf_version}', 'recreate the TPU']),
+        ((f'tpu-vm-tf-{tf_version}-se', 'v3-8', None), ['a -pjrt image']),
+        ((pod_image, 'v3-8', None), ['-pod is for multi-host slices only']),
+        ((image, 'v3-32', service.format(tf_version)),
+         ['-pod is for multi-host slices only']),
+        ((f'{image}-v5p-and-below', 'v6e-8', None),
+         ['made for v2, v3, v4, v5p, on v6e-8']),
+        (('my-image', 'v3-8', None), ['runtime image: found my-image']),
+        # A pod slice: this host must serve the client's TensorFlow.
+        ((pod_image, 'v4-32', service.format('2.19.0')),
+         ['TPU runtime: this host serves TensorFlow 2.19.0 (TF_DOCKER_URL='
+          'gcr.io/cloud-tpu-v2-images/grpc_tpu_worker:tf-2.19.0-pjrt in '
+          f'/etc/systemd/system/tpu-runtime.service), expected {tf_version}',
+          f'grpc_tpu_worker:tf-{tf_version}-pjrt', 'restart tpu-runtime']),
+        ((pod_image, 'v4-32', '[Service]\n'),
+         ['serves TensorFlow unknown (TF_DOCKER_URL=not set']),
+        ((pod_image, 'v4-32', None),
+         ['found no /etc/systemd/system/tpu-runtime.service']),
+        (('tpu-ubuntu2204-base', 'v4-32', None),
+         ['found no /etc/systemd/system/tpu-runtime.service'])):
+      with self.subTest(runtime=runtime, accelerator=accelerator):
+        problems = checks.image_problems(runtime, accelerator, tf_version,
+                                         text)
+        self.assertLen(problems, 1, problems)
+        for message in messages:
+          self.assertIn(message, problems[0])
+
+  def test_setup_stops_on_a_version_mismatch_with_what_was_found(self):
+    self._vm_with_repo()
+    tf_version = _pinned_tf_version()
+    service = os.path.join(self.tmp, 'tpu-runtime.service')
+    pod = {'ACCELERATOR_TYPE': 'v4-32', 'TPU_RUNTIME_SERVICE': service,
+           'TPU_RUNTIME_VERSION': f'tpu-vm-tf-{tf_version}-pod-pjrt'}
+    # This pod host's runtime serves another TensorFlow: stopped before pip.
+    with open(service, 'w') as f:
+      f.write('Environment="TF_DOCKER_URL=gcr.io/cloud-tpu-v2-images/'
+              'grpc_tpu_worker:tf-2.19.0-pjrt"\n')
+    result = self._setup(**pod)
+    self.assertEqual(result.returncode, 2, result.stdout)
+    self.assertIn('does not agree with this checkout', result.stderr)
+    self.assertIn(f'serves TensorFlow 2.19.0 (TF_DOCKER_URL=', result.stderr)
+    self.assertFalse([c for c in self._calls() if c[1:3] == ['-m', 'pip']])
+    # It serves the client's: installed and checked.
+    with open(service, 'w') as f:
+      f.write('Environment="TF_DOCKER_URL=gcr.io/cloud-tpu-v2-images/'
+              f'grpc_tpu_worker:tf-{tf_version}-pjrt"\n')
+    result = self._setup(**pod)
+    self.assertEqual(result.returncode, 0, result.stderr)
+    self.assertIn(f'libtpu {PAIRED_LIBTPU[tf_version]}', result.stdout)
+    self._calls()
+    # pip resolved another libtpu than the pinned one: named, exit 2.
+    result = self._setup(FAKE_PIP_ALSO=f'libtpu=={NEWEST_LIBTPU}', **pod)
+    self.assertEqual(result.returncode, 2, result.stdout)
+    self.assertIn(f'libtpu: found {NEWEST_LIBTPU}, expected '
+                  f'{PAIRED_LIBTPU[tf_version]}', result.stderr)
+    self._calls()
+    # A TensorFlow pin with no libtpu paired yet: stopped before installing.
+    other = os.path.join(self.tmp, 'other_checkout')
+    os.makedirs(os.path.join(other, 'tpu_scripts'))
+    shutil.copytree(os.path.join(SCRIPTS_DIR, 'vm'),
+                    os.path.join(other, 'tpu_scripts', 'vm'))
+    with open(os.path.join(other, 'requirements.txt'), 'w') as f:
+      f.write('tensorflow==2.99.0\nnumpy==2.4.6\n')
+    setup = os.path.join(other, 'tpu_scripts', 'vm', 'setup.sh')
+    env = {'PATH': f'{self.bin_dir}:/usr/bin:/bin', 'HOME': self.vm,
+           'FAKE_CALLS': self.calls_path}
+    result = subprocess.run(['bash', setup], capture_output=True, text=True,
+                            timeout=60, env=env)
+    self.assertEqual(result.returncode, 2)
+    self.assertIn('no libtpu is paired with tensorflow-tpu 2.99.0',
+                  result.stderr)
+    self.assertIn('LIBTPU_VERSION', result.stderr)
+    self.assertEqual(self._calls(), [])
+    result = subprocess.run(['bash', setup], capture_output=True, text=True,
+                            timeout=60, env=dict(env, LIBTPU_VERSION='0.0.30'))
+    self.assertEqual(result.returncode, 0, result.stderr)
+    self.assertIn('tensorflow-tpu 2.99.0, libtpu 0.0.30', result.stdout)
 
   # tpu_scripts/common.sh: single host or pod slice
 
@@ -395,22 +603,154 @@ class TpuScriptsTest(unittest.TestCase):
     self.assertNotEqual(result.returncode, 0)
     self.assertIn('accelerator type', result.stderr)
 
+  def _bash(self, command, **env):
+    """Runs COMMAND after sourcing common.sh, with the stand-ins first."""
+    return subprocess.run(
+        ['bash', '-c', f'source {SCRIPTS_DIR}/common.sh && {command}'],
+        capture_output=True, text=True,
+        env={'PATH': f'{self.bin_dir}:/usr/bin:/bin',
+             'FAKE_CALLS': self.calls_path, 'FAKE_VM_HOME': self.vm, **env})
+
+  def _create_call(self, calls):
+    creates = [c for c in calls if c[:5] == ['gcloud', 'compute', 'tpus',
+                                             'tpu-vm', 'create']]
+    return creates[0] if creates else None
+
+  def test_runtime_images_per_generation(self):
+    # Google's TensorFlow image names (tpu-vm-tf-X.Y.Z[-pod]-pjrt, every
+    # generation here) after the generation-suffixed ones Google lists for
+    # TF 2.18; the framework-neutral image of each generation.
+    checks = _load_check_versions()
+    for accelerator, suffix, pod, base in (
+        ('v2-8', '-v5p-and-below', '', 'tpu-ubuntu2204-base'),
+        ('v3-8', '-v5p-and-below', '', 'tpu-ubuntu2204-base'),
+        ('v3-32', '-v5p-and-below', '-pod', 'tpu-ubuntu2204-base'),
+        ('v4-8', '-v5p-and-below', '', 'tpu-ubuntu2204-base'),
+        ('v4-32', '-v5p-and-below', '-pod', 'tpu-ubuntu2204-base'),
+        ('v5p-8', '-v5p-and-below', '', 'v2-alpha-tpuv5'),
+        ('v5p-16', '-v5p-and-below', '-pod', 'v2-alpha-tpuv5'),
+        ('v5litepod-8', '-v5e-and-v6', '', 'v2-alpha-tpuv5-lite'),
+        ('v5litepod-16', '-v5e-and-v6', '-pod', 'v2-alpha-tpuv5-lite'),
+        ('v6e-8', '-v5e-and-v6', '', 'v2-alpha-tpuv6e'),
+        ('v6e-256', '-v5e-and-v6', '-pod', 'v2-alpha-tpuv6e')):
+      with self.subTest(accelerator=accelerator):
+        expected = [f'tpu-vm-tf-2.20.0{pod}-pjrt{suffix}',
+                    f'tpu-vm-tf-2.20.0{pod}-pjrt']
+        result = self._bash(f'tf_runtime_candidates {accelerator} 2.20.0')
+        self.assertEqual(result.stdout.split(), expected, result.stderr)
+        # The setup check expects what create_tpu.sh picks from.
+        self.assertEqual(
+            list(checks.expected_images('2.20.0', accelerator)), expected)
+        self.assertEqual(self._bash(f'base_runtime {accelerator}').stdout,
+                         base + '\n')
+    result = self._bash('tf_runtime_candidates v7x-8 2.20.0')
+    self.assertEqual(result.returncode, 2)
+    self.assertIn("no TensorFlow runtime image is documented for accelerator "
+                  "type 'v7x-8'", result.stderr)
+
   def test_create_picks_the_tensorflow_runtime_image_for_the_topology(self):
     tf_version = _pinned_tf_version()
-    for accelerator, runtime in (('v3-8', f'tpu-vm-tf-{tf_version}-pjrt'),
-                                 ('v4-8', f'tpu-vm-tf-{tf_version}-pjrt'),
-                                 ('v3-32', f'tpu-vm-tf-{tf_version}-pod-pjrt'),
-                                 ('v4-32', f'tpu-vm-tf-{tf_version}-pod-pjrt')):
-      with self.subTest(accelerator=accelerator):
+    suffixed = ' '.join(
+        f'tpu-vm-tf-{tf_version}{pod}-pjrt{suffix}' for pod in ('', '-pod')
+        for suffix in ('', '-v5p-and-below', '-v5e-and-v6'))
+    older = 'tpu-vm-tf-2.18.0-pod-pjrt tpu-vm-tf-2.18.0-pjrt v2-alpha-tpuv6e'
+    for accelerator, offered, runtime in (
+        # The zone offers the documented names only (_run's default).
+        ('v3-8', None, f'tpu-vm-tf-{tf_version}-pjrt'),
+        ('v4-8', None, f'tpu-vm-tf-{tf_version}-pjrt'),
+        ('v3-32', None, f'tpu-vm-tf-{tf_version}-pod-pjrt'),
+        ('v4-32', None, f'tpu-vm-tf-{tf_version}-pod-pjrt'),
+        # It offers generation-suffixed images too: the generation's wins.
+        ('v3-8', suffixed, f'tpu-vm-tf-{tf_version}-pjrt-v5p-and-below'),
+        ('v5p-16', suffixed,
+         f'tpu-vm-tf-{tf_version}-pod-pjrt-v5p-and-below'),
+        ('v5litepod-16', suffixed,
+         f'tpu-vm-tf-{tf_version}-pod-pjrt-v5e-and-v6'),
+        ('v6e-8', suffixed, f'tpu-vm-tf-{tf_version}-pjrt-v5e-and-v6'),
+        # None for this TensorFlow: one host runs from the base image.
+        ('v6e-8', older, 'v2-alpha-tpuv6e'),
+        ('v4-8', older, 'tpu-ubuntu2204-base')):
+      with self.subTest(accelerator=accelerator, offered=offered):
+        env = {} if offered is None else {'FAKE_RUNTIME_VERSIONS': offered}
         result = self._run('create_tpu.sh', ACCELERATOR_TYPE=accelerator,
-                           **ENV)
+                           **env, **ENV)
         self.assertEqual(result.returncode, 0, result.stderr)
-        create = self._calls('gcloud')[0]
+        calls = self._calls('gcloud')
+        self.assertIn(['gcloud', 'compute', 'tpus', 'tpu-vm', 'versions',
+                       'list', '--project=p', '--zone=europe-west4-a',
+                       '--format=value(version)'], calls)
+        create = self._create_call(calls)
         self.assertIn(f'--accelerator-type={accelerator}', create)
         self.assertIn(f'--version={runtime}', create)
+        self.assertIn(f'runtime image: {runtime}', result.stdout)
+    # A pod slice without its TensorFlow's image is refused: its hosts would
+    # serve another TensorFlow than the client's.
+    result = self._run('create_tpu.sh', ACCELERATOR_TYPE='v4-32',
+                       FAKE_RUNTIME_VERSIONS=older, **ENV)
+    self.assertEqual(result.returncode, 2)
+    self.assertIn(f'offers no TensorFlow {tf_version} pod image for v4-32',
+                  result.stderr)
+    self.assertIn('tpu-vm-tf-2.18.0-pod-pjrt tpu-vm-tf-2.18.0-pjrt',
+                  result.stderr)   # what the zone has instead
+    self.assertIsNone(self._create_call(self._calls()))
+    # TPU_RUNTIME_VERSION is taken as it is.
     self._run('create_tpu.sh', ACCELERATOR_TYPE='v3-8',
               TPU_RUNTIME_VERSION='tpu-ubuntu2204-base', **ENV)
-    self.assertIn('--version=tpu-ubuntu2204-base', self._calls('gcloud')[0])
+    calls = self._calls('gcloud')
+    self.assertFalse([c for c in calls if 'versions' in c])
+    self.assertIn('--version=tpu-ubuntu2204-base', self._create_call(calls))
+
+  def test_create_refuses_a_network_open_to_the_internet(self):
+    open_rule = 'tf-open|default|INGRESS|0.0.0.0/0|tcp:8470-8476|False||'
+    # Which rules count (common.sh's open_ingress_rules, on network default).
+    for name, rules, network, found in (
+        ('the default network\'s own rules', DEFAULT_NETWORK_RULES, 'default',
+         ''),
+        ('every port', 'all-open|default|INGRESS|0.0.0.0/0|all|False||',
+         'default', 'all-open allows all from 0.0.0.0/0'),
+        ('TPU runtime ports', open_rule, 'default',
+         'tf-open allows tcp:8470-8476 from 0.0.0.0/0'),
+        ('SSH and more', 'ssh-web|default|INGRESS|0.0.0.0/0|tcp:22,tcp:80|'
+         'False||', 'default', 'ssh-web allows tcp:22,tcp:80 from 0.0.0.0/0'),
+        ('IPv6 internet', 'v6|default|INGRESS|10.0.0.0/8,::/0|tcp|False||',
+         'default', 'v6 allows tcp from 10.0.0.0/8,::/0'),
+        ('disabled', open_rule.replace('|False|', '|True|'), 'default', ''),
+        ('tagged VMs only', open_rule + 'web', 'default', ''),
+        ('service account only', open_rule + '|sa@p.iam', 'default', ''),
+        ('egress', open_rule.replace('INGRESS', 'EGRESS'), 'default', ''),
+        ('another network', open_rule, 'private', ''),
+        ('an office range', open_rule.replace('0.0.0.0/0', '203.0.113.0/24'),
+         'default', '')):
+      with self.subTest(name):
+        result = self._bash(f'open_ingress_rules {network}', PROJECT='p',
+                            FAKE_FIREWALL_RULES=rules)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), found)
+    self._calls()
+    # create_tpu.sh: refused before creating anything, or created on NETWORK.
+    for rules, env, creates in (
+        (DEFAULT_NETWORK_RULES, {}, True),
+        (DEFAULT_NETWORK_RULES + '\n' + open_rule, {}, False),
+        (open_rule, {'NETWORK': 'private'}, True),
+        (open_rule, {'ALLOW_OPEN_INGRESS': '1'}, True)):
+      with self.subTest(rules=rules, env=env):
+        result = self._run('create_tpu.sh', ACCELERATOR_TYPE='v3-8',
+                           FAKE_FIREWALL_RULES=rules, **env, **ENV)
+        calls = self._calls('gcloud')
+        create = self._create_call(calls)
+        if creates:
+          self.assertEqual(result.returncode, 0, result.stderr)
+          self.assertIn(f'--network={env.get("NETWORK", "default")}', create)
+        else:
+          self.assertEqual(result.returncode, 2)
+          self.assertIsNone(create)
+          self.assertIn('network default lets the internet reach',
+                        result.stderr)
+          self.assertIn('tf-open allows tcp:8470-8476 from 0.0.0.0/0',
+                        result.stderr)
+          self.assertIn('ALLOW_OPEN_INGRESS=1', result.stderr)
+        listed = [c for c in calls if 'firewall-rules' in c]
+        self.assertLen(listed, 0 if 'ALLOW_OPEN_INGRESS' in env else 1)
 
   # train.sh, logs.sh, stop.sh
 

@@ -9,9 +9,9 @@
 #   ACCELERATOR_TYPE  e.g. v3-8, v4-32 (create_tpu.sh needs it; train.sh and
 #                     evaluate.sh ask gcloud for it when it is not set)
 #   BUCKET            GCS bucket name, without gs:// (data and runs)
-# Optional: TPU_RUNTIME_VERSION (create_tpu.sh), RUN_NAME (train, evaluate,
-# export: the run's name, default the preset's), PYTHON_VERSION and
-# LIBTPU_VERSION (install.sh).
+# Optional: TPU_RUNTIME_VERSION, NETWORK, SUBNETWORK, ALLOW_OPEN_INGRESS
+# (create_tpu.sh), RUN_NAME (train, evaluate, export: the run's name, default
+# the preset's), PYTHON_VERSION and LIBTPU_VERSION (install.sh).
 
 TPU_SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(dirname "${TPU_SCRIPTS_DIR}")"
@@ -123,6 +123,94 @@ tpu_topology() {
   [[ "${type}" == *-* && "${size}" =~ ^[0-9]+$ ]] \
     || error "cannot read the slice size from accelerator type '${type}'"
   if ((size > 8)); then echo pod; else echo single; fi
+}
+
+# tpu_generation TYPE: the TPU generation of an accelerator type: v2, v3,
+# v4, v5p, v5e (v5litepod-N) or v6e; any other is an error, since Google
+# documents TensorFlow runtime images for these only (README.md, "TPU
+# software").
+tpu_generation() {
+  case "$1" in
+    v2-*) echo v2 ;;
+    v3-*) echo v3 ;;
+    v4-*) echo v4 ;;
+    v5p-*) echo v5p ;;
+    v5litepod-* | v5e-*) echo v5e ;;
+    v6e-*) echo v6e ;;
+    *) error "no TensorFlow runtime image is documented for accelerator type" \
+      "'$1'; these scripts support v2, v3, v4, v5p, v5litepod (v5e) and v6e" ;;
+  esac
+}
+
+# tf_runtime_candidates TYPE TF: the TensorFlow runtime images (software
+# versions for `gcloud compute tpus tpu-vm create --version`) for TensorFlow
+# TF on accelerator type TYPE, best first, one a line. Google documents
+# tpu-vm-tf-TF[-pod]-pjrt for every generation here (-pod: a multi-host
+# slice); the images Google lists for TensorFlow 2.18 add a generation suffix
+# (-v5p-and-below for v2 to v5p, -v5e-and-v6 for v5e and v6e), which is
+# tried first. create_tpu.sh takes the first one the zone offers.
+tf_runtime_candidates() {
+  local generation topology pod="" suffix
+  generation="$(tpu_generation "$1")" || exit 2
+  topology="$(tpu_topology "$1")" || exit 2
+  if [[ "${topology}" == pod ]]; then pod="-pod"; fi
+  case "${generation}" in
+    v5e | v6e) suffix="-v5e-and-v6" ;;
+    *) suffix="-v5p-and-below" ;;
+  esac
+  echo "tpu-vm-tf-$2${pod}-pjrt${suffix}"
+  echo "tpu-vm-tf-$2${pod}-pjrt"
+}
+
+# base_runtime TYPE: Google's framework-neutral image for the generation of
+# TYPE (the runtimes page's PyTorch/JAX table). One host runs from it too:
+# vm/setup.sh brings TensorFlow and libtpu in the venv. A pod slice cannot:
+# its hosts need the TensorFlow runtime of a tpu-vm-tf-*-pod-* image.
+base_runtime() {
+  local generation
+  generation="$(tpu_generation "$1")" || exit 2
+  case "${generation}" in
+    v6e) echo v2-alpha-tpuv6e ;;
+    v5p) echo v2-alpha-tpuv5 ;;
+    v5e) echo v2-alpha-tpuv5-lite ;;
+    *) echo tpu-ubuntu2204-base ;;
+  esac
+}
+
+# open_ingress_rules NETWORK: prints "NAME allows ALLOWED from SOURCES" for
+# each enabled ingress rule of NETWORK (in PROJECT) that applies to every VM
+# (no target tags or service accounts) and lets the internet (0.0.0.0/0,
+# ::/0) reach more than tcp:22 (SSH), tcp:3389 (RDP: the `default` network's
+# own rule; nothing listens there on a TPU VM) and ICMP.
+open_ingress_rules() {
+  local network="$1" rules name rule_network direction sources allowed disabled
+  local target_tags target_accounts item open format
+  format="value[separator='|'](name,network.basename(),direction,"
+  format+="sourceRanges.list(),allowed[].map().firewall_rule().list(),"
+  format+="disabled,targetTags.list(),targetServiceAccounts.list())"
+  rules="$(gcloud compute firewall-rules list --project="${PROJECT}" \
+    --format="${format}")" \
+    || error "could not list the firewall rules of project ${PROJECT}" \
+      "(gcloud compute firewall-rules list); set ALLOW_OPEN_INGRESS=1 to skip" \
+      "this check"
+  while IFS='|' read -r name rule_network direction sources allowed \
+    disabled target_tags target_accounts; do
+    [[ -n "${name}" && "${rule_network}" == "${network}" ]] || continue
+    [[ "${direction}" == INGRESS && "${disabled,,}" != true ]] || continue
+    [[ -z "${target_tags}${target_accounts}" ]] || continue
+    [[ ",${sources}," == *,0.0.0.0/0,* || ",${sources}," == *,::/0,* ]] \
+      || continue
+    open=""
+    for item in ${allowed//,/ }; do
+      case "${item}" in
+        tcp:22 | tcp:3389 | icmp) ;;
+        *) open=1 ;;
+      esac
+    done
+    if [[ -n "${open}" ]]; then
+      echo "${name} allows ${allowed} from ${sources}"
+    fi
+  done <<<"${rules}"
 }
 
 # tpu_ssh WORKER COMMAND: runs COMMAND on the TPU VM's worker(s) ('all' or 0).

@@ -14,9 +14,22 @@
 # tpu-ubuntu2204-base, v2-alpha-*) without adding a PPA or waiting on apt
 # locks held by a fresh VM's unattended upgrades.
 #
-# Environment (all optional):
+# libtpu is pinned to the build paired with the pinned tensorflow-tpu
+# (LIBTPU_FOR_TENSORFLOW below; README.md, "TPU software", says how it was
+# chosen): tensorflow-tpu 2.20.0 itself asks only for libtpu~=0.0.14, which
+# pip would resolve to the newest 0.0.x, a build never released with it.
+#
+# Then tpu_scripts/vm/check_versions.py checks that the venv, the TPU's
+# runtime image and (on a pod slice) this host's TPU runtime agree, and stops
+# the install with what it found, what it expected and what to do if not.
+#
+# Environment (all optional; install.sh passes the first two):
+#   ACCELERATOR_TYPE     the TPU's type (v3-8, v4-32...), for the check
+#   TPU_RUNTIME_VERSION  the TPU's runtime image, for the check
 #   PYTHON_VERSION  the venv's Python, default 3.11 (what the tests run on)
-#   LIBTPU_VERSION  pin libtpu (default: what tensorflow-tpu asks for)
+#   LIBTPU_VERSION  another libtpu than the paired one
+#   TPU_RUNTIME_SERVICE  the TPU runtime's systemd unit, default
+#                   /etc/systemd/system/tpu-runtime.service (checked on pods)
 #   MPL_TF_VENV     the venv's directory, default ~/mpl_tf_venv
 #   UV              a uv to use instead of installing the pinned one
 # Usage (on the VM): tpu_scripts/vm/setup.sh
@@ -39,6 +52,16 @@ python_version="${PYTHON_VERSION:-3.11}"
   || error "PYTHON_VERSION must look like 3.11, not '${python_version}'"
 tf_version="$(sed -n 's/^tensorflow==//p' "${repo}/requirements.txt")"
 [[ -n "${tf_version}" ]] || error "requirements.txt pins no tensorflow version"
+# The libtpu build released with each tensorflow-tpu this repository pins.
+case "${tf_version}" in
+  2.20.0) LIBTPU_FOR_TENSORFLOW="0.0.14" ;;
+  *) LIBTPU_FOR_TENSORFLOW="" ;;
+esac
+libtpu_version="${LIBTPU_VERSION:-${LIBTPU_FOR_TENSORFLOW}}"
+[[ -n "${libtpu_version}" ]] || error "no libtpu is paired with" \
+  "tensorflow-tpu ${tf_version} (requirements.txt's pin) in" \
+  "LIBTPU_FOR_TENSORFLOW; add the pair as tpu_scripts/README.md (\"TPU" \
+  "software\") says, or set LIBTPU_VERSION"
 
 # The venv, with the Python asked for (made again if it has another one;
 # uv's --clear refuses to empty a directory that is not a venv).
@@ -56,41 +79,23 @@ if ! [[ -x "${venv}/bin/python" ]] || ! "${venv}/bin/python" -c \
   "${uv}" venv --seed --clear --python "${python_version}" "${venv}"
 fi
 
+# The image and this host's TPU runtime first: a wrong one stops here,
+# before minutes of installing (the check needs only the standard library).
+check=("${venv}/bin/python" - --tensorflow="${tf_version}"
+  --libtpu="${libtpu_version}" --accelerator-type="${ACCELERATOR_TYPE:-}"
+  --runtime-version="${TPU_RUNTIME_VERSION:-}"
+  --runtime-service="${TPU_RUNTIME_SERVICE:-/etc/systemd/system/tpu-runtime.service}")
+"${check[@]}" --skip-packages <"${repo}/tpu_scripts/vm/check_versions.py"
+
 requirements="${venv}/requirements-tpu.txt"
 sed '/^tensorflow==/d' "${repo}/requirements.txt" >"${requirements}"
-packages=("tensorflow-tpu==${tf_version}")
-if [[ -n "${LIBTPU_VERSION:-}" ]]; then
-  packages+=("libtpu==${LIBTPU_VERSION}")
-fi
+packages=("tensorflow-tpu==${tf_version}" "libtpu==${libtpu_version}")
 "${venv}/bin/python" -m pip install --upgrade --quiet pip
 "${venv}/bin/python" -m pip install -r "${requirements}" "${packages[@]}" \
   -f "${LIBTPU_TF_INDEX}"
 
-# Check: tensorflow-tpu at the pinned version, no CPU wheel, libtpu present.
-"${venv}/bin/python" - "${tf_version}" <<'EOF'
-import importlib.metadata as metadata
-import sys
-
-want = sys.argv[1]
-def version(name):
-  try:
-    return metadata.version(name)
-  except metadata.PackageNotFoundError:
-    return None
-problems = []
-if version('tensorflow-tpu') != want:
-  problems.append(f'tensorflow-tpu is {version("tensorflow-tpu")}, not {want}')
-for cpu_wheel in ('tensorflow', 'tensorflow-cpu', 'tf-nightly'):
-  if version(cpu_wheel):
-    problems.append(f'{cpu_wheel} {version(cpu_wheel)} is installed beside '
-                    'tensorflow-tpu; uninstall it')
-if not version('libtpu'):
-  problems.append('libtpu is not installed')
-if problems:
-  sys.exit('error: setup.sh: ' + '; '.join(problems))
-print(f'python {sys.version.split()[0]}, tensorflow-tpu {want}, '
-      f'libtpu {version("libtpu")}, keras {version("keras")}, '
-      f'numpy {version("numpy")}')
-EOF
+# Then all of it with the installed packages (stdin: the venv's python reads
+# the script, so it sees the venv's packages).
+"${check[@]}" <"${repo}/tpu_scripts/vm/check_versions.py"
 "${venv}/bin/python" -m pip freeze >"${venv}/pip-freeze.txt"
 echo "installed into ${venv} (pip freeze: ${venv}/pip-freeze.txt)"
