@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stops a training run cleanly: SIGTERM to main.py on worker 0, which saves a
-# checkpoint at the next device-loop boundary and exits (train.sh resumes
+# checkpoint within --stop_check_steps steps and exits (train.sh resumes
 # from it). Waits up to STOP_WAIT seconds (default 600) for it to end.
 # Usage: tpu_scripts/stop.sh RUN      (RUN: the preset, or the RUN_NAME used)
 set -euo pipefail

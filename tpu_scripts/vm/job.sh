@@ -7,8 +7,8 @@
 #       a resumed run keeps the earlier log). When COMMAND ends, the log is
 #       copied to --copy-log-to, then its exit code goes to exit_code.
 #   job.sh stop RUN [--wait=SECONDS]
-#       sends SIGTERM to COMMAND (main.py saves a checkpoint at the next
-#       device-loop boundary and exits); waits up to SECONDS for it to end.
+#       sends SIGTERM to COMMAND (main.py saves a checkpoint within
+#       --stop_check_steps steps and exits); waits up to SECONDS for it to end.
 #   job.sh status RUN    running (pid) / exited (code) / never started
 #   job.sh log RUN [--follow]   the log's last 100 lines (and then follows)
 # Run directory: ${MPL_TF_RUNS:-~/mpl_tf_runs}/RUN with train.log, train.pid
@@ -122,7 +122,7 @@ case "${action}" in
     [[ -n "${pid}" ]] || error "run ${run} is not running on $(hostname)"
     kill -TERM "${pid}"
     echo "sent SIGTERM to run ${run} (pid ${pid}): it saves a checkpoint" \
-      "at the next device-loop boundary and exits"
+      "within --stop_check_steps steps and exits"
     for ((waited = 0; waited < wait_seconds; waited++)); do
       [[ -n "$(running_pid)" ]] || break
       sleep 1
