@@ -128,11 +128,13 @@ class Evaluator:
       @tf.autograph.experimental.do_not_convert
       def add(batch):
         # Replica context: each replica adds into its own copy.
-        totals.assign_add(batch_counts(model, batch))
+        totals.assign_add(batch_counts(model, batch), read_value=False)
 
       @tf.function
       def count_dataset(iterator, steps):
-        totals.assign(tf.zeros([5]))
+        # Without read_value=False, a cross-replica assign of a sync-on-read
+        # variable returns its value read back: a reduction of its own.
+        totals.assign(tf.zeros([5]), read_value=False)
         for _ in tf.range(steps):
           if strategy is None:
             add(next(iterator))

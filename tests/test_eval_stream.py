@@ -12,11 +12,15 @@ test_distribute.py, test_train.py and test_multi_worker.py run it on CPUs.
 
 import os
 import tempfile
+from unittest import mock
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from mpl_tf import config as config_lib
+from mpl_tf import distribute
+from mpl_tf import evaluate
 from mpl_tf.data import eval_stream
 from mpl_tf.data import pipeline
 from mpl_tf.data import records
@@ -219,6 +223,92 @@ class SimulatedPodTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, 'multiple of the 4 replicas'):
       eval_stream.plan(data_dir, manifest, 'validation', 6,
                        tf.distribute.InputContext(2, 0, 4))
+
+
+class CountedReductions:
+  """Counts the cross-replica reductions that MirroredStrategy runs.
+
+  On CPUs it reduces through tf.distribute.ReductionToOneDevice (whatever
+  its cross_device_ops), whose reduce_implementation is patched to add 1 to
+  a variable by an op in the reduction's graph: the count is of executions
+  (one per batch, were the reduction in the loop), not of traces.
+  """
+
+  def __init__(self):
+    with tf.init_scope(), tf.device('/cpu:0'):
+      self.runs = tf.Variable(0, dtype=tf.int64, trainable=False)
+    original = tf.distribute.ReductionToOneDevice.reduce_implementation
+
+    def counted(ops, *args, **kwargs):
+      self.runs.assign_add(1)
+      return original(ops, *args, **kwargs)
+
+    self._patch = mock.patch.object(tf.distribute.ReductionToOneDevice,
+                                    'reduce_implementation', counted)
+
+  def __enter__(self):
+    self._patch.start()
+    return self
+
+  def __exit__(self, *unused):
+    self._patch.stop()
+
+
+class EvaluatorTest(tf.test.TestCase):
+  """The evaluator on two replicas (conftest.py splits the CPU in two)."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.temporary = tempfile.TemporaryDirectory()
+    cls.data_dir = os.path.join(cls.temporary.name, 'ids')
+    cls.manifest, cls.images = _write_split(cls.data_dir, 5)
+
+  @classmethod
+  def tearDownClass(cls):
+    cls.temporary.cleanup()
+    super().tearDownClass()
+
+  def test_counts_are_exact_and_reduced_once_per_evaluation(self):
+    strategy = distribute.get_strategy(config_lib.RunConfig(
+        strategy='mirrored'))
+    self.assertEqual(strategy.num_replicas_in_sync, 2)
+    with strategy.scope():
+      model = keras.Sequential([
+          keras.Input((1, 1, 3)), keras.layers.Flatten(),
+          keras.layers.Dense(_RECORDS, kernel_initializer=keras.initializers
+                             .RandomNormal(stddev=0.1, seed=1))])
+    # The independent answer: the model on every image, in numpy.
+    logits = model(self.images.astype(np.float32)).numpy()
+    labels = np.arange(_RECORDS)
+    order = np.argsort(-logits, axis=1)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    loss = -(shifted[labels, labels] - np.log(np.exp(shifted).sum(axis=1)))
+    expected = {'top1': np.mean(order[:, 0] == labels),
+                'top5': np.mean((order[:, :5] == labels[:, None]).any(axis=1)),
+                'loss': loss.mean(), 'count': _RECORDS, 'nonfinite': 0}
+    self.assertGreater(expected['top5'], 0)
+    config = config_lib.Config(
+        data=config_lib.DataConfig(dataset='ids', data_dir=self.data_dir,
+                                   image_size=1),
+        run=config_lib.RunConfig(eval_batch_size=16))  # 13 steps of 2 x 8.
+    evaluator = evaluate.Evaluator(strategy)
+    with CountedReductions() as reductions:
+      for evaluations in (1, 2):
+        result = evaluate.evaluate_split(evaluator, config, self.manifest,
+                                         model, 'validation')
+        self.assertAllClose(result, expected, rtol=1e-5, atol=1e-6)
+        self.assertEqual(int(reductions.runs.numpy()), evaluations)
+    single = evaluate.evaluate_split(evaluate.Evaluator(), config,
+                                     self.manifest, model, 'validation')
+    self.assertAllClose(single, expected, rtol=1e-5, atol=1e-6)
+    # Files that do not hold what the manifest announces (200 records, 199
+    # announced) are named, not evaluated into a wrong count.
+    wrong = dict(self.manifest, counts={'validation': _RECORDS - 1})
+    with self.assertRaisesRegex(ValueError, 'counted 200 images but the '
+                                'manifest .* announces 199'):
+      evaluate.evaluate_split(evaluate.Evaluator(), config, wrong, model,
+                              'validation')
 
 
 if __name__ == '__main__':
