@@ -70,12 +70,6 @@ def check_manifest(config: config_lib.Config,
                      f'3. Prepare them again as RGB.')
 
 
-def _per_replica(batch_size: int, input_context) -> int:
-  if input_context is None:
-    return batch_size
-  return input_context.get_per_replica_batch_size(batch_size)
-
-
 def _per_pipeline(batch_size: int, input_context) -> int:
   if input_context is None:
     return batch_size
