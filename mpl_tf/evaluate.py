@@ -1,9 +1,11 @@
 """Top-1/top-5 accuracy and loss of a model, a checkpoint or an export.
 
 Eval batches are padded to a fixed shape (static shapes for TPU); the mask
-marks the real examples, and every count is mask-weighted. Under a strategy
-each replica counts its own batches and the counts are summed across
-replicas on the host side of the call (`strategy.reduce(SUM)`).
+marks the real examples, and every count is mask-weighted. Each host reads
+only its share of a split (data/eval_stream.py); every replica runs the same
+number of batches in one tf.function per evaluation, adds its counts into
+its own copy of a sync-on-read variable, and the copies are summed across
+replicas and hosts once, when the function reads them at the end.
 
 `evaluate` (`--mode=eval` in main.py) takes a checkpoint, restored as
 checkpoints.py does, or an export, loaded as serving.py does and fed a
@@ -24,9 +26,6 @@ from mpl_tf import serving as serving_lib
 from mpl_tf.config import Config
 from mpl_tf.data import pipeline
 from mpl_tf.data import records
-
-SUM = tf.distribute.ReduceOp.SUM
-
 
 def _nonfinite_rows(logits: tf.Tensor) -> tf.Tensor:
   """1.0 for each example whose logits hold a NaN or Inf, else 0.0."""
@@ -80,50 +79,80 @@ def nonfinite_networks(results: Dict[str, Any]) -> Optional[str]:
   return '; '.join(broken) or None
 
 
+_ON_READ = tf.VariableSynchronization.ON_READ
+_SUM_ON_READ = tf.VariableAggregation.SUM
+
+
 class Evaluator:
   """Evaluates any model on a (distributed) eval dataset; traces once per model.
 
   Without a strategy, `dataset` is a plain tf.data.Dataset; with one, it is
-  what `strategy.distribute_datasets_from_function` returned.
+  what `strategy.distribute_datasets_from_function` returned. Either way
+  `steps` batches (per replica) are taken from it.
+
+  Why not sum each batch's counts with `strategy.reduce` in the loop (as
+  this class did): under MultiWorkerMirroredStrategy that is an all-reduce
+  across every host per batch, and on a TPU each batch's counts leave the
+  chips for the host. Here the counts stay on each replica's device until
+  the one reduction after the last batch (device_loop.py does the same for
+  training metrics).
   """
 
   def __init__(self, strategy: Optional[tf.distribute.Strategy] = None):
     self.strategy = strategy
     self._functions = {}
+    self._totals = None
+
+  def _make_totals(self) -> tf.Variable:
+    """[top-1, top-5, loss, count, nonfinite] sums, one copy per replica."""
+    with tf.init_scope():
+      if self.strategy is None:
+        return tf.Variable(tf.zeros([5]), trainable=False,
+                           name='eval_totals')
+      with self.strategy.scope():
+        return tf.Variable(tf.zeros([5]), trainable=False,
+                           synchronization=_ON_READ, aggregation=_SUM_ON_READ,
+                           name='eval_totals')
 
   def _count_fn(self, model: keras.Model):
-    """One tf.function per model that loops over a whole dataset in graph.
+    """One tf.function per model: `steps` batches in a graph loop.
 
-    The loop runs inside the function (autograph turns `for batch in
-    dataset` into a dataset loop), so a pass costs one call, not one Python
-    round trip per batch; a new dataset of the same element spec reuses the
-    trace.
+    A new dataset of the same element spec, and any number of steps, reuse
+    the trace.
     """
     if id(model) not in self._functions:
-      strategy = self.strategy
+      strategy, totals = self.strategy, self._totals
 
       # Traced as written (no Python control flow on tensors): AutoGraph
       # would convert the model's call, seconds per model on 2 cores.
       @tf.autograph.experimental.do_not_convert
-      def counts(batch):
-        if strategy is None:
-          return batch_counts(model, batch)
-        per_replica = strategy.run(lambda b: batch_counts(model, b),
-                                   args=(batch,))
-        return strategy.reduce(SUM, per_replica, axis=None)
+      def add(batch):
+        # Replica context: each replica adds into its own copy.
+        totals.assign_add(batch_counts(model, batch), read_value=False)
 
       @tf.function
-      def count_dataset(dataset):
-        totals = tf.zeros([5])
-        for batch in dataset:
-          totals += counts(batch)
-        return totals
+      def count_dataset(iterator, steps):
+        # Without read_value=False, a cross-replica assign of a sync-on-read
+        # variable returns its value read back: a reduction of its own.
+        totals.assign(tf.zeros([5]), read_value=False)
+        for _ in tf.range(steps):
+          if strategy is None:
+            add(next(iterator))
+          else:
+            strategy.run(add, args=(next(iterator),))
+        # Cross-replica context: reading a sync-on-read SUM variable sums
+        # the replicas' copies, on every host: the one reduction.
+        return totals.read_value()
 
       self._functions[id(model)] = (model, count_dataset)
     return self._functions[id(model)][1]
 
-  def __call__(self, model: keras.Model, dataset) -> Dict[str, float]:
-    return _as_result(self._count_fn(model)(dataset).numpy().tolist())
+  def __call__(self, model: keras.Model, dataset,
+               steps: int) -> Dict[str, float]:
+    if self._totals is None:
+      self._totals = self._make_totals()
+    totals = self._count_fn(model)(iter(dataset), tf.constant(steps))
+    return _as_result(totals.numpy().tolist())
 
 
 def evaluate_split(evaluator: Evaluator, config: Config,
@@ -132,24 +161,44 @@ def evaluate_split(evaluator: Evaluator, config: Config,
   """Top-1/top-5/loss of `model` on a split, on the evaluator's strategy.
 
   Every replica (every TPU core or GPU, on every host) takes its share of
-  the padded eval batches; the counts are exact (pipeline.eval_dataset). A
-  bad record is reported by file and index rather than as a tf.data error.
+  the padded eval batches, read on its host only; the counts are exact
+  (pipeline.eval_input), and checked against the manifest's. A bad record
+  is reported by file and index rather than as a tf.data error.
   """
   batch_size = config.run.eval_batch_size
   strategy = evaluator.strategy
   if strategy is None:
-    dataset = pipeline.eval_dataset(config, manifest, split, batch_size)
+    dataset, steps = pipeline.eval_input(config, manifest, split, batch_size,
+                                         endless=True)
   else:
-    dataset = strategy.distribute_datasets_from_function(
-        lambda context: pipeline.eval_dataset(config, manifest, split,
-                                              batch_size, context))
+    # The same on every pipeline (eval_stream.plan); the dataset function
+    # runs on each of this host's input pipelines, here and now.
+    all_steps = set()
+
+    def dataset_fn(context):
+      dataset, steps = pipeline.eval_input(config, manifest, split,
+                                           batch_size, context, endless=True)
+      all_steps.add(steps)
+      return dataset
+
+    dataset = strategy.distribute_datasets_from_function(dataset_fn)
+    steps, = all_steps
   try:
-    return evaluator(model, dataset)
+    result = evaluator(model, dataset, steps)
   except tf.errors.OpError as error:
     problem = pipeline.find_input_problem(config, manifest, (split,), error)
     if problem is None:
       raise
     raise problem from error
+  expected = int(manifest['counts'][split])
+  if result['count'] != expected:
+    raise ValueError(
+        f'The evaluation of split {split!r} counted {result["count"]} images '
+        f'but the manifest of {config.data.data_dir!r} announces {expected}: '
+        f'its shard files do not hold the records the manifest describes '
+        f'(written by another tool, or changed since). Prepare the data set '
+        f'again.')
+  return result
 
 
 def summarize(history: List[Dict], median_last: int) -> Dict:

@@ -173,6 +173,14 @@ class TwoWorkerClusterTest(tf.test.TestCase):
     cluster_dir = os.path.join(self.root, 'cluster')
     self._run_cluster(cluster_dir, 'straight')
     self._assert_written_once_by_the_chief(cluster_dir)
+    # Evaluation on the cluster: each worker read only its share of a
+    # split's records (data/eval_stream.py), and the counts, summed across
+    # the workers once per evaluation, are exact.
+    with open(os.path.join(cluster_dir, 'results.json')) as f:
+      results = json.load(f)
+    for name in ('mpl_ema_student', 'mpl_student', 'mpl_teacher'):
+      for split in ('validation', 'test'):
+        self.assertEqual(results[name][split]['count'], 100, (name, split))
     straight_seconds = time.time() - started
 
     # (c) The same config in one process on a two-replica MirroredStrategy.

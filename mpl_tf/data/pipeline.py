@@ -21,12 +21,13 @@ Under a distribution strategy, pass the `tf.distribute.InputContext` that
 (global batch / replicas) and the files are split between input pipelines.
 """
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, NamedTuple, Optional
 
 import tensorflow as tf
 
 from mpl_tf import config as config_lib
 from mpl_tf.data import augment
+from mpl_tf.data import eval_stream
 from mpl_tf.data import record_checks
 from mpl_tf.data import record_stream
 from mpl_tf.data import records
@@ -67,12 +68,6 @@ def check_manifest(config: config_lib.Config,
     raise ValueError(f'The images in {data.data_dir!r} have '
                      f'{manifest.get("channels")} channels; the networks take '
                      f'3. Prepare them again as RGB.')
-
-
-def _per_replica(batch_size: int, input_context) -> int:
-  if input_context is None:
-    return batch_size
-  return input_context.get_per_replica_batch_size(batch_size)
 
 
 def _per_pipeline(batch_size: int, input_context) -> int:
@@ -281,6 +276,27 @@ def labeled_dataset(config: config_lib.Config, manifest: Dict[str, Any],
   return _between_replicas(dataset, input_context).prefetch(AUTOTUNE)
 
 
+class EvalInput(NamedTuple):
+  """An evaluation's input on this host: `dataset` and the `steps` (batches
+  per replica) to take from it, the same on every replica of every host."""
+  dataset: tf.data.Dataset
+  steps: int
+
+
+def eval_input(config: config_lib.Config, manifest: Dict[str, Any],
+               split: str, batch_size: int,
+               input_context: Optional[tf.distribute.InputContext] = None,
+               endless: bool = False) -> EvalInput:
+  """eval_dataset's batches and their number; `endless`: padding forever
+  after them (infinite cardinality: no per-batch vote of the workers under
+  MultiWorkerMirroredStrategy; see eval_stream.padded_batches)."""
+  check_manifest(config, manifest)
+  plan = eval_stream.plan(config.data.data_dir, manifest, split, batch_size,
+                          input_context)
+  return EvalInput(eval_stream.padded_batches(config, manifest, split, plan,
+                                              endless), plan.steps)
+
+
 def eval_dataset(config: config_lib.Config, manifest: Dict[str, Any],
                  split: str, batch_size: int,
                  input_context: Optional[tf.distribute.InputContext] = None
@@ -291,49 +307,14 @@ def eval_dataset(config: config_lib.Config, manifest: Dict[str, Any],
   centre-cropped and resized), `labels` int32 [b] and `mask` float32 [b]: 1
   for a real image, 0 for padding (all-zero images, label 0). `batch_size` is
   the global batch; b is its share per replica when an input context is
-  given. Each input pipeline reads every P-th record (P pipelines) and pads
-  its share to ceil(N / batch_size) * batch_size / P examples, so every
-  pipeline yields the same number of whole batches and `sum(mask)` over all of
-  them is exactly the split's size N.
+  given. Each input pipeline (host) reads its own shard files, or its own
+  records of a file when there are fewer files than pipelines
+  (eval_stream.py), and pads them so that every pipeline yields the same
+  number of whole batches; `sum(mask)` over all of them is exactly the
+  split's size N.
   """
-  check_manifest(config, manifest)
-  data = config.data
-  count = record_stream.split_count(manifest, split)
-  size = data.image_size
-  pipelines = 1 if input_context is None else input_context.num_input_pipelines
-  pipeline_id = 0 if input_context is None else input_context.input_pipeline_id
-  if batch_size % pipelines:
-    raise ValueError(f'eval_batch_size={batch_size} must be a multiple of the '
-                     f'{pipelines} input pipelines.')
-  steps = -(-count // batch_size)
-  examples_per_pipeline = steps * batch_size // pipelines
-  real_per_pipeline = len(range(pipeline_id, count, pipelines))
-
-  def to_example(image, label):
-    if data.crop == 'inception':
-      image = augment.center_crop(image, size, data.eval_crop_fraction)
-    return {'images': tf.cast(image, tf.float32), 'labels': label,
-            'mask': tf.constant(1.0, tf.float32)}
-
-  # Every record once, and decoded by one pipeline only: serialized records,
-  # not files, are dealt to the pipelines, before decoding.
-  real = record_stream.parsed_split(config, manifest, split,
-                       record_shard=(pipelines, pipeline_id))
-  real = real.map(to_example, num_parallel_calls=AUTOTUNE)
-  padding = tf.data.Dataset.from_tensors({
-      'images': tf.zeros([size, size, 3], tf.float32),
-      'labels': tf.constant(0, tf.int32),
-      'mask': tf.constant(0.0, tf.float32)}).repeat(
-          examples_per_pipeline - real_per_pipeline)
-  dataset = real.concatenate(padding).batch(
-      _per_replica(batch_size, input_context), drop_remainder=True)
-  mean, std = manifest['mean'], manifest['std']
-
-  def normalize(batch):
-    images = augment.normalize(batch['images'], mean, std)
-    return {**batch, 'images': images * batch['mask'][:, None, None, None]}
-
-  return dataset.map(normalize, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+  return eval_input(config, manifest, split, batch_size,
+                    input_context).dataset
 
 
 # Errors that tf.data raises for a bad record: a corrupt file, an undecodable
