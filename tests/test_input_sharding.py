@@ -131,16 +131,16 @@ class PodSimulationTest(tf.test.TestCase):
           sizes = [len(share) for share in shares]
           self.assertEqual(sizes, input_shares.share_sizes(
               'unlabeled', shards, hosts))
-          whole = hosts == 1 or count % hosts == 0
-          self.assertEqual(input_shares.scheme(shards, hosts),
-                           input_shares.WHOLE_SHARDS if whole else
-                           input_shares.RECORD_RANGES)
           # Within one record (ranges), one record per shard (whole
           # shards, which the writer cuts nearly equal): always within
           # one shard's worth.
+          whole = hosts == 1 or count % hosts == 0
           self.assertLessEqual(max(sizes) - min(sizes),
                                count // hosts if whole else 1)
           self.assertLessEqual(max(sizes) - min(sizes), largest_shard)
+          self.assertEqual(input_shares.scheme(shards, hosts),
+                           input_shares.WHOLE_SHARDS if whole else
+                           input_shares.RECORD_RANGES)
 
   def test_more_hosts_than_records_is_refused_naming_global_batch(self):
     with self.assertRaisesRegex(ValueError, '377 records for 378 input '
