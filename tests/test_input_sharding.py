@@ -48,9 +48,14 @@ def _prepare(out_dir, shard_size):
       params={}, shard_size=shard_size)
 
 
+def _label(serialized):
+  """The record's label, its id here (read without the code under test)."""
+  return tf.train.Example.FromString(serialized).features.feature[
+      records.LABEL_KEY].int64_list.value[0]
+
+
 def _labels_of_file(path):
-  return [tf.train.Example.FromString(serialized).features
-          .feature[records.LABEL_KEY].int64_list.value[0]
+  return [_label(serialized)
           for serialized in tf.compat.v1.io.tf_record_iterator(path)]
 
 
@@ -185,8 +190,7 @@ class PodSimulationTest(tf.test.TestCase):
   def test_resumed_streams_equal_the_straight_stream(self):
     # Shuffle chunks of 32 records, so that a share of the 126 shards is
     # read in several groups of shards (and a resumed stream must place its
-    # start by the shards' counts), or, on many hosts, in one group. Records
-    # are compared as serialized bytes.
+    # start by the shards' counts), or, on many hosts, in one group.
     shards = self._shards(126)
     for hosts, host in [(1, 0), (2, 1), (7, 3), (256, 255)]:
       pieces = input_shares.pipeline_pieces('unlabeled', shards, hosts, host)
@@ -195,7 +199,7 @@ class PodSimulationTest(tf.test.TestCase):
       length = min(share, 40) + 2
 
       def stream(start, count, pieces=pieces):
-        return [bytes(record.numpy()) for record in record_stream
+        return [_label(record.numpy()) for record in record_stream
                 ._endless_records(pieces, 32, 9, start).take(count)]
 
       straight = stream(0, starts[-1] + length)
@@ -206,6 +210,36 @@ class PodSimulationTest(tf.test.TestCase):
         with self.subTest(hosts=hosts, host=host, start=start):
           self.assertEqual(stream(start, length),
                            straight[start:start + length])
+
+  def test_a_resumed_stream_opens_no_shard_before_its_group(self):
+    # One host, 126 shards of 3 records, chunks of 32: a group of shards
+    # holds at most 30 records, a contiguous run of the stream. Resuming at
+    # record 677 (epoch 1, late) may read only the shards of the records
+    # around it; the others are deleted from a copy of the set, and the
+    # resumed stream must not notice (before, it read the epoch from its
+    # first record and failed on the first missing shard).
+    data_dir = os.path.join(self.get_temp_dir(), 'sparse')
+    shutil.copytree(self.sets[126][0], data_dir)
+    shards = records.split_shards(data_dir, 'unlabeled',
+                                  self.sets[126][1])
+    pieces = [input_shares.Piece(shard.path, 0, shard.records)
+              for shard in shards]
+    start, length = 677, 20
+
+    def stream(begin, count):
+      return [_label(record.numpy()) for record in record_stream
+              ._endless_records(pieces, 32, 9, begin).take(count)]
+
+    straight = stream(0, start + length + 32)
+    needed = set(straight[start - 32:start + length + 32])
+    removed = 0
+    for shard in shards:
+      if not needed & set(self.file_labels[shard.path.replace(
+          data_dir, self.sets[126][0])]):
+        os.remove(shard.path)
+        removed += 1
+    self.assertGreater(removed, 80)   # of 126
+    self.assertEqual(stream(start, length), straight[start:start + length])
 
   def test_resumed_batches_equal_the_straight_batches(self):
     data_dir, manifest = self.sets[5]
