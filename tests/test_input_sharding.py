@@ -195,14 +195,17 @@ class PodSimulationTest(tf.test.TestCase):
     for hosts, host in [(1, 0), (2, 1), (7, 3), (256, 255)]:
       pieces = input_shares.pipeline_pieces('unlabeled', shards, hosts, host)
       share = sum(piece.take for piece in pieces)
-      starts = sorted({33, share - 1, share, 2 * share + 7})
+      # Mid-epoch, across an epoch's end, at one, in the next and (small
+      # shares) a later epoch.
+      starts = sorted({33, share - 1, share, share + 7} |
+                      ({3 * share + 5} if share < 100 else set()))
       length = min(share, 40) + 2
 
       def stream(start, count, pieces=pieces):
         return [_label(record.numpy()) for record in record_stream
                 ._endless_records(pieces, 32, 9, start).take(count)]
 
-      straight = stream(0, starts[-1] + length)
+      straight = stream(0, max(starts[-1] + length, 2 * share))
       self.assertCountEqual(straight[:share], straight[share:2 * share])
       if share > 10:   # A new order in the next epoch.
         self.assertNotEqual(straight[:share], straight[share:2 * share])
