@@ -27,6 +27,7 @@ from mpl_tf.data import pipeline
 from mpl_tf.data import record_checks
 from mpl_tf.data import record_stream
 from mpl_tf.data import records
+from mpl_tf.data import shard_list
 
 _RECORDS = 377
 # Shard size -> shard count of the 377 records: one shard, 5, 126.
@@ -173,19 +174,24 @@ class PodSimulationTest(tf.test.TestCase):
     self.assertEqual(sorted(first_epochs), list(range(_RECORDS)))
     self.assertEqual(sorted(second_epochs), list(range(_RECORDS)))
 
-  def test_the_choice_is_printed_by_the_first_host_only(self):
+  def test_only_the_first_host_prints_the_choice_and_lists_the_folder(self):
+    # One client builds every host's pipeline on a TPU pod slice: one
+    # listing of the folder, not one per host.
     data_dir, manifest = self.sets[126]
-    printed = []
+    printed, listings = [], []
     for host in (0, 1):
       output = io.StringIO()
-      with contextlib.redirect_stdout(output):
+      with contextlib.redirect_stdout(output), mock.patch.object(
+          shard_list, '_on_disk', wraps=shard_list._on_disk) as listing:
         record_stream.parsed_split(self._config(data_dir), manifest,
                                    'unlabeled', _context(128, host), 4)
       printed.append(output.getvalue())
+      listings.append(listing.call_count)
     self.assertIn("split 'unlabeled', 377 records in 126 shard(s), over 128 "
                   'input pipelines: record ranges, 2 to 3 records per '
                   'pipeline (whole shards would deal 0 to 1', printed[0])
     self.assertEqual(printed[1], '')
+    self.assertEqual(listings, [1, 0])
 
   def test_resumed_streams_equal_the_straight_stream(self):
     # Shuffle chunks of 32 records, so that a share of the 126 shards is

@@ -306,8 +306,8 @@ def parse_example(serialized: tf.Tensor, image_size: Optional[int],
 
 
 def split_shards(data_dir: str, split: str,
-                 manifest: Optional[Dict[str, Any]] = None
-                 ) -> List[shard_list.Shard]:
+                 manifest: Optional[Dict[str, Any]] = None,
+                 check_folder: bool = True) -> List[shard_list.Shard]:
   """The split's shards (path, records) that manifest.json lists.
 
   The manifest's list, not a glob: shard files it does not list (left by an
@@ -315,14 +315,16 @@ def split_shards(data_dir: str, split: str,
   that is missing is a FileNotFoundError. `manifest`: the set's manifest
   (read from `data_dir` when None; a directory without one, such as shards
   written by hand before their manifest, must hold one complete set).
-  See shard_list.py.
+  `check_folder=False`: no listing when the manifest lists the shards (see
+  shard_list.split_shards).
   """
   if manifest is None:
     try:
       manifest = read_manifest(data_dir)
     except FileNotFoundError:
       manifest = {}
-  return shard_list.split_shards(data_dir, split, manifest)
+  return shard_list.split_shards(data_dir, split, manifest,
+                                 check_folder=check_folder)
 
 
 def split_files(data_dir: str, split: str,
