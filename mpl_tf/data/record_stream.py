@@ -50,12 +50,14 @@ def _pipeline_pieces(config: config_lib.Config, manifest: Dict[str, Any],
                      ) -> List[input_shares.Piece]:
   """This input pipeline's share of a split (input_shares.py).
 
-  The shards are the manifest's list (shard_list.py). With several
-  pipelines, the first one prints which scheme the split is shared by.
+  The shards are the manifest's list (shard_list.py); the first pipeline
+  checks them against the folder, and, with several pipelines, prints
+  which scheme the split is shared by.
   """
-  shards = records.split_shards(config.data.data_dir, split, manifest)
   pipelines = 1 if input_context is None else input_context.num_input_pipelines
   pipeline_id = 0 if input_context is None else input_context.input_pipeline_id
+  shards = records.split_shards(config.data.data_dir, split, manifest,
+                                check_folder=pipeline_id == 0)
   if pipelines == 1:
     return [input_shares.Piece(shard.path, 0, shard.records)
             for shard in shards]
