@@ -19,7 +19,9 @@ Where the list comes from, in order:
 3. A manifest written by hand (records.write_split + write_manifest) names
    neither: the shards on disk are the set, which must then be one complete
    set of one shard count; two shard counts make it ambiguous, which is an
-   error (nothing tells which set is current).
+   error (nothing tells which set is current). Their counts are taken as
+   write_split cuts them (shard_sizes); shards cut otherwise would misplace
+   a resumed stream, so write them with write_split or list them.
 
 In cases 1 and 2 other shard files of the split in the folder are named in a
 warning (once per process) and ignored: the manifest leaves no doubt which
@@ -158,8 +160,8 @@ def split_shards(data_dir: str, split: str, manifest: Dict[str, Any],
   read). See the module docstring for manifests without a list.
   `check_folder=False` skips the listing when the manifest describes the
   shards: the input pipelines of a pod share one folder, which the first
-  one checks (one client builds them all on a TPU pod slice, where 128
-  listings of a 1,000-object folder would cost it tens of seconds).
+  one checks (one client builds them all on a TPU pod slice, and would
+  otherwise list the same folder once per host and split).
   """
   if not check_folder:
     described = _described(split, manifest)
