@@ -264,6 +264,21 @@ class PodSimulationTest(tf.test.TestCase):
       self.assertAllEqual(batch['labeled_images'],
                           straight[step]['labeled_images'])
 
+  def test_global_batch_hosts_keep_their_rows_of_one_hosts_batches(self):
+    data_dir, manifest = self.sets[5]
+    config = config_lib.Config(data=config_lib.DataConfig(
+        dataset='ids', data_dir=data_dir, image_size=2,
+        input_sharding='global_batch'))
+    one_host = list(pipeline.labeled_dataset(config, manifest, 36).take(3))
+    with contextlib.redirect_stdout(io.StringIO()):
+      hosts = [list(pipeline.labeled_dataset(
+          config, manifest, 36, _context(3, host)).take(3))
+               for host in range(3)]
+    for step, batch in enumerate(one_host):
+      for key in ('labels', 'labeled_images'):
+        self.assertAllEqual(
+            np.concatenate([host[step][key] for host in hosts]), batch[key])
+
   def test_stale_shards_of_another_count_are_named_and_ignored(self):
     # The 5-shard set staged over a copy of the 126-shard one without
     # deleting (what gsutil rsync without -d did).
