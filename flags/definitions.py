@@ -156,7 +156,8 @@ _ENUMS = {
     ('data', 'input_sharding'): (
         config_lib.INPUT_SHARDINGS,
         'With several hosts: files (each host reads and augments its own '
-        'shards; scales) or global_batch (every host builds the global batch '
+        'share: whole shards when they deal evenly, else a record range; '
+        'scales) or global_batch (every host builds the global batch '
         'and keeps its rows: the batches of one host, at N hosts\' input '
         'cost).'),
     ('model', 'precision'): (config_lib.PRECISIONS,

@@ -72,12 +72,14 @@ class DataConfig:
   shuffle_seed: int = 0
   # How hosts share the training stream when there is more than one input
   # pipeline (multi-worker, TPU pod slices); one host is the same either way.
-  # 'files': each host reads, decodes and augments its own shards (the
-  # released code's per-host input; scales, but the batches depend on the
-  # number of hosts). 'global_batch': every host reads the one global stream
-  # and keeps its consecutive rows of each global batch, so any layout trains
-  # on exactly the batches of one host, at the cost of every host decoding and
-  # augmenting the whole global batch.
+  # 'files': each host reads, decodes and augments its own share of each
+  # split (the released code's per-host input; scales, but the batches
+  # depend on the number of hosts): whole shards when they deal evenly, else
+  # a contiguous range of records, so shares are balanced at any host count
+  # (input_shares.py; the choice is printed). 'global_batch': every host
+  # reads the one global stream and keeps its consecutive rows of each global
+  # batch, so any layout trains on exactly the batches of one host, at the
+  # cost of every host decoding and augmenting the whole global batch.
   input_sharding: str = 'files'
 
 

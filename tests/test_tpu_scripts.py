@@ -951,7 +951,7 @@ class TpuScriptsTest(unittest.TestCase):
     self.assertEqual(record['env']['TPU_LOAD_LIBRARY'], '0')
     self.assertIsNone(record['env']['TF_PLUGGABLE_DEVICE_LIBRARY_PATH'])
 
-  def test_stage_data_copies_the_manifest_last(self):
+  def test_stage_data_mirrors_and_copies_the_manifest_last(self):
     data_dir = os.path.join(self.tmp, 'cifar10_4k')
     os.makedirs(data_dir)
     for name in ('manifest.json', 'labeled-00000-of-00001.tfrecord'):
@@ -961,11 +961,13 @@ class TpuScriptsTest(unittest.TestCase):
     self.assertEqual(result.returncode, 0, result.stderr)
     target = 'gs://b/data/cifar10_4k'
     # A bucket has no atomic rename: the old marker goes first, the shards
-    # next (without the manifest), the manifest last.
+    # next (without the manifest), the manifest last. The shards are
+    # mirrored: -d deletes objects the source lacks (stale shards of an
+    # earlier preparation).
     self.assertEqual(self._calls('gsutil'), [
         ['gsutil', '-q', 'rm', f'{target}/manifest.json'],
-        ['gsutil', '-m', 'rsync', '-r', '-x', r'^manifest\.json$', data_dir,
-         target],
+        ['gsutil', '-m', 'rsync', '-r', '-d', '-x', r'^manifest\.json$',
+         data_dir, target],
         ['gsutil', 'cp', os.path.join(data_dir, 'manifest.json'),
          f'{target}/manifest.json']])
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Copies a prepared data set (a directory with manifest.json, made by
+# Mirrors a prepared data set (a directory with manifest.json, made by
 # `python prepare.py`, docs/data.md) to gs://$BUCKET/data/<name>,
 # where <name> is the directory's last component, the name the presets'
 # --data_dir ends with. Usage: tpu_scripts/stage_data.sh data/cifar10_4k
@@ -17,6 +17,10 @@ target="gs://${BUCKET}/data/$(basename "${data_dir}")"
 # a bucket has no atomic rename: take the old marker away first, copy the
 # shards, and copy the manifest last.
 # (rm fails when there is no old manifest: nothing to take away then.)
+# The copy is a mirror: rsync -d deletes what the source lacks (shards of
+# an earlier preparation with another --shard_size, which readers would
+# otherwise name in a warning at every start); -x keeps the manifest out of
+# both the copy and the deletion. The target is this data set's own folder.
 gsutil -q rm "${target}/manifest.json" 2>/dev/null || true
-gsutil -m rsync -r -x '^manifest\.json$' "${data_dir}" "${target}"
+gsutil -m rsync -r -d -x '^manifest\.json$' "${data_dir}" "${target}"
 gsutil cp "${data_dir}/manifest.json" "${target}/manifest.json"

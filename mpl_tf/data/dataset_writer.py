@@ -171,6 +171,8 @@ def write_prepared(out_dir: str, source: sources.Source, plan: SplitPlan, *,
         for split, indices in entries:
           for record in source_split.read(indices, decode=compute):
             write(split, source_split, record)
+    shards = {split: writer.manifest_entries()
+              for split, writer in writers.items()}
 
   if compute:
     mean, std = stats.result()
@@ -200,6 +202,8 @@ def write_prepared(out_dir: str, source: sources.Source, plan: SplitPlan, *,
           split: 'train' if source_split is train else 'test'
           for split, (source_split, _) in plan.items()},
       'shard_size': shard_size,
+      # What readers read: each split's shard files and their record counts.
+      'shards': shards,
   }
   if source.class_names:
     manifest['class_names'] = source.class_names

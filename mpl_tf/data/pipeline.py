@@ -18,7 +18,8 @@ mean and std (the released code's constants for CIFAR-10 and ImageNet).
 
 Under a distribution strategy, pass the `tf.distribute.InputContext` that
 `distribute_datasets_from_function` gives: batches are then per replica
-(global batch / replicas) and the files are split between input pipelines.
+(global batch / replicas) and each input pipeline reads its share of every
+split (whole shards or a record range: input_shares.py).
 """
 
 from typing import Any, Dict, NamedTuple, Optional
@@ -105,7 +106,9 @@ def _sharded(config: config_lib.Config, make_stream,
              input_context) -> tf.data.Dataset:
   """`make_stream(context)`'s batches, as `data.input_sharding` asks.
 
-  'files' (or one pipeline): the pipeline's own stream. 'global_batch': the
+  'files' (or one pipeline): the pipeline's own stream of its share of
+  each split (whole shards when they deal evenly, else a contiguous record
+  range; every record in one share: input_shares.py). 'global_batch': the
   stream of the whole global batch, built alike on every pipeline (the
   records of every file, the seeds of a single host), of which pipeline p
   of P keeps rows [p * b / P, (p + 1) * b / P): the rows its replicas get on

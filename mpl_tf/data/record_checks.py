@@ -95,7 +95,8 @@ def _assert_record(serialized: tf.Tensor, num_classes: int,
 
 def check_split(data_dir: str, split: str, num_classes: int,
                 image_size: Optional[int] = None, channels: int = 3,
-                max_records: Optional[int] = None) -> int:
+                max_records: Optional[int] = None,
+                manifest: Optional[Dict[str, Any]] = None) -> int:
   """Scans a split's shards; ValueError naming the first bad record.
 
   A record is bad if the file around it is corrupt (TFRecord checksum or
@@ -113,12 +114,16 @@ def check_split(data_dir: str, split: str, num_classes: int,
     image_size: if given, every image must be image_size x image_size.
     channels: the channel count images must be stored with.
     max_records: stop after this many records (None: the whole split).
+    manifest: the set's manifest (read from data_dir when None): its list
+      of shards is what is scanned, and a shard read whole must hold the
+      records the list gives it.
 
   Returns:
     The number of records checked.
   """
   checked = 0
-  for path in records.split_files(data_dir, split):
+  listed = manifest is not None and split in manifest.get('shards', {})
+  for path, expected in records.split_shards(data_dir, split, manifest):
     limit = None if max_records is None else max_records - checked
     if limit is not None and limit <= 0:
       break
@@ -129,12 +134,18 @@ def check_split(data_dir: str, split: str, num_classes: int,
         lambda s: _assert_record(s, num_classes, image_size, channels),
         num_parallel_calls=tf.data.AUTOTUNE)
     try:
-      checked += int(dataset.reduce(tf.constant(0, tf.int64),
-                                    lambda count, one: count + one))
+      found = int(dataset.reduce(tf.constant(0, tf.int64),
+                                 lambda count, one: count + one))
     except tf.errors.OpError as error:
       _locate_problem(path, num_classes, image_size, channels, limit)
       raise ValueError(f'{path}: unreadable ({error.message.strip()}); '
                        f'{_REPREPARE}.') from None
+    if listed and (limit is None or found < limit) and found != expected:
+      raise ValueError(
+          f'{path} holds {found} records but {records.MANIFEST_NAME} lists '
+          f'{expected}: the file is not the one prepared (cut off, or from '
+          f'another preparation); copy the set again or {_REPREPARE}.')
+    checked += found
   return checked
 
 
@@ -143,8 +154,10 @@ def check_dataset(data_dir: str, manifest: Optional[Dict[str, Any]] = None,
                   max_records: Optional[int] = None) -> Dict[str, int]:
   """`check_split` on every split, with the manifest's classes and size.
 
-  Also compares each fully scanned split's record count with the manifest,
-  which catches a missing or a foreign shard. Returns {split: records
+  Only the shards the manifest lists are scanned (files it does not list
+  are named in a warning, a missing one is an error: shard_list.py), each
+  shard read whole is compared with its listed count, and each fully
+  scanned split's record count with the manifest's. Returns {split: records
   checked}.
   """
   manifest = records.read_manifest(data_dir) if manifest is None else manifest
@@ -153,7 +166,7 @@ def check_dataset(data_dir: str, manifest: Optional[Dict[str, Any]] = None,
     counts[split] = check_split(
         data_dir, split, int(manifest['num_classes']),
         manifest.get('image_size'), int(manifest.get('channels', 3)),
-        max_records)
+        max_records, manifest)
     expected = manifest.get('counts', {}).get(split)
     if (max_records is None and expected is not None and
         counts[split] != expected):

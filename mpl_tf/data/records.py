@@ -24,7 +24,9 @@ released record whose label is 0 is not a valid class there either.
 
 Shards of a split are `{split}-{i:05d}-of-{num_shards:05d}.tfrecord`. Each
 shard is written under a temporary name and renamed when complete, so a
-crashed writer never leaves a file that looks finished.
+crashed writer never leaves a file that looks finished. The manifest lists
+each split's shards with their record counts (`shards`), and readers take
+that list, never a glob of the folder (`split_shards`, shard_list.py).
 """
 
 import json
@@ -36,6 +38,10 @@ import numpy as np
 import tensorflow as tf
 
 from mpl_tf import storage
+from mpl_tf.data import shard_list
+# The shard names and sizes of every writer, defined with the manifest's
+# list of shards (shard_list.py) and kept here under their old names.
+from mpl_tf.data.shard_list import num_shards_for, shard_name, shard_sizes
 
 IMAGE_KEY = 'image/encoded'
 LABEL_KEY = 'image/class/label'
@@ -51,15 +57,8 @@ _FEATURES = {
 _JPEG_MAGIC = b'\xff\xd8\xff'
 # The files a prepared set consists of, and the temporary names they are
 # written under (`<name>.tmp-<pid>`: SplitWriter, storage.write_json).
-_SHARD = re.compile(r'(?:labeled|unlabeled|validation|test)-\d{5,}-of-\d{5,}'
-                    r'\.tfrecord')
 _TEMPORARY = re.compile(r'(?P<final>.+)\.tmp-\d+')
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
-
-
-def shard_name(split: str, index: int, num_shards: int) -> str:
-  """The file name of shard `index` of `num_shards` of a split."""
-  return f'{split}-{index:05d}-of-{num_shards:05d}.tfrecord'
 
 
 def is_temporary(name: str) -> bool:
@@ -75,7 +74,7 @@ def is_prepared_file(name: str) -> bool:
   """
   temporary = _TEMPORARY.fullmatch(name)
   final = temporary.group('final') if temporary else name
-  return final == MANIFEST_NAME or _SHARD.fullmatch(final) is not None
+  return final == MANIFEST_NAME or shard_list.SHARD.fullmatch(final) is not None
 
 
 def image_format(encoded: bytes) -> Optional[str]:
@@ -148,21 +147,6 @@ def _check_split_arrays(images: np.ndarray, labels: np.ndarray,
     check_label(int(labels.max()), num_classes)
 
 
-def shard_sizes(num_records: int, num_shards: int) -> List[int]:
-  """Sizes of `num_shards` contiguous, nearly equal pieces (as array_split)."""
-  base, extra = divmod(num_records, num_shards)
-  return [base + (1 if index < extra else 0) for index in range(num_shards)]
-
-
-def num_shards_for(num_records: int, shard_size: Optional[int]) -> int:
-  """Shards needed so none holds more than `shard_size` records (>= 1)."""
-  if shard_size is None:
-    return 1
-  if shard_size < 1:
-    raise ValueError(f'shard_size={shard_size} must be at least 1.')
-  return max(1, -(-num_records // shard_size))
-
-
 class SplitWriter:
   """Writes one split's records, in order, into its numbered shards.
 
@@ -189,6 +173,10 @@ class SplitWriter:
     self._temporary_path = None
     self.paths: List[str] = []
     self._open_next_shard()
+
+  def manifest_entries(self) -> List[Dict[str, Any]]:
+    """The split's shards as the manifest lists them (names, records)."""
+    return shard_list.manifest_entries(self._split, self._sizes)
 
   def _final_path(self, index: int) -> str:
     return os.path.join(self._out_dir,
@@ -317,25 +305,32 @@ def parse_example(serialized: tf.Tensor, image_size: Optional[int],
   return image, label
 
 
-def shard_pattern(data_dir: str, split: str) -> str:
-  """The glob pattern of a split's shard files in `data_dir`."""
-  return os.path.join(data_dir, f'{split}-*-of-*.tfrecord')
+def split_shards(data_dir: str, split: str,
+                 manifest: Optional[Dict[str, Any]] = None,
+                 check_folder: bool = True) -> List[shard_list.Shard]:
+  """The split's shards (path, records) that manifest.json lists.
+
+  The manifest's list, not a glob: shard files it does not list (left by an
+  earlier preparation) are named in a warning and never read; a listed one
+  that is missing is a FileNotFoundError. `manifest`: the set's manifest
+  (read from `data_dir` when None; a directory without one, such as shards
+  written by hand before their manifest, must hold one complete set).
+  `check_folder=False`: no listing when the manifest lists the shards (see
+  shard_list.split_shards).
+  """
+  if manifest is None:
+    try:
+      manifest = read_manifest(data_dir)
+    except FileNotFoundError:
+      manifest = {}
+  return shard_list.split_shards(data_dir, split, manifest,
+                                 check_folder=check_folder)
 
 
-def split_files(data_dir: str, split: str) -> List[str]:
-  """The sorted shard files of a split; FileNotFoundError if there are none."""
-  pattern = shard_pattern(data_dir, split)
-  files = sorted(tf.io.gfile.glob(pattern))
-  if not files:
-    raise FileNotFoundError(
-        f'No TFRecord files for split {split!r} in {data_dir!r} (looked for '
-        f'{pattern}). Prepare the data set first: for an offline data set '
-        f'(mnist5k, digits) run training with --dataset set to it and '
-        f'--data_dir={data_dir}, which prepares it; for CIFAR-10, SVHN, '
-        f'ImageNet or your own images run `python prepare.py '
-        f'--out_dir={data_dir} ...` (see docs/data.md); from arrays in code, '
-        f'call mpl_tf.data.records.write_split().')
-  return files
+def split_files(data_dir: str, split: str,
+                manifest: Optional[Dict[str, Any]] = None) -> List[str]:
+  """The paths of `split_shards`, in shard order."""
+  return [shard.path for shard in split_shards(data_dir, split, manifest)]
 
 
 def write_manifest(data_dir: str, manifest: Dict[str, Any]) -> str:
