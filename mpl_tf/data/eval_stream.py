@@ -27,7 +27,7 @@ the evaluator checks that the counted examples add up to the manifest's.
 """
 
 import dataclasses
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
@@ -90,13 +90,23 @@ def plan(data_dir: str, manifest: Dict[str, Any], split: str,
   if count is None:
     raise ValueError(f'The manifest has no count for split {split!r}; '
                      f'prepare the data set again.')
-  return plan_for_files(records.split_files(data_dir, split), int(count),
-                        batch_size, input_context)
+  # The manifest's shards and counts (shard_list.py), not a glob: files of
+  # an earlier preparation are never read. No folder listing per evaluation.
+  shards = records.split_shards(data_dir, split, manifest, check_folder=False)
+  sizes = [shard.records for shard in shards]
+  return plan_for_files([shard.path for shard in shards], int(count),
+                        batch_size, input_context,
+                        None if None in sizes else sizes)
 
 
 def plan_for_files(files: Sequence[str], count: int, batch_size: int,
-                   input_context=None) -> EvalPlan:
-  """`plan` for a split of `count` records in the sorted shard `files`."""
+                   input_context=None,
+                   sizes: Optional[Sequence[int]] = None) -> EvalPlan:
+  """`plan` for a split of `count` records in the sorted shard `files`.
+
+  `sizes`: the files' record counts; None: cut as the writer cuts
+  (records.shard_sizes), for a set whose manifest lists no counts.
+  """
   pipelines, pipeline_id, replicas = (
       (1, 0, 1) if input_context is None else
       (input_context.num_input_pipelines, input_context.input_pipeline_id,
@@ -104,7 +114,8 @@ def plan_for_files(files: Sequence[str], count: int, batch_size: int,
   if batch_size % replicas or replicas % pipelines:
     raise ValueError(f'eval_batch_size={batch_size} must be a multiple of the '
                      f'{replicas} replicas (on {pipelines} input pipelines).')
-  all_shares = shares(records.shard_sizes(count, len(files)), pipelines)
+  all_shares = shares(list(sizes) if sizes is not None else
+                      records.shard_sizes(count, len(files)), pipelines)
   host_batch = batch_size // pipelines
   steps = -(-max(share.real for share in all_shares) // host_batch)
   share = all_shares[pipeline_id]
