@@ -543,7 +543,7 @@ class TpuScriptsTest(unittest.TestCase):
     result = self._setup(**pod)
     self.assertEqual(result.returncode, 2, result.stdout)
     self.assertIn('does not agree with this checkout', result.stderr)
-    self.assertIn(f'serves TensorFlow 2.19.0 (TF_DOCKER_URL=', result.stderr)
+    self.assertIn('serves TensorFlow 2.19.0 (TF_DOCKER_URL=', result.stderr)
     self.assertFalse([c for c in self._calls() if c[1:3] == ['-m', 'pip']])
     # It serves the client's: installed and checked.
     with open(service, 'w') as f:

@@ -12,7 +12,7 @@ order (pipeline.eval_dataset deals their records). Records leave as
 steps take.
 """
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 import tensorflow as tf
 
@@ -149,12 +149,10 @@ def _endless_records(pieces: List[input_shares.Piece], buffer_size: int,
 
 def parsed_split(config: config_lib.Config, manifest: Dict[str, Any],
                  split: str, input_context=None, shuffle_batch_size: int = 0,
-                 seed: int = 0, start_record: int = 0,
-                 record_shard: Tuple[int, int] = (1, 0)) -> tf.data.Dataset:
+                 seed: int = 0, start_record: int = 0) -> tf.data.Dataset:
   """(uint8 image, int32 label) pairs: one pass in file order, or (with
   `shuffle_batch_size`) an endless shuffled stream from record `start_record`
-  of this input pipeline on. `record_shard` = (n, i) keeps every n-th record
-  from the i-th on, before any is decoded.
+  of this input pipeline on (evaluation reads its shares by eval_stream.py).
 
   Labels outside [0, num_classes) stop the stream with an error naming the
   split; the training loop then names the file
@@ -178,8 +176,6 @@ def parsed_split(config: config_lib.Config, manifest: Dict[str, Any],
       pieces = _pipeline_pieces(config, manifest, split, input_context)
     dataset = _read(tf.data.Dataset.from_tensor_slices(
         _piece_tensors(pieces)), len(pieces))
-  if record_shard[0] > 1:
-    dataset = dataset.shard(*record_shard)
   image_size = manifest.get('image_size')
   num_classes = int(manifest['num_classes'])
   message = (f'a label outside [0, {num_classes}) in split {split!r} of '
