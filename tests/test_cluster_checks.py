@@ -220,8 +220,10 @@ class StartDeadlineTest(tf.test.TestCase):
   def test_missing_peers_are_named_after_the_deadline(self):
     # Worker 1 answers; worker 2 never does.
     up = lambda address, now: address.endswith(':2001')
+    clock = _FakeClock()
     with self.assertRaises(cluster.ClusterError) as raised:
-      self._wait(up)
+      self._wait(up, clock=clock)
+    self.assertEqual(clock.now, 160.0)   # started at 100, 60 s deadline
     self.assertEqual(
         str(raised.exception),
         'worker 0: worker 2 (127.0.0.1:2002) did not start within '
