@@ -20,9 +20,18 @@ smoke preset is trained three ways:
   conftest.py turns oneDNN off: with it, the two-replica reference on the
   split CPU computed the second step's early-layer gradients 1.7e-3 away
   from the cluster and from itself without oneDNN;
-* the cluster killed (kill -9 of the non-chief worker mid-run), then both
+* the cluster killed (kill -9 of the non-chief worker mid-run): the chief
+  ends by itself with one line naming the lost worker (status 3); then both
   workers started again: the resumed run ends with the weights of the
   uninterrupted one.
+
+Misconfigured clusters, each refused before anything is written, run
+beside the runs above (they take seconds and mostly wait): a worker whose
+peer never starts (the deadline names it); two workers given different
+flags (both name the fields); two workers whose model_dirs are not one
+shared directory (a relative --model_dir in two working directories, one
+holding a stale checkpoint state: both name each worker's step, and both
+directories are left as they were).
 """
 
 import contextlib
@@ -40,6 +49,7 @@ import tensorflow as tf
 
 from mpl_tf import train
 from tests.test_train import _variables
+from tests.testing import file_hashes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NUM_STEPS = 6
@@ -64,25 +74,41 @@ def _free_ports(count: int):
 
 
 class Cluster:
-  """Two worker processes of main.py; kill() ends whatever still runs."""
+  """Worker processes of main.py; kill() ends whatever still runs.
+
+  A cluster of two workers, both started unless `started` names fewer;
+  `extra` flags and working directories (`cwds`) per worker.
+  """
 
   def __init__(self, data_dir: str, model_dir: str, log_dir: str,
-               attempt: str):
+               attempt: str, started=(0, 1), extra=((), ()),
+               cwds=(REPO, REPO)):
     ports = _free_ports(2)
     workers = [f'127.0.0.1:{port}' for port in ports]
+    self.addresses = workers
+    self.log_paths = [os.path.join(log_dir, f'{attempt}-worker{index}.log')
+                      for index in started]
     self.logs, self.processes = [], []
-    for index in range(2):
+    for index, path in zip(started, self.log_paths):
       tf_config = {'cluster': {'worker': workers},
                    'task': {'type': 'worker', 'index': index}}
       env = dict(os.environ, TF_CONFIG=json.dumps(tf_config),
                  CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='2')
-      log = open(os.path.join(log_dir, f'{attempt}-worker{index}.log'), 'w')
+      log = open(path, 'w')
       self.logs.append(log)
       self.processes.append(subprocess.Popen(
           [sys.executable, os.path.join(REPO, 'main.py'), *_FLAGS,
            '--strategy=multi_worker', f'--data_dir={data_dir}',
-           f'--model_dir={model_dir}'],
-          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+           f'--model_dir={model_dir}', *extra[index]],
+          cwd=cwds[index], env=env, stdout=log, stderr=subprocess.STDOUT))
+
+  def last_lines(self):
+    """The last line of each worker's output (its error, if it failed)."""
+    lines = []
+    for path in self.log_paths:
+      with open(path) as f:
+        lines.append(([''] + f.read().strip().splitlines())[-1])
+    return lines
 
   def wait(self, timeout: float):
     """Exit codes of both workers; kills both on timeout."""
@@ -168,17 +194,78 @@ class TwoWorkerClusterTest(tf.test.TestCase):
     for name in ('config.json', 'eval_history.json', 'results.json'):
       self.assertIn(name, everything)
 
+  def _stale_copies(self):
+    """Two working directories whose run/ differ in their latest checkpoint.
+
+    Copies of the uninterrupted run: worker 1's state file names ckpt-3, as
+    a stale local copy of a model_dir would. Returns the working
+    directories and the hashes of every file under each run/.
+    """
+    cwds = []
+    for name, step in (('host0', _NUM_STEPS), ('host1', 3)):
+      run_dir = os.path.join(self.root, name, 'run')
+      shutil.copytree(os.path.join(self.root, 'cluster'), run_dir)
+      with open(os.path.join(run_dir, 'checkpoints', 'checkpoint'), 'w') as f:
+        f.write(f'model_checkpoint_path: "ckpt-{step}"\n')
+      cwds.append(os.path.dirname(run_dir))
+    return cwds, [file_hashes(os.path.join(cwd, 'run')) for cwd in cwds]
+
   def test_cluster_trains_like_one_process_and_resumes_after_kill(self):
     started = time.time()
+    # (a) A worker whose peer never starts, beside the uninterrupted run.
+    lone_dir = os.path.join(self.root, 'lone')
+    lone = Cluster(self.data_dir, lone_dir, self.log_dir, 'lone',
+                   started=(0,), extra=(['--cluster_start_timeout=5'], ()))
+    self.addCleanup(lone.kill)
     cluster_dir = os.path.join(self.root, 'cluster')
     self._run_cluster(cluster_dir, 'straight')
     self._assert_written_once_by_the_chief(cluster_dir)
     straight_seconds = time.time() - started
+    self.assertEqual(lone.wait(60), [3])
+    self.assertEqual(lone.last_lines(), [
+        f'error: worker 0: worker 1 ({lone.addresses[1]}) did not start '
+        f'within --cluster_start_timeout=5 seconds (nothing answered at that '
+        f'address). Start every worker of TF_CONFIG with the same command, '
+        f'or check the addresses and the network between the hosts; nothing '
+        f'was written.'])
+    self.assertFalse(os.path.exists(lone_dir))
+
+    # (b) Different flags; (e) model_dirs that are not one shared
+    # directory: both refused, beside the one-process run below.
+    different_dir = os.path.join(self.root, 'different')
+    different = Cluster(self.data_dir, different_dir, self.log_dir,
+                        'different', extra=((), ['--teacher_lr=0.1']))
+    cwds, hashes = self._stale_copies()
+    stale = Cluster(self.data_dir, 'run', self.log_dir, 'stale', cwds=cwds)
+    self.addCleanup(different.kill)
+    self.addCleanup(stale.kill)
 
     # (c) The same config in one process on a two-replica MirroredStrategy.
     mirrored_dir = os.path.join(self.root, 'mirrored')
     config = train_config(self.data_dir, mirrored_dir, '--strategy=mirrored')
     train.run(config)
+    refused_seconds = time.time()
+    self.assertEqual(different.wait(_RUN_TIMEOUT_SECONDS), [2, 2],
+                     _log_text(self.log_dir))
+    for worker, (line, value) in enumerate(zip(different.last_lines(),
+                                               ('0.05', '0.1'))):
+      self.assertEqual(
+          line, f'error: The workers were started with different settings of '
+          f'optim.teacher_lr (here, on worker {worker}: optim.teacher_lr='
+          f'{value}). Start every worker with the same command and flags '
+          f'(only TF_CONFIG\'s "task" differs); nothing was written.')
+    self.assertFalse(os.path.exists(different_dir))
+    self.assertEqual(stale.wait(_RUN_TIMEOUT_SECONDS), [2, 2],
+                     _log_text(self.log_dir))
+    for line in stale.last_lines():
+      self.assertStartsWith(
+          line, f'error: The workers see checkpoints of different steps '
+          f'(run/checkpoints: step {_NUM_STEPS} on worker 0; step 3 on '
+          f'worker 1): their model_dir is not one directory that every worker '
+          f'sees')
+    self.assertEqual([file_hashes(os.path.join(cwd, 'run')) for cwd in cwds],
+                     hashes)
+    refused_seconds = time.time() - refused_seconds
     cluster_weights = _weights(cluster_dir, 2)
     mirrored_weights = _weights(mirrored_dir, 2)
     self.assertEqual(set(cluster_weights), set(mirrored_weights))
@@ -198,11 +285,21 @@ class TwoWorkerClusterTest(tf.test.TestCase):
         time.sleep(0.05)
       cluster.processes[1].send_signal(signal.SIGKILL)
       killed_at = _latest_step(killed_dir)
+      lost_seconds = time.time()
+      # The chief ends by itself, naming the lost worker, within seconds
+      # (TensorFlow's heartbeat timeout).
+      self.assertEqual(cluster.processes[0].wait(120), 3,
+                       _log_text(self.log_dir))
+      lost_seconds = time.time() - lost_seconds
     finally:
-      # The chief is left waiting in a collective for its peer: a cluster
-      # manager restarts every worker, and so does this test.
       cluster.kill()
     self.assertBetween(killed_at, 3, _NUM_STEPS - 1)
+    self.assertStartsWith(cluster.last_lines()[0],
+                          'error: worker 0 lost worker 1 of its cluster '
+                          'mid-run (TensorFlow: ')
+    self.assertEndsWith(cluster.last_lines()[0],
+                        'Restart every worker with the same command: they '
+                        'resume together from the last checkpoint.')
     self._run_cluster(killed_dir, 'resumed')
     self._assert_written_once_by_the_chief(killed_dir)
     with open(os.path.join(self.log_dir, 'resumed-worker0.log')) as f:
@@ -211,9 +308,11 @@ class TwoWorkerClusterTest(tf.test.TestCase):
                                   _weights(killed_dir))
     print(f'\ntwo-worker cluster: uninterrupted run {straight_seconds:.0f} s; '
           f'vs MirroredStrategy after 2 steps {worst} (after {_NUM_STEPS}: '
-          f'{final_difference:.1e}, not asserted); killed at step {killed_at}, '
-          f'resumed vs uninterrupted after {_NUM_STEPS} steps {resumed_worst}; '
-          f'whole test {time.time() - started:.0f} s')
+          f'{final_difference:.1e}, not asserted); refusals waited for '
+          f'after the one-process run: {refused_seconds:.0f} s; killed at '
+          f'step {killed_at}, the chief ended {lost_seconds:.0f} s later; '
+          f'resumed vs uninterrupted after {_NUM_STEPS} steps '
+          f'{resumed_worst}; whole test {time.time() - started:.0f} s')
 
 
 def train_config(data_dir: str, model_dir: str, *extra):
