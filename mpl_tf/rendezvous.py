@@ -7,12 +7,15 @@ SIGTERM taken over by TensorFlow. A worker whose port another program holds
 dies there after about 20 s with a traceback, while its peers wait on. So
 each worker first meets its peers here, in Python:
 
-* it listens on its own TF_CONFIG port (a plain socket that accepts nothing:
-  a peer's connect completes in the kernel's queue), so that its peers can
-  see it; a port it cannot bind is one message naming the port, at once;
-* it connects to every peer's port until each has answered once, printing
-  one line naming the missing ones while it waits; peers that do not answer
-  within `--cluster_start_timeout` seconds are named in one message;
+* it listens on its own TF_CONFIG port (a plain socket; a thread accepts
+  and closes every connection, so that the kernel's queue never fills with
+  a large cluster's probes), so that its peers can see it; a port it cannot
+  bind is one message naming the port, at once;
+* it connects to every peer's port (up to 64 at a time: a host that is not
+  up yet may take the whole connect timeout) until each has answered once,
+  printing one line naming the missing ones while it waits; peers that do
+  not answer within `--cluster_start_timeout` seconds are named in one
+  message;
 * SIGTERM and Ctrl-C end the wait at once (cluster.StartInterrupted).
 
 The listening socket is closed before TensorFlow binds the same port; a
@@ -22,6 +25,7 @@ that vanished in between, or a port that another program answers on, ends
 with a message too instead of an hour's wait.
 """
 
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -38,6 +42,7 @@ from mpl_tf.cluster import CLUSTER_FAILURE_STATUS, ClusterError, StartInterrupte
 _COLLECTIVE_JOBS = ('chief', 'worker')
 _POLL_SECONDS = 0.5
 _CONNECT_SECONDS = 1.0
+_PARALLEL_CONNECTS = 64
 # TensorFlow's own start after the rendezvous gets at least this long.
 _MIN_START_SECONDS = 30.0
 
@@ -70,8 +75,32 @@ def split_address(address: str):
   return host.strip('[]'), int(port)
 
 
-def listen(address: str) -> socket.socket:
-  """A socket listening on the port of this worker's TF_CONFIG address.
+class _Listener:
+  """A listening socket whose thread accepts and closes every connection."""
+
+  def __init__(self, server: socket.socket):
+    self._server = server
+    self._server.settimeout(_POLL_SECONDS)
+    self._closed = threading.Event()
+    self._thread = threading.Thread(target=self._drain, daemon=True)
+    self._thread.start()
+
+  def _drain(self) -> None:
+    while not self._closed.is_set():
+      try:
+        connection, _ = self._server.accept()
+      except OSError:   # socket.timeout included
+        continue
+      connection.close()
+
+  def close(self) -> None:
+    self._closed.set()
+    self._thread.join()
+    self._server.close()
+
+
+def listen(address: str) -> _Listener:
+  """Listens on the port of this worker's TF_CONFIG address.
 
   Bound on every interface, as TensorFlow's server binds; ClusterError
   naming the port when it cannot be bound.
@@ -79,9 +108,9 @@ def listen(address: str) -> socket.socket:
   _, port = split_address(address)
   try:
     if socket.has_dualstack_ipv6():
-      return socket.create_server(('', port), family=socket.AF_INET6,
-                                  dualstack_ipv6=True, backlog=128)
-    return socket.create_server(('', port), backlog=128)
+      return _Listener(socket.create_server(
+          ('', port), family=socket.AF_INET6, dualstack_ipv6=True))
+    return _Listener(socket.create_server(('', port)))
   except OSError as error:
     raise ClusterError(
         f'This worker cannot listen on port {port}, its address {address} in '
@@ -144,10 +173,13 @@ def wait_for_peers(tf_config: Dict[str, Any], timeout: float, *,
   start = clock()
   listener = listen_on(me.address)
   try:
-    with _interruptible():
+    with _interruptible(), concurrent.futures.ThreadPoolExecutor(
+        min(_PARALLEL_CONNECTS, len(peers))) as pool:
       missing, announced = peers, False
       while True:
-        missing = [task for task in missing if not is_reachable(task.address)]
+        answered = list(pool.map(is_reachable,
+                                 [task.address for task in missing]))
+        missing = [task for task, up in zip(missing, answered) if not up]
         waited = clock() - start
         if not missing:
           return timeout - waited

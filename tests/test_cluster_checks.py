@@ -256,6 +256,18 @@ class StartDeadlineTest(tf.test.TestCase):
           f'its address 127.0.0.1:{port} in TF_CONFIG .*another program'):
         rendezvous.listen(f'127.0.0.1:{port}')
 
+  def test_the_listener_takes_more_probes_than_a_kernel_queue(self):
+    # 300 peers probing one worker (the kernel queues 128 unaccepted
+    # connections; more would time out and read as "not started").
+    listener = rendezvous.listen('127.0.0.1:0')
+    port = listener._server.getsockname()[1]  # pylint: disable=protected-access
+    try:
+      for probe in range(300):
+        self.assertTrue(rendezvous.reachable(f'127.0.0.1:{port}'), probe)
+    finally:
+      listener.close()
+    self.assertFalse(rendezvous.reachable(f'127.0.0.1:{port}'))
+
   def test_sigterm_and_ctrl_c_end_the_wait_at_once(self):
     # A real wait (real clock, a free port, a peer that never comes).
     handler_before = signal.getsignal(signal.SIGTERM)
