@@ -72,6 +72,12 @@ def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
   return bool(in_multi_worker and in_multi_worker())
 
 
+def is_multi_host(strategy: tf.distribute.Strategy) -> bool:
+  """Whether the input is split between hosts (multi-worker, TPU pods)."""
+  return (is_multi_worker(strategy) or
+          isinstance(strategy, tf.distribute.TPUStrategy))
+
+
 def worker_id(strategy: tf.distribute.Strategy) -> int:
   resolver = getattr(strategy, 'cluster_resolver', None)
   return int(getattr(resolver, 'task_id', 0) or 0)

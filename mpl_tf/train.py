@@ -105,8 +105,12 @@ def _check_inputs(config: Config, strategy, manifest) -> None:
 
   Before the first write (preflight.check_and_start): an input that this
   cluster cannot shard (e.g. fewer files than hosts) refuses the run while
-  model_dir is still as it was, not after config.json is written.
+  model_dir is still as it was, not after config.json is written. Only
+  where the input is split between hosts: one host's input has nothing to
+  shard, and building it costs a second or two per run.
   """
+  if not cluster.is_multi_host(strategy):
+    return
   kinds = {('mpl' if config.run.algorithm != 'supervised' else 'supervised',
             config.optim.labeled_batch_size)}
   if config.finetune.steps:

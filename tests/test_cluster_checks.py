@@ -390,7 +390,10 @@ class InputRefusalTest(DataDirTestCase):
     model_dir = os.path.join(_tempdir(self), 'run')
     config = _config(model_dir, self.data_dir, '--nosupervised_baseline')
     refusal = ValueError("Split 'labeled' has 1 files for 2 input pipelines")
-    with mock.patch.object(pipeline, 'train_dataset', side_effect=refusal):
+    # The input is built before the write where hosts share it; this
+    # process's one device stands in for such a strategy.
+    with mock.patch.object(pipeline, 'train_dataset', side_effect=refusal), \
+        mock.patch.object(cluster, 'is_multi_host', return_value=True):
       with self.assertRaisesRegex(ValueError, '1 files for 2 input pipelines'):
         train.run(config)
     self.assertFalse(os.path.exists(model_dir))
