@@ -5,7 +5,9 @@ trains (`--mode=train`, resuming from --model_dir), evaluates, exports or
 predicts. User errors (unknown or bad flags, missing or inconsistent data, an
 unwritable model_dir, a missing checkpoint, a non-finite loss under
 --nonfinite=stop) end with one message and exit status 2, without a
-traceback.
+traceback. A cluster that cannot start or loses a worker mid-run
+(--strategy=multi_worker) ends with one line and status 3; SIGTERM or Ctrl-C
+while a worker waits for the others ends it with 143 or 130.
 """
 
 import os
@@ -55,6 +57,7 @@ def main(argv):
     warnings.filterwarnings('ignore')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from mpl_tf import app as mpl_app  # pylint: disable=g-import-not-at-top
+  from mpl_tf import cluster  # pylint: disable=g-import-not-at-top
   from mpl_tf.cluster import StopRequested  # pylint: disable=g-import-not-at-top
   from mpl_tf.config import ConfigError  # pylint: disable=g-import-not-at-top
   from mpl_tf.phase import NonFiniteError  # pylint: disable=g-import-not-at-top
@@ -79,6 +82,14 @@ def main(argv):
     # Data and config modules raise these with a message naming the fix;
     # NonFiniteError names the step and the term (--nonfinite=stop).
     _user_error(str(error))
+  except cluster.ClusterError as error:
+    # A worker missing at the start or lost mid-run: the message says which
+    # and what to do (start or restart every worker with the same command).
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(cluster.CLUSTER_FAILURE_STATUS)
+  except cluster.StartInterrupted as stopped:
+    print(f'stopped: {stopped}', file=sys.stderr)
+    sys.exit(128 + stopped.signum)
   except StopRequested as stopped:
     # SIGTERM (a preemption, `kill`): a checkpoint was saved first. The
     # status is the shell's for a SIGTERM death, so supervisors that restart

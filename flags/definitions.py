@@ -82,6 +82,10 @@ _HELP = {
         'seed': 'Seed of model initialisation and pseudo-label sampling.',
         'tpu': 'TPU name or address for --strategy=tpu (empty: the local '
                'TPU VM).',
+        'cluster_start_timeout': 'With --strategy=multi_worker: seconds a '
+                                 'worker waits for every other worker of '
+                                 'TF_CONFIG to start; then it stops, naming '
+                                 'the missing ones.',
         'steps_per_loop': 'Training steps per device loop (one tf.function '
                           'call); logs and summaries follow each loop.',
         'stop_check_steps': 'A stop request (SIGTERM: stop.sh, a '

@@ -226,6 +226,9 @@ class RunConfig:
   # 'one_device', 'mirrored', 'multi_worker' or 'tpu' (see distribute.py).
   strategy: str = 'one_device'
   tpu: str = ''                  # TPU name for strategy=tpu ('' = local)
+  # multi_worker: seconds a worker waits for every other worker of
+  # TF_CONFIG to start before it stops, naming the missing ones.
+  cluster_start_timeout: int = 600
   # Steps run on the device per host call (one tf.function with tf.range),
   # like the released code's save_every; logs and summaries follow each.
   steps_per_loop: int = 50
@@ -406,6 +409,7 @@ def validate(config: Config) -> Config:
   run = config.run
   _check_choice('mode', run.mode, MODES)
   _check_choice('strategy', run.strategy, STRATEGIES)
+  _check_positive('cluster_start_timeout', run.cluster_start_timeout)
   _check_choice('algorithm', run.algorithm, ALGORITHMS)
   _check_choice('nonfinite', run.nonfinite, NONFINITE_POLICIES)
   _check_positive('nonfinite_skip_limit', run.nonfinite_skip_limit)

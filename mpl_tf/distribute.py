@@ -4,7 +4,10 @@
   'local' on a TPU VM); the TPU system is initialised here.
 * 'mirrored': MirroredStrategy over every local GPU (or, on a CPU-only
   machine, every logical CPU device; tests split the CPU into two).
-* 'multi_worker': MultiWorkerMirroredStrategy, configured by TF_CONFIG.
+* 'multi_worker': MultiWorkerMirroredStrategy, configured by TF_CONFIG,
+  which it needs (without it TensorFlow would train one lone replica, and
+  two such processes on one model_dir would both write as the chief). The
+  workers first meet in rendezvous.py, within --cluster_start_timeout.
 * 'one_device': OneDeviceStrategy on the first GPU, else the CPU.
 
 The training step is written for any of them: it sums gradients across
@@ -14,10 +17,11 @@ replicas itself and divides every loss by the global batch.
 import json
 import os
 import re
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import tensorflow as tf
 
+from mpl_tf import rendezvous
 from mpl_tf.config import ConfigError, RunConfig
 
 _TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host0:port", "host1:port"]}, '
@@ -63,26 +67,34 @@ def _build_strategy(run_config: RunConfig) -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy(
         devices=[device.name for device in _local_devices()])
   if name == 'multi_worker':
-    check_tf_config(os.environ.get('TF_CONFIG'))
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    tf_config = check_tf_config(os.environ.get('TF_CONFIG'))
+    seconds_left = rendezvous.wait_for_peers(tf_config,
+                                             run_config.cluster_start_timeout)
+    with rendezvous.deadline(seconds_left, tf_config):
+      return tf.distribute.MultiWorkerMirroredStrategy()
   if name == 'one_device':
     return tf.distribute.OneDeviceStrategy(_local_devices()[0].name)
   raise ConfigError(f'strategy={name!r} is not tpu, mirrored, multi_worker '
                     f'or one_device.')
 
 
-def check_tf_config(value: Optional[str]) -> None:
-  """Raises ConfigError naming TF_CONFIG and its fault, if it is malformed.
+def check_tf_config(value: Optional[str]) -> Dict[str, Any]:
+  """TF_CONFIG parsed; ConfigError naming its fault, if it is malformed.
 
   TensorFlow's resolver parses TF_CONFIG with json.loads and indexes it, so
   a typo surfaces as "Expecting ',' delimiter" or a KeyError that never
   says which variable is wrong. Checked here: valid JSON, a "cluster" of
   jobs listing "host:port" addresses, and a "task" whose type is one of
   those jobs and whose index is in its range. An unset or empty TF_CONFIG
-  is left to TensorFlow (one local worker).
+  is refused: --strategy=multi_worker means a cluster.
   """
   if not value:
-    return
+    raise ConfigError(
+        f'--strategy=multi_worker needs TF_CONFIG, which is unset: every '
+        f'worker needs the same "cluster" and its own "task", e.g. '
+        f'TF_CONFIG=\'{_TF_CONFIG_EXAMPLE}\' (docs/training.md, '
+        f'multi-worker). On one machine, pass --strategy=mirrored (all its '
+        f'GPUs) or --strategy=one_device.')
   def fault(what: str) -> ConfigError:
     return ConfigError(
         f'TF_CONFIG {what}. Every worker needs the same "cluster" and its '
@@ -113,6 +125,7 @@ def check_tf_config(value: Optional[str]) -> None:
       not 0 <= index < len(cluster_spec[kind])):
     raise fault(f'has task index {index!r}; job {kind!r} has '
                 f'{len(cluster_spec[kind])} worker(s), numbered from 0')
+  return parsed
 
 
 def check_batch_divides(strategy: tf.distribute.Strategy, name: str,

@@ -39,14 +39,24 @@ class NonFiniteError(RuntimeError):
   """A loss or gradient became NaN or Inf under run.nonfinite='stop'."""
 
 
-def all_finite(variables: List[tf.Variable]) -> bool:
-  """Whether every float variable is finite: checked before every save."""
+def finite_check(variables: List[tf.Variable]) -> Callable[[], tf.Tensor]:
+  """A tf.function: whether every float variable is finite (a scalar bool).
+
+  Checked before every save. One traced function over all variables (one
+  host call, one bool back) instead of a few eager ops per variable: the
+  large networks have thousands of variables with their optimizer slots.
+  """
   floats = [v for v in variables if tf.as_dtype(v.dtype).is_floating]
-  if not floats:
-    return True
-  return bool(tf.reduce_all(tf.stack([
-      tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v)))
-      for v in floats])).numpy())
+
+  @tf.function
+  def check():
+    if not floats:
+      return tf.constant(True)
+    return tf.reduce_all(tf.stack([
+        tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v)))
+        for v in floats]))
+
+  return check
 
 
 def _variables_of(items) -> List[tf.Variable]:
@@ -108,7 +118,8 @@ class Phase:
     config, strategy = context.config, context.strategy
     self.name, self.config, self.strategy = name, config, strategy
     self.guard, self.stop = guard, context.stop
-    self._saved_variables = _variables_of(checkpoint_items.values())
+    self._all_finite = finite_check(
+        _variables_of(checkpoint_items.values()))
     self.manifest, self.num_steps = context.manifest, num_steps
     self.splits = splits
     self.step_counter = step_counter
@@ -129,12 +140,18 @@ class Phase:
     self.writer = cluster.summary_writer(
         strategy, os.path.join(directory, 'logs', 'train'))
     self._restored = False
+    self._step_agreed = False
     # The first batch's views go to TensorBoard once per run, from the main
     # phase; finetuning and the baseline only repeat the labeled view.
     self.write_images = True
 
   def restore(self) -> int:
-    """Restores the latest checkpoint (once), if any; returns the step."""
+    """Restores the latest checkpoint (once), if any; returns the step.
+
+    After the first restore every worker checks that all restored the same
+    step (cluster.check_same_steps; every worker restores at the same
+    points, so the all-gather meets).
+    """
     latest = self.checkpoints.latest
     if not self._restored and cluster.is_chief(self.strategy):
       for path in remove_interrupted_writes(self.checkpoints.directory):
@@ -145,7 +162,12 @@ class Phase:
       self.checkpoint.restore(latest).assert_existing_objects_matched()
       print(f'{self.name}: resumed from {latest} at step '
             f'{read_step(self.step_counter)}')
-    return read_step(self.step_counter)
+    step = read_step(self.step_counter)
+    if not self._step_agreed:
+      self._step_agreed = True
+      cluster.check_same_steps(self.strategy, 'restored',
+                               {self.name: step})
+    return step
 
   def _write_images(self) -> None:
     """A few training images of every view, as the networks see them.
@@ -254,7 +276,7 @@ class Phase:
 
   def _save(self, step: int) -> None:
     """A checkpoint of the state at `step`, never one holding NaN or Inf."""
-    if not all_finite(self._saved_variables):
+    if not bool(self._all_finite()):
       raise NonFiniteError(
           f'{self.name}: the state at step {step} holds a NaN or Inf '
           f'although every checked loss and gradient norm was finite; '

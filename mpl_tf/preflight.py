@@ -4,13 +4,17 @@ A wrong setting must end with one message and an empty (or untouched)
 model_dir, so before the first write the loop checks the data (manifest,
 records, labels of every class), the strategy's batch split, the
 model_dir's config (a model_dir resumes only its own configuration) and its
-writability. Under multi-worker every worker checks and votes
-(cluster.agree), so an error on any worker stops all of them with its
-message; the chief alone prepares offline data and writes config.json.
+writability, and builds this worker's training input (whose sharding can
+refuse a number of hosts). Under multi-worker the workers first compare
+their configurations, then every worker checks and votes (cluster.agree), so
+an error on any worker stops all of them with its message, and they compare
+the checkpoints they see; the chief alone prepares offline data and writes
+config.json.
 """
 
 import os
-from typing import Any, Dict
+import re
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import tensorflow as tf
 
@@ -24,8 +28,8 @@ from mpl_tf.data import records
 
 # Run fields that may change between a run and its resumption.
 _RESUMABLE_RUN_FIELDS = (
-    'mode', 'model_dir', 'strategy', 'tpu', 'steps_per_loop',
-    'stop_check_steps',
+    'mode', 'model_dir', 'strategy', 'tpu', 'cluster_start_timeout',
+    'steps_per_loop', 'stop_check_steps',
     'checkpoint_every', 'keep_checkpoints', 'jit_compile', 'eval_every',
     'eval_batch_size', 'eval_median_last', 'eval_all_networks',
     'export_dir', 'checkpoint', 'predict_files', 'nonfinite',
@@ -202,14 +206,37 @@ def check_batches(config: Config, strategy) -> None:
 _USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)
 
 
-def check_and_start(config: Config, strategy) -> Dict[str, Any]:
+def latest_steps(directories: Sequence[str]) -> Dict[str, int]:
+  """{directory: step of its latest complete checkpoint, 0 if none}.
+
+  The loop saves checkpoint N at step N (ckpt-N), and restores the one the
+  state file names.
+  """
+  steps = {}
+  for directory in directories:
+    latest = tf.train.latest_checkpoint(directory)
+    number = re.search(r'-(\d+)$', latest or '')
+    steps[directory] = int(number.group(1)) if number else 0
+  return steps
+
+
+def check_and_start(config: Config, strategy,
+                    checkpoint_dirs: Sequence[str] = (),
+                    check_inputs: Optional[Callable] = None
+                    ) -> Dict[str, Any]:
   """Checks data and config on every worker; the chief prepares and starts.
 
   A wrong setting fails here, before anything is written. Under
-  multi-worker the chief alone prepares offline data, scans the records and
+  multi-worker the workers first compare their whole configurations (one
+  all-reduce); the chief alone prepares offline data, scans the records and
   writes config.json; every worker votes after each stage (cluster.agree),
-  so an error on any worker stops all of them with its message.
+  so an error on any worker stops all of them with its message; and they
+  compare the latest checkpoints of `checkpoint_dirs` (the phases'), which
+  a model_dir that is not truly shared shows as different steps.
+  `check_inputs(manifest)` builds this worker's input pipelines, whose
+  errors (e.g. too few files for the hosts) are user errors too.
   """
+  cluster.check_same_config(strategy, config.to_dict())
   chief = cluster.is_chief(strategy)
   manifest, error = None, None
   try:
@@ -229,9 +256,13 @@ def check_and_start(config: Config, strategy) -> Dict[str, Any]:
       pipeline.check_manifest(config, manifest)
     check_batches(config, strategy)
     check_model_dir(config)
+    if check_inputs is not None:
+      check_inputs(manifest)
   except _USER_ERRORS as raised:
     error = raised
   cluster.agree(strategy, error)
+  cluster.check_same_steps(strategy, 'see checkpoints of',
+                           latest_steps(checkpoint_dirs))
   if chief:
     start_model_dir(config)
   return manifest

@@ -73,9 +73,55 @@ def run(config: Config) -> Dict[str, Any]:
     # determinism it must be set explicitly first.
     tf.random.set_global_generator(
         tf.random.Generator.from_seed(config.run.seed))
-  manifest = preflight.check_and_start(config, strategy)
-  with cluster.StopRequest(strategy) as stop:
-    return _run(config, strategy, manifest, stop)
+  try:
+    manifest = preflight.check_and_start(
+        config, strategy,
+        [os.path.join(directory, 'checkpoints')
+         for directory in phase_directories(config).values()],
+        lambda manifest: _check_inputs(config, strategy, manifest))
+    with cluster.StopRequest(strategy) as stop:
+      return _run(config, strategy, manifest, stop)
+  except tf.errors.OpError as error:
+    # A worker that died mid-run: one line instead of a traceback.
+    lost = cluster.lost_peer(strategy, error)
+    if lost is None:
+      raise
+    raise lost from None
+
+
+def phase_directories(config: Config) -> Dict[str, str]:
+  """Where each phase of this run keeps its checkpoints and logs."""
+  run_cfg = config.run
+  directories = {'main': run_cfg.model_dir}
+  if config.finetune.steps:
+    directories['finetune'] = os.path.join(run_cfg.model_dir, 'finetune')
+  if run_cfg.supervised_baseline and run_cfg.algorithm != 'supervised':
+    directories['supervised'] = os.path.join(run_cfg.model_dir, 'supervised')
+  return directories
+
+
+def _check_inputs(config: Config, strategy, manifest) -> None:
+  """Builds (without reading) this worker's input of every phase.
+
+  Before the first write (preflight.check_and_start): an input that this
+  cluster cannot shard (e.g. fewer files than hosts) refuses the run while
+  model_dir is still as it was, not after config.json is written. Only
+  where the input is split between hosts: one host's input has nothing to
+  shard, and building it costs a second or two per run.
+  """
+  if not cluster.is_multi_host(strategy):
+    return
+  kinds = {('mpl' if config.run.algorithm != 'supervised' else 'supervised',
+            config.optim.labeled_batch_size)}
+  if config.finetune.steps:
+    kinds.add(('supervised', config.finetune.batch_size or
+               config.optim.labeled_batch_size))
+  if 'supervised' in phase_directories(config):
+    kinds.add(('supervised', config.optim.labeled_batch_size))
+  for kind, batch_size in sorted(kinds):
+    stream = _dataset_fn(config, manifest, kind, batch_size)
+    strategy.distribute_datasets_from_function(
+        lambda context, stream=stream: stream(context, 0))
 
 
 def _run(config: Config, strategy, manifest,
@@ -138,11 +184,11 @@ def _run(config: Config, strategy, manifest,
           num_steps=run_cfg.supervised_steps or optim_cfg.num_steps,
           batch_size=optim_cfg.labeled_batch_size,
           weight_decay_config=optim_cfg,
-          directory=os.path.join(model_dir, 'supervised'))
+          directory=phase_directories(config)['supervised'])
       phase.write_images = False
     start = time.time()
     phase.train(validation_curve(config, strategy, manifest, supervised,
-                                 os.path.join(model_dir, 'supervised')))
+                                 phase_directories(config)['supervised']))
     timings['supervised_seconds'] = time.time() - start
     models['supervised'] = supervised
 
@@ -329,14 +375,14 @@ def _finetune(context: RunContext, ema_student, build, later_steps: float):
                                        'finetune_optimizer', finetuned),
         num_steps=finetune.steps, batch_size=batch_size,
         weight_decay_config=decay_config,
-        directory=os.path.join(config.run.model_dir, 'finetune'),
+        directory=phase_directories(config)['finetune'],
         # checkpoints.DEFAULT_ITEM, the key export serves: the finetuned
         # student replaces the EMA one.
         model_key=checkpoints.DEFAULT_ITEM)
     phase.write_images = False
   start = time.time()
   phase.train(validation_curve(config, strategy, manifest, finetuned,
-                               os.path.join(config.run.model_dir, 'finetune')),
+                               phase_directories(config)['finetune']),
               later_steps * finetune.steps)
   return finetuned, time.time() - start
 

@@ -136,8 +136,7 @@ class TfConfigTest(tf.test.TestCase):
   def test_malformed_tf_config_names_tf_config_and_what_is_wrong(self):
     good = {'cluster': {'worker': ['127.0.0.1:2000', 'host-1.x:2001']},
             'task': {'type': 'worker', 'index': 1}}
-    distribute.check_tf_config(json.dumps(good))
-    distribute.check_tf_config(None)   # unset: TensorFlow's one local worker
+    self.assertEqual(distribute.check_tf_config(json.dumps(good)), good)
     cases = {
         '{"cluster": {"worker": ["a:1"]} "task": {}}':
             r'is not valid JSON \(Expecting .,. delimiter',
@@ -159,6 +158,20 @@ class TfConfigTest(tf.test.TestCase):
       with self.subTest(value=value):
         with self.assertRaisesRegex(ConfigError, '^TF_CONFIG ' + expected):
           distribute.check_tf_config(value)
+
+  def test_multi_worker_without_tf_config_is_refused(self):
+    # Before: one lone replica, no warning; two such processes on one
+    # model_dir both wrote as the chief.
+    for unset in (None, ''):
+      with self.subTest(tf_config=unset):
+        with self.assertRaisesRegex(
+            ConfigError, r'^--strategy=multi_worker needs TF_CONFIG, which is '
+            r'unset: .*--strategy=mirrored'):
+          distribute.check_tf_config(unset)
+    environment = {k: v for k, v in os.environ.items() if k != 'TF_CONFIG'}
+    with mock.patch.dict(os.environ, environment, clear=True):
+      with self.assertRaisesRegex(ConfigError, 'needs TF_CONFIG'):
+        distribute.get_strategy(RunConfig(strategy='multi_worker'))
 
   def test_the_strategy_is_refused_before_tensorflow_reads_it(self):
     # What main.py runs first (one `error:` line, as for every ConfigError):
