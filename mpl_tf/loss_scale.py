@@ -52,6 +52,7 @@ resumed run goes on with the same S. A network that does not compute in
 float16 gets an inactive scale: no variable, no op, the step unchanged.
 """
 
+import threading
 from typing import List, Sequence
 
 import keras
@@ -76,6 +77,11 @@ class DynamicLossScale:
 
   Create it in the distribution strategy's scope. Its variables aggregate
   ONLY_FIRST_REPLICA: every replica assigns the same value.
+
+  What `unscaled` records for the guard is kept per thread: MirroredStrategy
+  traces each replica's step in a thread of its own, and one list shared by
+  the replicas would mix (and clear) each other's records. TPUStrategy and
+  one device trace the step once, in one thread.
   """
 
   def __init__(self, name: str, active: bool,
@@ -84,7 +90,7 @@ class DynamicLossScale:
     self.name = name
     self.active = bool(active)
     self.growth_interval = int(growth_interval)
-    self._finite: List[tf.Tensor] = []
+    self._records = threading.local()
     if not self.active:
       return
     if not MIN_SCALE <= initial <= MAX_SCALE:
@@ -112,7 +118,7 @@ class DynamicLossScale:
 
   def begin_step(self) -> None:
     """Forgets the previous step's gradients (called by the guard)."""
-    self._finite = []
+    self._records.finite = []
 
   def gradient(self, tape: tf.GradientTape, loss: tf.Tensor,
                variables: Sequence) -> list:
@@ -138,16 +144,17 @@ class DynamicLossScale:
       return list(grads)
     present = [g for g in grads if g is not None]
     if present:
-      self._finite.append(tf.reduce_all(tf.stack(
+      self._records.finite.append(tf.reduce_all(tf.stack(
           [tf.reduce_all(tf.math.is_finite(g)) for g in present])))
     scale = tf.convert_to_tensor(self.scale)
     return [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
 
   def grads_finite(self) -> tf.Tensor:
     """Whether every gradient `unscaled` saw this step was finite."""
-    if not self._finite:
+    finite = getattr(self._records, 'finite', [])
+    if not finite:
       return tf.constant(True)
-    return tf.reduce_all(tf.stack(self._finite))
+    return tf.reduce_all(tf.stack(finite))
 
 
 def active(scales: Sequence[DynamicLossScale]) -> List[DynamicLossScale]:

@@ -104,6 +104,12 @@ def counters(step: MplStep):
 class UnderflowTest(tf.test.TestCase):
   """Without scaling the float16 layer gets no gradient; with it, float32's."""
 
+  def assert_weights_close(self, model, reference, name):
+    for index, (value, expected) in enumerate(zip(model.get_weights(),
+                                                  reference.get_weights())):
+      self.assertAllClose(value, expected, atol=WEIGHT_TOLERANCE, rtol=0,
+                          msg=f'{name} weight {index}')
+
   def test_float16_gradient_flushes_to_zero_unscaled(self):
     # The problem itself, outside the library: the float16 layer's kernel
     # gradient of a loss divided by 2**24 is exactly zero; float32's is not.
@@ -134,9 +140,8 @@ class UnderflowTest(tf.test.TestCase):
       self.assertEqual(float(metrics['loss_scale/student']),
                        loss_scale.INITIAL_SCALE)
     for name in ('teacher', 'student', 'ema_student'):
-      self.assertAllClose(getattr(scaled, name).get_weights(),
-                          getattr(reference, name).get_weights(),
-                          atol=WEIGHT_TOLERANCE, rtol=0, msg=name)
+      self.assert_weights_close(getattr(scaled, name),
+                                getattr(reference, name), name)
     # The float16 layer learned (unscaled, it does not move at all).
     self.assertGreater(np.abs(scaled.student.trainable_variables[0].numpy() -
                               first_kernel).max(), 0.1)
@@ -171,8 +176,7 @@ class UnderflowTest(tf.test.TestCase):
       for index in range(2):
         reference_step(batch(index))
         step(batch(index))
-      self.assertAllClose(model.get_weights(), reference.get_weights(),
-                          atol=WEIGHT_TOLERANCE, rtol=0, msg=make.__name__)
+      self.assert_weights_close(model, reference, make.__name__)
       self.assertGreater(np.abs(model.trainable_variables[0].numpy() -
                                 first_kernel).max(), 0.1, make.__name__)
 
@@ -276,7 +280,8 @@ class OverflowTest(tf.test.TestCase):
     strategy = distribute.get_strategy(RunConfig(strategy='mirrored'))
     self.assertEqual(strategy.num_replicas_in_sync, 2)
     with strategy.scope():
-      step = mpl_step('mixed_float16')
+      # (taylor: the student's gradients are differentiated once.)
+      step = mpl_step('mixed_float16', feedback='taylor')
     values = batch(0)
     images = values['labeled_images'].numpy().copy()
     images[-1, 0] = np.inf   # the last row: replica 1's half
@@ -294,8 +299,12 @@ class OverflowTest(tf.test.TestCase):
         step.student.trainable_variables[0])
     for old, new in zip(before, after):
       self.assertAllEqual(old, new)
+    # The student's overflow: the teacher's gradients, whose loss holds h
+    # from the student's undone update, do not halve the teacher's scale.
     for scale in strategy.experimental_local_results(step.student_scale.scale):
       self.assertEqual(float(scale), 2.0 ** 14)
+    for scale in strategy.experimental_local_results(step.teacher_scale.scale):
+      self.assertEqual(float(scale), 2.0 ** 15)
     self.assertEqual(int(tf.convert_to_tensor(step.guard.skipped_steps)), 0)
 
 
