@@ -50,6 +50,15 @@ Saved: each active scale's S, good-step count and overflow count, in the
 guard's checkpoint item (every step's `checkpoint_items()['health']`), so a
 resumed run goes on with the same S. A network that does not compute in
 float16 gets an inactive scale: no variable, no op, the step unchanged.
+
+Why not Keras 3's `keras.optimizers.LossScaleOptimizer`: it unscales inside
+`apply_gradients`, but the steps need unscaled gradients before that (h, the
+coupled weight decay and global-norm clipping all read them: clipping scaled
+gradients would clip at S times the norm); and on an overflow it skips its
+own optimizer's update only, without advancing the iteration count, while
+an MPL step must be undone whole (the student's update, the EMA, the h
+baseline and the teacher's update, which reads the student's) with the
+schedules kept on the step.
 """
 
 import threading
