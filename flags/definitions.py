@@ -166,7 +166,8 @@ _ENUMS = {
         'cost).'),
     ('model', 'precision'): (config_lib.PRECISIONS,
                              'Compute precision: float32, mixed_bfloat16 '
-                             '(TPU) or mixed_float16 (GPU); logits and batch '
+                             '(TPU) or mixed_float16 (GPU, with dynamic loss '
+                             'scaling: docs/models.md); logits and batch '
                              'norm stay float32.'),
     ('optim', 'optimizer'): (config_lib.OPTIMIZERS,
                              'tf1_momentum: the released code\'s TF1 '

@@ -93,8 +93,8 @@ class ModelConfig:
   # Drop rate of the last residual block (EfficientNet's stochastic depth);
   # block i of n drops its residual branch with rate * i / n.
   stochastic_depth_rate: float = 0.0
-  # 'float32', 'mixed_bfloat16' (TPU, recent CPUs) or 'mixed_float16' (GPU);
-  # logits and batch norm stay float32 either way.
+  # 'float32', 'mixed_bfloat16' (TPU, recent CPUs) or 'mixed_float16' (GPU;
+  # its losses are scaled, loss_scale.py); logits and batch norm stay float32.
   precision: str = 'float32'
   # Batch-norm statistics over the global batch under a distribution
   # strategy (the released code syncs them across replicas).

@@ -22,9 +22,11 @@ images at all, stop `fit()` with one error before the step changes anything
 
 `save_weights` (so BackupAndRestore) saves what Keras tracks (networks, EMA
 student, optimizer slots and iterations) and what it does not: MplStep's
-counter, h baseline and non-finite counters, the dropout seed states, and
-where the fit stands in its data (keras_resume.py), so that a fit resumed
-mid-epoch ends with the weights of an uninterrupted one.
+counter, h baseline and non-finite counters, the dropout seed states, the
+loss scales of float16 networks (the step scales their losses itself,
+loss_scale.py; not Keras's LossScaleOptimizer), and where the fit stands in
+its data (keras_resume.py), so that a fit resumed mid-epoch ends with the
+weights of an uninterrupted one.
 """
 
 from typing import Dict, List, Optional, Sequence
@@ -187,6 +189,12 @@ class MetaPseudoLabels(keras.Model):
     if teacher_optimizer is student_optimizer:
       raise ValueError('MetaPseudoLabels.compile: the teacher and the '
                        'student need two optimizer objects.')
+    if any(isinstance(o, keras.optimizers.LossScaleOptimizer)
+           for o in (teacher_optimizer, student_optimizer)):
+      raise ValueError('MetaPseudoLabels.compile: pass the optimizer inside '
+                       'the LossScaleOptimizer; the step scales the losses of '
+                       'float16 networks itself (mpl_tf/loss_scale.py), and '
+                       'a second scale would divide the gradients twice.')
     strategy = self.distribute_strategy
     previous = self._step_state() if self.mpl_step else None
     with strategy.scope():
@@ -217,6 +225,9 @@ class MetaPseudoLabels(keras.Model):
     self._replica_step = replica_distinct_randomness(
         self.mpl_step, random_states(self.teacher, self.student))
     self._step_function = self._replica_step   # (make_train_function's)
+    # (Not Keras's own loss scaling under a mixed_float16 global policy:
+    # the step scales, see loss_scale.py.)
+    kwargs.setdefault('auto_scale_loss', False)
     super().compile(optimizer=student_optimizer, loss=loss, metrics=metrics,
                     **kwargs)
 
@@ -225,9 +236,11 @@ class MetaPseudoLabels(keras.Model):
     step, guard = self.mpl_step, self.mpl_step.guard
     networks = [n for n in (self.teacher, self.student, self.ema_student)
                 if n is not None]
+    # The loss scales last, and only for float16 networks: weights files
+    # of other networks keep their layout.
     return [step.step, step.baseline, guard.skipped_steps, guard.first_step,
             guard.first_terms, *self.position.variables,
-            *random_states(*networks)]
+            *random_states(*networks), *guard.loss_scale_variables()]
 
   def _num_classes(self, images: Optional[tf.Tensor] = None
                    ) -> Optional[int]:

@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from mpl_tf import ema
 from mpl_tf import health
+from mpl_tf import loss_scale
 from mpl_tf import losses
 from mpl_tf import optim
 from mpl_tf.config import MplConfig, OptimConfig
@@ -49,6 +50,9 @@ SUM = tf.distribute.ReduceOp.SUM
 _GUARDED_METRICS = ('teacher/supervised_loss', 'teacher/uda_loss',
                     'student/pseudo_label_loss', 'student/grad_norm',
                     'student/labeled_loss_new', 'mpl/h', 'teacher/grad_norm')
+# Those computed before any gradient: not finite is never a loss-scale
+# overflow (loss_scale.py).
+_FORWARD_METRICS = _GUARDED_METRICS[:3]
 
 
 def feedback_coefficient(feedback: str, sign: str, student_lr,
@@ -133,9 +137,14 @@ class MplStep:
     self._student_bn_statistics = batch_norm_statistics(student)
     self._teacher_bn_statistics = batch_norm_statistics(teacher)
     self._teacher_rng_states = random_states(teacher)
+    # float16 networks only (else inactive): loss_scale.py.
+    self.student_scale = loss_scale.DynamicLossScale.for_network(
+        student, 'student')
+    self.teacher_scale = loss_scale.DynamicLossScale.for_network(
+        teacher, 'teacher')
     self.guard = health.NonFiniteGuard(nonfinite, health.float_state(
         teacher, student, ema_student, teacher_optimizer, student_optimizer,
-        self.baseline))
+        self.baseline), loss_scales=(self.student_scale, self.teacher_scale))
 
   def checkpoint_items(self) -> Dict[str, tf.Module]:
     """Everything the step changes, for one tf.train.Checkpoint."""
@@ -158,7 +167,8 @@ class MplStep:
       (mask rates); `outputs` holds this replica's pseudo label ids.
     """
     metrics, outputs = self.guard.run(
-        self.step, lambda: self._algorithm_1(batch), _GUARDED_METRICS)
+        self.step, lambda: self._algorithm_1(batch), _GUARDED_METRICS,
+        forward=_FORWARD_METRICS)
     self.step.assign_add(1)
     return metrics, outputs
 
@@ -208,8 +218,9 @@ class MplStep:
       student_pseudo_label_loss = losses.cross_entropy(
           pseudo_targets, student_logits_unlabeled, n_unlabeled,
           cfg.label_smoothing)
-    student_grads = replica_context.all_reduce(
-        SUM, student_tape.gradient(student_pseudo_label_loss, student_vars))
+    student_grads = self.student_scale.unscaled(replica_context.all_reduce(
+        SUM, self.student_scale.gradient(
+            student_tape, student_pseudo_label_loss, student_vars)))
     student_labeled_loss_old = replica_context.all_reduce(
         SUM, losses.cross_entropy(
             losses.one_hot(labels, student_logits_labeled_old),
@@ -266,8 +277,9 @@ class MplStep:
     # Algorithm 1:   theta_T(t+1) = theta_T(t)
     # Algorithm 1:       - eta_T * (g_T(t) + g_T,supervised(t) + g_T,UDA(t))
     teacher_vars = self.teacher.trainable_variables
-    teacher_grads = replica_context.all_reduce(
-        SUM, teacher_pass.gradient(teacher_loss, teacher_vars))
+    teacher_grads = self.teacher_scale.unscaled(replica_context.all_reduce(
+        SUM, teacher_pass.gradient(teacher_loss, teacher_vars,
+                                   self.teacher_scale)))
     teacher_lr = tf.cast(self.teacher_optimizer.learning_rate, tf.float32)
     teacher_grad_norm = optim.apply_global_gradients(
         self.teacher_optimizer, self.optim_config, teacher_grads,
@@ -349,5 +361,6 @@ class MplStep:
     loss_sum = replica_context.all_reduce(SUM, loss)
     if self.config.feedback != 'exact':
       return loss_sum, None
-    grads = replica_context.all_reduce(SUM, tape.gradient(loss, student_vars))
+    grads = self.student_scale.unscaled(replica_context.all_reduce(
+        SUM, self.student_scale.gradient(tape, loss, student_vars)))
     return loss_sum, grads

@@ -10,6 +10,7 @@ from typing import Dict
 import keras
 import tensorflow as tf
 
+from mpl_tf import loss_scale
 from mpl_tf import losses
 from mpl_tf import optim
 from mpl_tf.config import OptimConfig
@@ -34,15 +35,19 @@ class SupervisedStep:
     self.label_smoothing = label_smoothing
     self.global_batch = global_batch
     self._no_decay = normalization_weights(model)
-    # A non-finite step is skipped whole or stops the run (health.py).
-    self.guard = NonFiniteGuard(nonfinite, float_state(model, optimizer))
+    # A non-finite step is skipped whole or stops the run (health.py);
+    # float16 networks get their loss scaled (loss_scale.py).
+    self.loss_scale = loss_scale.DynamicLossScale.for_network(model, 'model')
+    self.guard = NonFiniteGuard(nonfinite, float_state(model, optimizer),
+                                loss_scales=(self.loss_scale,))
 
   def __call__(self, batch: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     """One step under the non-finite guard; returns its metrics."""
     step = tf.identity(self.optimizer.iterations)
     metrics, _ = self.guard.run(
         step, lambda: (self._update(batch), None),
-        ('supervised/loss', 'supervised/grad_norm'))
+        ('supervised/loss', 'supervised/grad_norm'),
+        forward=('supervised/loss',))
     return metrics
 
   def _update(self, batch: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
@@ -53,7 +58,8 @@ class SupervisedStep:
       logits = self.model(batch['labeled_images'], training=True)
       loss = losses.cross_entropy(losses.one_hot(labels, logits), logits,
                                   self.global_batch, self.label_smoothing)
-    grads = replica_context.all_reduce(SUM, tape.gradient(loss, variables))
+    grads = self.loss_scale.unscaled(replica_context.all_reduce(
+        SUM, self.loss_scale.gradient(tape, loss, variables)))
     learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
     grad_norm = optim.apply_global_gradients(
         self.optimizer, self.optim_config, grads, variables, self._no_decay)

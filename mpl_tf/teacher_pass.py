@@ -36,7 +36,7 @@ class TeacherPass:
 
   `forward()` gives the logits the pseudo labels are read from; the block
   `with taped(after=h) as logits:` records the teacher's losses on the taped
-  logits; `gradient(loss, variables)` differentiates them.
+  logits; `gradient(loss, variables, loss_scale)` differentiates them.
   """
 
   def __init__(self, teacher: keras.Model, config: MplConfig,
@@ -88,8 +88,9 @@ class TeacherPass:
     with self._tape:
       yield self._logits
 
-  def gradient(self, loss: tf.Tensor, variables) -> list:
-    return self._tape.gradient(loss, variables)
+  def gradient(self, loss: tf.Tensor, variables, loss_scale) -> list:
+    """The gradient of `loss_scale`'s S * loss (loss_scale.py) on the tape."""
+    return loss_scale.gradient(self._tape, loss, variables)
 
   def _logits_of_one_pass(self) -> Dict[str, tf.Tensor]:
     """The teacher's logits {labeled, ori, aug} in one training-mode pass.

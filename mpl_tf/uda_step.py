@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from mpl_tf import ema
+from mpl_tf import loss_scale
 from mpl_tf import losses
 from mpl_tf import optim
 from mpl_tf.config import MplConfig, OptimConfig
@@ -39,9 +40,12 @@ class UdaStep:
     self.global_unlabeled_batch = global_unlabeled_batch
     self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
     self._no_decay = normalization_weights(model)
-    # A non-finite step is skipped whole or stops the run (health.py).
+    # A non-finite step is skipped whole or stops the run (health.py);
+    # float16 networks get their loss scaled (loss_scale.py).
+    self.loss_scale = loss_scale.DynamicLossScale.for_network(model, 'model')
     self.guard = NonFiniteGuard(nonfinite,
-                                float_state(model, ema_model, optimizer))
+                                float_state(model, ema_model, optimizer),
+                                loss_scales=(self.loss_scale,))
 
   def checkpoint_items(self) -> Dict[str, tf.Module]:
     items = dict(model=self.model, optimizer=self.optimizer, step=self.step,
@@ -55,7 +59,8 @@ class UdaStep:
     """One UDA step under the non-finite guard; returns its metrics."""
     metrics, _ = self.guard.run(
         self.step, lambda: (self._update(batch), None),
-        ('uda/supervised_loss', 'uda/consistency_loss', 'uda/grad_norm'))
+        ('uda/supervised_loss', 'uda/consistency_loss', 'uda/grad_norm'),
+        forward=('uda/supervised_loss', 'uda/consistency_loss'))
     self.step.assign_add(1)
     return metrics
 
@@ -84,7 +89,8 @@ class UdaStep:
       weight = losses.uda_weight(self.step, cfg.uda_weight, cfg.uda_steps)
       loss = supervised_loss + tf.cast(weight, consistency_loss.dtype) * (
           consistency_loss)
-    grads = replica_context.all_reduce(SUM, tape.gradient(loss, variables))
+    grads = self.loss_scale.unscaled(replica_context.all_reduce(
+        SUM, self.loss_scale.gradient(tape, loss, variables)))
     learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
     grad_norm = optim.apply_global_gradients(
         self.optimizer, self.optim_config, grads, variables, self._no_decay)

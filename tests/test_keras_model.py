@@ -25,6 +25,7 @@ from mpl_tf.config import OptimConfig, RunConfig
 from mpl_tf.mpl_step import MplStep
 from mpl_tf.phase import NonFiniteError
 from tests import test_mpl_step as reference
+from tests.test_loss_scale import mlp
 from tests.tiny_models import keras_mlp, random_batch
 
 DIM, HIDDEN, CLASSES = reference.INPUT_DIM, reference.HIDDEN, reference.NUM_CLASSES
@@ -277,6 +278,42 @@ class CallbacksTest(_TempDirTestCase):
     self.assertEqual(model.step, 1)
     self.assertEqual(model.mpl_step.baseline.numpy(), baseline)
     self.assertEqual([metric.name for metric in model.metrics], names)
+
+
+class Float16Test(_TempDirTestCase):
+  """float16 networks: the step scales their losses (tests/test_loss_scale)."""
+
+  def _model(self):
+    model = mpl_tf.MetaPseudoLabels(mlp('mixed_float16', 0, 'teacher'),
+                                    mlp('mixed_float16', 10, 'student'))
+    model.compile(optim.make_optimizer(reference.TEACHER_LR, OPTIM, 'to'),
+                  optim.make_optimizer(reference.STUDENT_LR, OPTIM, 'so'),
+                  CONFIG)
+    return model
+
+  def test_overflows_are_skipped_and_save_weights_keeps_the_scales(self):
+    model = self._model()
+    scales = (model.mpl_step.student_scale, model.mpl_step.teacher_scale)
+    self.assertTrue(all(scale.active for scale in scales))
+    scales[0].scale.assign(2.0 ** 24)   # overflows (tests/test_loss_scale)
+    model.fit(dataset(batches(2)), epochs=1, verbose=0)   # no NonFiniteError
+    self.assertEqual(model.step, 2)
+    self.assertLess(float(scales[0].scale), 2.0 ** 24)
+    self.assertGreaterEqual(int(scales[0].overflow_steps), 1)
+    path = os.path.join(self._temp_dir(), 'all.weights.h5')
+    model.save_weights(path)
+    restored = self._model()
+    restored.load_weights(path)
+    for mine, theirs in zip((restored.mpl_step.student_scale,
+                             restored.mpl_step.teacher_scale), scales):
+      self.assertEqual([float(v) for v in mine.variables],
+                       [float(v) for v in theirs.variables])
+
+  def test_a_loss_scale_optimizer_is_refused(self):
+    model = mpl_tf.MetaPseudoLabels(*networks())
+    with self.assertRaisesRegex(ValueError, 'inside the LossScaleOptimizer'):
+      model.compile(keras.optimizers.LossScaleOptimizer(
+          keras.optimizers.SGD(0.1)), keras.optimizers.SGD(0.1), CONFIG)
 
 
 class ImportTest(tf.test.TestCase):
