@@ -35,7 +35,8 @@ Memory: one chunk's activations at a time; beyond that, one sum per
 gradient (the accumulators) and whatever small per-chunk outputs a block
 keeps (the teacher's logits). The chunks run in a tf.while_loop with
 parallel_iterations=1, chunk 0 before it (its outputs give the sums their
-structure and dtypes), so the graph holds each block twice, not K times.
+structure and dtypes); both call one tf.function of a chunk, so each block
+is traced once, whatever K.
 
 K=1 calls each block once on the whole batch, adding no op: the steps'
 ops are those they had before microbatches existed.
@@ -164,7 +165,9 @@ class Microbatches:
                  in zip(self._statistics, statistics_before)]
       return outputs, seeds, moved
 
-    outputs, seeds, moved = one_chunk(0)
+    # One trace of the chunk, called for chunk 0 and in the loop's body.
+    one_chunk = tf.function(one_chunk, autograph=False)
+    outputs, seeds, moved = one_chunk(tf.constant(0))
     if concatenate:
       outputs = tf.nest.map_structure(
           lambda t: tf.TensorArray(t.dtype, size=self.count,
