@@ -25,6 +25,14 @@ then the teacher's update. That second forward is a measurement, so it does
 not move the student's batch-norm moving statistics (as in the released code).
 Unlike the released graph, the teacher's moving statistics are updated by its
 forward pass; they only matter for evaluating the teacher, for diagnosis.
+
+microbatches=K (mpl_tf/microbatches.py) runs the blocks that read the batch
+on its K chunks in turn, exactly as K times the replicas would: a first loop
+of untaped teacher passes for the pseudo labels, one of the student's
+pseudo-label gradients and L_l(old), one student update, one loop for
+L_l(new) and its gradient at the new weights, h once from those global sums,
+and one loop of rematerialized teacher passes whose gradients are summed
+before the teacher's one update. K=1 is the step as it was, op for op.
 """
 
 import functools
@@ -188,7 +196,8 @@ class MplStep:
     local_unlabeled = tf.shape(images_ori)[0]
 
     # The teacher's forward pass on [x_l; x_u_ori; x_u_aug], taped; its
-    # losses are added to the same tape once h is known (teacher_pass.py).
+    # losses are added to the same tape once h is known (teacher_pass.py;
+    # K chunks: untaped, and repeated taped for each chunk after h).
     teacher_pass = self._teacher_pass(images_labeled, images_ori, images_aug)
     teacher_logits = teacher_pass.forward()
 
@@ -207,7 +216,7 @@ class MplStep:
     # Algorithm 1:       - eta_S grad_S CE(y_hat_u, S(x_u; theta_S))|theta_S(t)
     student_vars = self.student.trainable_variables
 
-    def student_gradient(chunk):
+    def student_gradient(chunk):   # per chunk; `chunks.sum` adds them up
       images_student, images_labeled, labels, pseudo_targets = chunk
       local_labeled = tf.shape(images_labeled)[0]
       local_unlabeled = tf.shape(images_student)[0]
@@ -253,7 +262,7 @@ class MplStep:
     uda_weight = losses.uda_weight(self.step, cfg.uda_weight, cfg.uda_steps)
     teacher_vars = self.teacher.trainable_variables
 
-    def teacher_gradient(chunk):
+    def teacher_gradient(chunk):   # per chunk; `chunks.sum` adds them up
       labels, pseudo_targets, *images_and_logits_ori = chunk
       chunk_pass = teacher_pass.on_chunk(*images_and_logits_ori)
       with chunk_pass.taped(after=h) as teacher_logits:
