@@ -20,7 +20,8 @@ MirroredStrategy, each holding one chunk, without synchronized batch norm:
 - Batch-norm statistics are each chunk's own. The moving statistics: Keras 3
   creates them with aggregation NONE, so under MirroredStrategy each replica
   updates its own copy from its own batch and the copies drift apart (the
-  host reads, saves and evaluates replica 0's). Here every chunk updates
+  host reads and saves replica 0's; an evaluation under the strategy has
+  each replica use its own). Here every chunk updates
   from the same start and the statistics become the mean of the K updated
   copies: the update being affine, that is exactly the mean of the K
   replicas' copies, at every step (every chunk's statistics count, as with
