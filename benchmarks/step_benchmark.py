@@ -6,10 +6,12 @@
   .venv/bin/python benchmarks/step_benchmark.py --malloc=on,off --cases=...
   .venv/bin/python benchmarks/step_benchmark.py --model=wrn-10-2 --image_size=16 \
       --cases=mpl_exact:8x3:float32:noxla     # the README demo's step
+  .venv/bin/python benchmarks/step_benchmark.py --skip_pipeline --steps=2 \
+      --cases=mpl_exact:big:float32:noxla --microbatches=1,2,4,8
 
 Each case runs in its own fresh Python process, so its peak RSS, its first
 call (trace) and its allocator state are its own. A case is
-`step:BxMU:precision:xla`:
+`step:BxMU:precision:xla[:kK]`:
 
   step       supervised | uda | mpl_exact | mpl_taylor |
              mpl_exact_ori_no_grad | mpl_exact_rematerialized (the
@@ -21,6 +23,10 @@ call (trace) and its allocator state are its own. A case is
              'small' = 16x2, 'big' = 64x7.
   precision  float32 | mixed_bfloat16 (ModelConfig.precision).
   xla        noxla | xla (the train loop's jit_compile).
+  kK         optional: MplConfig.microbatches=K, each step's batch in K
+             chunks in turn (mpl_tf/microbatches.py), with non-synchronized
+             batch norm, as K > 1 needs (K=1 too: the same networks for
+             every K). `--microbatches=1,2,4,8` adds it to every case.
 
 The step runs inside the product's device loop (device_loop.make_train_loop, the
 same tf.function, strategy.run and metric reduction that training uses) on
@@ -53,6 +59,10 @@ really makes, with backward = 2 x forward (3F per image trained through):
               is 3F * (B + B*mu) + F * B*mu (x_u forward only).
   mpl_exact_rematerialized  as mpl_exact, plus F * (B + 2*B*mu) for the
               teacher's untaped first forward.
+  kK, K > 1   the MPL steps rematerialize the teacher chunk by chunk: plus
+              F * (B + 2*B*mu) (none if already rematerialized, and
+              F * (B + B*mu) under no_grad, whose x_u pass is kept); the
+              student's passes, UDA and supervised steps add nothing.
 Batch norm, activations and optimizer updates are not counted, so the
 achieved rate understates the work slightly and equally for every step.
 
@@ -87,22 +97,29 @@ DEFAULT_CASES = tuple(
 
 
 def parse_case(text: str) -> dict:
-  """'mpl_exact:64x7:float32:noxla' (or 'big' for 64x7) -> a case dict."""
+  """'mpl_exact:64x7:float32:noxla[:k4]' ('big' for 64x7) -> a case dict."""
   try:
-    step, shape, precision, xla = text.split(':')
+    step, shape, precision, xla, *chunks = text.split(':')
     batch, mu = SHAPES[shape] if shape in SHAPES else map(int, shape.split('x'))
+    microbatches = int(chunks[0][1:]) if chunks else 0
+    if len(chunks) > 1 or (chunks and (chunks[0][:1] != 'k' or
+                                       microbatches < 1)):
+      raise ValueError(chunks)
   except ValueError:
-    raise SystemExit(f'--cases: {text!r} is not step:BxMU:precision:xla, '
-                     f'e.g. mpl_exact:64x7:float32:noxla.') from None
+    raise SystemExit(f'--cases: {text!r} is not step:BxMU:precision:xla'
+                     f'[:kK], e.g. mpl_exact:64x7:float32:noxla:k4.') from None
   if step not in STEPS or precision not in PRECISIONS or xla not in (
       'xla', 'noxla'):
     raise SystemExit(f'--cases: {text!r}: step in {STEPS}, precision in '
                      f'{PRECISIONS}, xla in (xla, noxla).')
+  # microbatches 0: the field is not set (the default networks, K=1).
   return {'name': text, 'step': step, 'batch': batch, 'mu': mu,
-          'precision': precision, 'xla': xla == 'xla'}
+          'precision': precision, 'xla': xla == 'xla',
+          'microbatches': microbatches}
 
 
-def images_and_flops(step: str, batch: int, mu: int, forward_flops: float):
+def images_and_flops(step: str, batch: int, mu: int, forward_flops: float,
+                     microbatches: int = 1):
   """(images the step consumes, FLOPs per step) as the module doc counts."""
   unlabeled = batch * mu
   if step == 'supervised':
@@ -110,7 +127,10 @@ def images_and_flops(step: str, batch: int, mu: int, forward_flops: float):
   teacher = 3 * forward_flops * (batch + 2 * unlabeled)
   if step == 'mpl_exact_ori_no_grad':
     teacher = forward_flops * (3 * (batch + unlabeled) + unlabeled)
-  if step == 'mpl_exact_rematerialized':
+    if microbatches > 1:
+      teacher += forward_flops * (batch + unlabeled)
+  elif step == 'mpl_exact_rematerialized' or (
+      microbatches > 1 and step != 'uda'):
     teacher = 4 * forward_flops * (batch + 2 * unlabeled)
   if step == 'uda':
     return batch + 2 * unlabeled, teacher
@@ -158,15 +178,18 @@ def _build_loop(case: dict):
 
   batch, unlabeled = case['batch'], case['batch'] * case['mu']
   size = case['image_size']
-  model_cfg = config_lib.ModelConfig(name=case['model'],
-                                     precision=case['precision'])
+  microbatches = case['microbatches'] or 1
+  model_cfg = config_lib.ModelConfig(
+      name=case['model'], precision=case['precision'],
+      sync_batch_norm=not case['microbatches'])
   optim_cfg = config_lib.OptimConfig(labeled_batch_size=batch,
                                      uda_ratio=case['mu'])
   mpl_cfg = config_lib.MplConfig(
       feedback='taylor' if case['step'] == 'mpl_taylor' else 'exact',
       teacher_original_pass=('no_grad' if case['step'] ==
                              'mpl_exact_ori_no_grad' else 'shared'),
-      rematerialize_teacher=case['step'] == 'mpl_exact_rematerialized')
+      rematerialize_teacher=case['step'] == 'mpl_exact_rematerialized',
+      microbatches=microbatches)
   teacher_lr, student_lr = optim.learning_rates(optim_cfg)
   strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
   with strategy.scope():
@@ -175,7 +198,7 @@ def _build_loop(case: dict):
       model = build('supervised')
       replica_step = SupervisedStep(
           model, optim.make_optimizer(teacher_lr, optim_cfg, 'opt', model),
-          optim_cfg, 0.0, batch)
+          optim_cfg, 0.0, batch, microbatches=microbatches)
     elif case['step'] == 'uda':
       model, ema_model = build('uda'), build('uda_ema')
       replica_step = UdaStep(
@@ -227,7 +250,7 @@ def run_worker(case: dict, steps: int) -> dict:
   seconds = (time.perf_counter() - start) / steps
   after = resource.getrusage(resource.RUSAGE_SELF)
   images, flops = images_and_flops(case['step'], case['batch'], case['mu'],
-                                   forward_flops)
+                                   forward_flops, case['microbatches'])
   peak = peaks['bfloat16' if case['precision'] == 'mixed_bfloat16'
                else 'float32']
   return dict(
@@ -263,7 +286,8 @@ def _pipeline_images_per_second(batch: int, mu: int) -> float:
 
 def _row(r: dict) -> str:
   return (f'| {r["step"]} | {r["model"]} {r["image_size"]}px | '
-          f'{r["batch"]}x{r["mu"]} | {r["precision"]} | '
+          f'{r["batch"]}x{r["mu"]} | {r.get("microbatches") or "-"} | '
+          f'{r["precision"]} | '
           f'{"off" if r["malloc_tuning"].startswith("all=off") else "on"} | '
           f'{"on" if r["xla"] else "off"} | {r["seconds_per_step"]:.3f} | '
           f'{r["images_per_second"]:.0f} | {r["gflops_per_step"]:.1f} | '
@@ -291,6 +315,10 @@ def main():
                            'product\'s glibc malloc tuning '
                            '(mpl_tf/malloc_tuning.py), without it '
                            '(MPL_TF_MALLOC_TUNING=0), or both.')
+  parser.add_argument('--microbatches', default='',
+                      help='Comma-separated K: every case once per K '
+                           '(MplConfig.microbatches), each in its own '
+                           'process, so peak RSS is per K.')
   parser.add_argument('--skip_pipeline', action='store_true')
   parser.add_argument('--output', default=os.path.join(
       REPO, 'benchmarks', 'step_benchmark.json'))
@@ -312,8 +340,12 @@ def main():
       c for c in DEFAULT_CASES
       if c.split(':')[1] in args.shapes.split(',') or (
           'big' in args.shapes and c.split(':')[1] == '960x1')]
+  if args.microbatches:
+    names = [f'{name}:k{k}' for name in names
+             for k in args.microbatches.split(',')]
   cases = [parse_case(name) for name in names]
-  header = ('| step | network | BxMU | precision | malloc tuning | XLA | s/step | '
+  header = ('| step | network | BxMU | microbatches | precision | '
+            'malloc tuning | XLA | s/step | '
             'img/s | GFLOP/step | GFLOP/s | matmul peak GFLOP/s | of peak | '
             'first call s | user s/step | sys s/step | minor faults/step | '
             'peak RSS GB |')

@@ -240,7 +240,12 @@ def to_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
       optim=config_lib.OptimConfig(**groups['optim']),
       run=config_lib.RunConfig(**groups['run']),
       finetune=config_lib.FinetuneConfig(**groups['finetune']))
-  return config_lib.validate(config)
+  config_lib.validate(config)
+  # Here, not at the top: distribute imports TensorFlow (see below). The
+  # global batches here; the per-replica shares again in preflight.
+  from mpl_tf import distribute  # pylint: disable=g-import-not-at-top
+  distribute.check_microbatches(config)
+  return config
 
 
 # main.py's path flags: what it writes (a run, offline data, an export)

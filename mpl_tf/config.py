@@ -167,6 +167,12 @@ class MplConfig:
       'compute the same logits. Its activations then do not live through the '
       'student\'s step (less peak memory) for one more teacher forward '
       '(+21% FLOPs at mu=7; measured in docs/performance.md).')
+  microbatches: int = _choice(
+      1, 'Each replica runs its batch as this many equal chunks in turn and '
+      'updates once, as this many times the replicas would (batch-norm '
+      'statistics and dropout masks per chunk), in one chunk\'s activation '
+      'memory; every step. Above 1: --nosync_batch_norm, and it must divide '
+      'each replica\'s labeled batch. Measured in docs/performance.md.')
   label_smoothing: float = _choice(
       0.0, 'Label smoothing of the teacher\'s supervised loss and of the '
       'student\'s loss on the pseudo labels (the released code uses one '
@@ -316,7 +322,8 @@ class Config:
     first = (f'{run.mode} {run.algorithm}: {data.dataset} '
              f'({data.image_size}x{data.image_size}, {data.data_dir}), '
              f'{self.model.name}, B={optim.labeled_batch_size} '
-             f'mu={optim.uda_ratio}, {", ".join(stages)}, {run.strategy}; '
+             f'mu={optim.uda_ratio} microbatches={mpl.microbatches}, '
+             f'{", ".join(stages)}, {run.strategy}; '
              f'model_dir {run.model_dir}')
     if run.algorithm not in ('mpl', 'pseudo_labels', 'uda'):
       return first
@@ -393,6 +400,11 @@ def validate(config: Config) -> Config:
     raise ConfigError(f'mpl_weight={mpl.mpl_weight} must be >= 0 '
                       f'(0 is the UDA-only ablation).')
   _check_positive('uda_steps', mpl.uda_steps)
+  _check_positive('microbatches', mpl.microbatches)
+  if mpl.microbatches > 1 and config.model.sync_batch_norm:
+    raise ConfigError(f'microbatches={mpl.microbatches} computes batch-norm '
+                      f'statistics per chunk, not over the synchronized whole '
+                      f'batch; pass --nosync_batch_norm or --microbatches=1.')
   for name in ('labeled_batch_size', 'uda_ratio', 'num_steps', 'teacher_lr'):
     _check_positive(name, getattr(optim, name))
   _check_choice('optimizer', optim.optimizer, OPTIMIZERS)

@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional
 import tensorflow as tf
 
 from mpl_tf import rendezvous
-from mpl_tf.config import ConfigError, RunConfig
+from mpl_tf.config import Config, ConfigError, RunConfig
 
 _TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host0:port", "host1:port"]}, '
                       '"task": {"type": "worker", "index": 0}}')
@@ -136,3 +136,34 @@ def check_batch_divides(strategy: tf.distribute.Strategy, name: str,
     raise ConfigError(
         f'{name}={batch_size} does not divide evenly between the '
         f'{replicas} replicas of this strategy; use a multiple of {replicas}.')
+
+
+def check_microbatches(config: Config, replicas: int = 1) -> None:
+  """ConfigError unless mpl.microbatches divides every replica's batches.
+
+  Each replica splits its share of the labeled batch (so of the unlabeled
+  one, mu times it) and of the finetuning batch into that many equal
+  chunks. Checked when the flags are read, on the global batches (one
+  replica: flags/definitions.to_config), and again with the strategy's
+  replicas before the run writes anything (preflight.check_batches).
+  """
+  count = config.mpl.microbatches
+  batches = [('labeled_batch_size', config.optim.labeled_batch_size)]
+  if config.finetune.steps:
+    batches.append(('finetune_batch_size', config.finetune.batch_size or
+                    config.optim.labeled_batch_size))
+  for name, batch in batches:
+    share = batch // replicas
+    # (A batch the replicas cannot share is refused by check_batch_divides.)
+    if batch % replicas or share % count == 0:
+      continue
+    where = (f'its per-replica share {share} ({batch} over {replicas} '
+             f'replicas)' if replicas > 1 else f'the batch {share}')
+    unlabeled = (f' (and the unlabeled {share * config.optim.uda_ratio} per '
+                 f'view)' if name == 'labeled_batch_size' else '')
+    divisors = [k for k in range(1, share + 1) if share % k == 0]
+    raise ConfigError(
+        f'microbatches={count} does not divide {name}={batch}: {where}'
+        f'{unlabeled} must split into {count} equal chunks. Pass '
+        f'--microbatches in {divisors}, or a {name} whose per-replica share '
+        f'is a multiple of {count}.')

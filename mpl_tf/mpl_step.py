@@ -25,8 +25,17 @@ then the teacher's update. That second forward is a measurement, so it does
 not move the student's batch-norm moving statistics (as in the released code).
 Unlike the released graph, the teacher's moving statistics are updated by its
 forward pass; they only matter for evaluating the teacher, for diagnosis.
+
+microbatches=K (mpl_tf/microbatches.py) runs the blocks that read the batch
+on its K chunks in turn, exactly as K times the replicas would: a first loop
+of untaped teacher passes for the pseudo labels, one of the student's
+pseudo-label gradients and L_l(old), one student update, one loop for
+L_l(new) and its gradient at the new weights, h once from those global sums,
+and one loop of rematerialized teacher passes whose gradients are summed
+before the teacher's one update. K=1 is the step as it was, op for op.
 """
 
+import functools
 from typing import Dict, Optional, Tuple, Union
 
 import keras
@@ -41,7 +50,8 @@ from mpl_tf import optim
 from mpl_tf.config import MplConfig, OptimConfig
 from mpl_tf.models import (batch_norm_statistics, normalization_weights,
                            random_states, restored_afterwards)
-from mpl_tf.teacher_pass import TeacherPass
+from mpl_tf.microbatches import Microbatches
+from mpl_tf.teacher_pass import ChunkedTeacherPass, TeacherPass
 
 SUM = tf.distribute.ReduceOp.SUM
 # The metrics whose finiteness decides the step, in the order a NaN would
@@ -137,6 +147,8 @@ class MplStep:
     self._student_bn_statistics = batch_norm_statistics(student)
     self._teacher_bn_statistics = batch_norm_statistics(teacher)
     self._teacher_rng_states = random_states(teacher)
+    # The batch's blocks, on the batch or on K chunks (microbatches.py).
+    self.chunks = Microbatches(mpl_config.microbatches, (teacher, student))
     # float16 networks only (else inactive): loss_scale.py.
     self.student_scale = loss_scale.DynamicLossScale.for_network(
         student, 'student')
@@ -173,10 +185,16 @@ class MplStep:
     return metrics, outputs
 
   def _algorithm_1(self, batch: Dict[str, tf.Tensor]):
-    """Algorithm 1, one line of code per line of the paper where it can be."""
+    """Algorithm 1, one line of code per line of the paper where it can be.
+
+    The lines that read the batch (the networks' passes and their losses)
+    are blocks of one chunk, `self.chunks` runs them: on the batch, once
+    (microbatches=1), or on its K chunks in turn, summed (microbatches.py).
+    """
     cfg = self.config
     replica_context = tf.distribute.get_replica_context()
     n_labeled, n_unlabeled = self.global_labeled_batch, self.global_unlabeled_batch
+    chunks = self.chunks
 
     # Algorithm 1: Sample an unlabeled example x_u and a labeled example
     # Algorithm 1:   x_l, y_l
@@ -185,15 +203,12 @@ class MplStep:
     images_ori = batch['unlabeled_images_ori']
     images_aug = batch['unlabeled_images_aug']
     images_student = images_aug if cfg.student_view == 'aug' else images_ori
-    local_labeled = tf.shape(images_labeled)[0]
     local_unlabeled = tf.shape(images_ori)[0]
 
     # The teacher's forward pass on [x_l; x_u_ori; x_u_aug], taped; its
-    # losses are added to the same tape once h is known (teacher_pass.py).
-    teacher_pass = TeacherPass(
-        self.teacher, cfg, images_labeled, images_ori, images_aug,
-        batch_norm_statistics=self._teacher_bn_statistics,
-        rng_states=self._teacher_rng_states)
+    # losses are added to the same tape once h is known (teacher_pass.py;
+    # K chunks: untaped, and repeated taped for each chunk after h).
+    teacher_pass = self._teacher_pass(images_labeled, images_ori, images_aug)
     teacher_logits = teacher_pass.forward()
 
     # Algorithm 1: Sample a pseudo label y_hat_u ~ P(. | x_u; theta_T)
@@ -210,21 +225,32 @@ class MplStep:
     # Algorithm 1:   theta_S(t+1) = theta_S(t)
     # Algorithm 1:       - eta_S grad_S CE(y_hat_u, S(x_u; theta_S))|theta_S(t)
     student_vars = self.student.trainable_variables
-    with tf.GradientTape() as student_tape:
-      student_logits = self.student(
-          tf.concat([images_student, images_labeled], axis=0), training=True)
-      student_logits_unlabeled, student_logits_labeled_old = tf.split(
-          student_logits, [local_unlabeled, local_labeled])
-      student_pseudo_label_loss = losses.cross_entropy(
-          pseudo_targets, student_logits_unlabeled, n_unlabeled,
-          cfg.label_smoothing)
-    student_grads = self.student_scale.unscaled(replica_context.all_reduce(
-        SUM, self.student_scale.gradient(
-            student_tape, student_pseudo_label_loss, student_vars)))
+
+    def student_gradient(chunk):   # per chunk; `chunks.sum` adds them up
+      images_student, images_labeled, labels, pseudo_targets = chunk
+      local_labeled = tf.shape(images_labeled)[0]
+      local_unlabeled = tf.shape(images_student)[0]
+      with tf.GradientTape() as student_tape:
+        student_logits = self.student(
+            tf.concat([images_student, images_labeled], axis=0), training=True)
+        student_logits_unlabeled, student_logits_labeled_old = tf.split(
+            student_logits, [local_unlabeled, local_labeled])
+        student_pseudo_label_loss = losses.cross_entropy(
+            pseudo_targets, student_logits_unlabeled, n_unlabeled,
+            cfg.label_smoothing)
+      return (self.student_scale.gradient(
+                  student_tape, student_pseudo_label_loss, student_vars),
+              student_pseudo_label_loss, losses.cross_entropy(
+                  losses.one_hot(labels, student_logits_labeled_old),
+                  tf.stop_gradient(student_logits_labeled_old), n_labeled))
+
+    student_grads, student_pseudo_label_loss, student_labeled_loss_old = (
+        chunks.sum(student_gradient, (images_student, images_labeled, labels,
+                                      pseudo_targets)))
+    student_grads = self.student_scale.unscaled(
+        replica_context.all_reduce(SUM, student_grads))
     student_labeled_loss_old = replica_context.all_reduce(
-        SUM, losses.cross_entropy(
-            losses.one_hot(labels, student_logits_labeled_old),
-            tf.stop_gradient(student_logits_labeled_old), n_labeled))
+        SUM, student_labeled_loss_old)
     student_lr = tf.cast(self.student_optimizer.learning_rate, tf.float32)
     student_grad_norm = optim.apply_global_gradients(
         self.student_optimizer, self.optim_config, student_grads,
@@ -245,41 +271,58 @@ class MplStep:
         labeled_loss_old=student_labeled_loss_old,
         labeled_loss_new=student_labeled_loss_new)
     h = tf.stop_gradient(self._minus_baseline(h_raw))
+    uda_weight = losses.uda_weight(self.step, cfg.uda_weight, cfg.uda_steps)
+    teacher_vars = self.teacher.trainable_variables
 
-    with teacher_pass.taped(after=h) as teacher_logits:
-      # Algorithm 1: Compute the teacher's gradient from the student's feedback:
-      # Algorithm 1:   g_T(t) =
-      # Algorithm 1:       h * grad_T CE(y_hat_u, T(x_u; theta_T))|theta_T(t)
-      # ('soft' makes this CE(stop_grad(softmax(z)), z): zero gradient.)
-      teacher_mpl_term = losses.cross_entropy(
-          pseudo_targets, teacher_logits[cfg.student_view], n_unlabeled)
-      # Algorithm 1: Compute the teacher's gradient on labeled data:
-      # Algorithm 1:   g_T,supervised(t) =
-      # Algorithm 1:       grad_T CE(y_l, T(x_l; theta_T))|theta_T(t)
-      teacher_supervised_loss = losses.cross_entropy(
-          losses.one_hot(labels, teacher_logits['labeled']),
-          teacher_logits['labeled'], n_labeled, cfg.label_smoothing)
-      # Algorithm 1: Compute the teacher's gradient on the UDA loss with
-      # Algorithm 1:   unlabeled data:
-      # Algorithm 1:   g_T,UDA(t) =
-      # Algorithm 1:       grad_T CE(StopGradient(T(x_u)), T(RandAugment(x_u)))
-      # Algorithm 1:       |theta_T(t)
-      #   (weighted by its linear ramp)
-      teacher_uda_loss, uda_mask_rate = losses.uda_consistency(
-          teacher_logits['ori'], teacher_logits['aug'], cfg.uda_temperature,
-          cfg.uda_threshold, n_unlabeled)
-      uda_weight = losses.uda_weight(self.step, cfg.uda_weight, cfg.uda_steps)
-      teacher_loss = (cfg.mpl_weight * tf.cast(h, teacher_mpl_term.dtype) *
-                      teacher_mpl_term + teacher_supervised_loss +
-                      tf.cast(uda_weight, teacher_uda_loss.dtype) *
-                      teacher_uda_loss)
+    def teacher_gradient(chunk):   # per chunk; `chunks.sum` adds them up
+      labels, pseudo_targets, *images_and_logits_ori = chunk
+      chunk_pass = teacher_pass.on_chunk(*images_and_logits_ori)
+      with chunk_pass.taped(after=h) as teacher_logits:
+        # Algorithm 1: Compute the teacher's gradient from the student's feedback:
+        # Algorithm 1:   g_T(t) =
+        # Algorithm 1:       h * grad_T CE(y_hat_u, T(x_u; theta_T))|theta_T(t)
+        # ('soft' makes this CE(stop_grad(softmax(z)), z): zero gradient.)
+        teacher_mpl_term = losses.cross_entropy(
+            pseudo_targets, teacher_logits[cfg.student_view], n_unlabeled)
+        # Algorithm 1: Compute the teacher's gradient on labeled data:
+        # Algorithm 1:   g_T,supervised(t) =
+        # Algorithm 1:       grad_T CE(y_l, T(x_l; theta_T))|theta_T(t)
+        teacher_supervised_loss = losses.cross_entropy(
+            losses.one_hot(labels, teacher_logits['labeled']),
+            teacher_logits['labeled'], n_labeled, cfg.label_smoothing)
+        # Algorithm 1: Compute the teacher's gradient on the UDA loss with
+        # Algorithm 1:   unlabeled data:
+        # Algorithm 1:   g_T,UDA(t) =
+        # Algorithm 1:       grad_T CE(StopGradient(T(x_u)), T(RandAugment(x_u)))
+        # Algorithm 1:       |theta_T(t)
+        #   (weighted by its linear ramp)
+        teacher_uda_loss, uda_mask_rate = losses.uda_consistency(
+            teacher_logits['ori'], teacher_logits['aug'], cfg.uda_temperature,
+            cfg.uda_threshold, n_unlabeled)
+        teacher_loss = (cfg.mpl_weight * tf.cast(h, teacher_mpl_term.dtype) *
+                        teacher_mpl_term + teacher_supervised_loss +
+                        tf.cast(uda_weight, teacher_uda_loss.dtype) *
+                        teacher_uda_loss)
+      # Mean entropy of P_T(.|x_u): the soft label's CE with itself.
+      teacher_logits_unlabeled = teacher_logits[cfg.student_view]
+      teacher_entropy = losses.cross_entropy(
+          tf.nn.softmax(teacher_logits_unlabeled), teacher_logits_unlabeled,
+          n_unlabeled)
+      return (chunk_pass.gradient(teacher_loss, teacher_vars,
+                                  self.teacher_scale),
+              teacher_mpl_term, teacher_supervised_loss, teacher_uda_loss,
+              uda_mask_rate, teacher_entropy)
+
+    (teacher_grads, teacher_mpl_term, teacher_supervised_loss,
+     teacher_uda_loss, uda_mask_rate, teacher_entropy) = chunks.sum(
+         teacher_gradient, (labels, pseudo_targets, images_labeled,
+                            images_ori, images_aug, teacher_logits['ori']))
+    uda_mask_rate = chunks.mean(uda_mask_rate)
     # Algorithm 1: Update the teacher:
     # Algorithm 1:   theta_T(t+1) = theta_T(t)
     # Algorithm 1:       - eta_T * (g_T(t) + g_T,supervised(t) + g_T,UDA(t))
-    teacher_vars = self.teacher.trainable_variables
-    teacher_grads = self.teacher_scale.unscaled(replica_context.all_reduce(
-        SUM, teacher_pass.gradient(teacher_loss, teacher_vars,
-                                   self.teacher_scale)))
+    teacher_grads = self.teacher_scale.unscaled(
+        replica_context.all_reduce(SUM, teacher_grads))
     teacher_lr = tf.cast(self.teacher_optimizer.learning_rate, tf.float32)
     teacher_grad_norm = optim.apply_global_gradients(
         self.teacher_optimizer, self.optim_config, teacher_grads,
@@ -289,7 +332,7 @@ class MplStep:
         teacher_supervised_loss=teacher_supervised_loss,
         teacher_uda_loss=teacher_uda_loss, uda_mask_rate=uda_mask_rate,
         uda_weight=uda_weight, teacher_mpl_term=teacher_mpl_term,
-        teacher_logits_unlabeled=teacher_logits[cfg.student_view],
+        teacher_entropy=teacher_entropy,
         teacher_grad_norm=teacher_grad_norm, teacher_lr=teacher_lr,
         student_pseudo_label_loss=student_pseudo_label_loss,
         student_labeled_loss_old=student_labeled_loss_old,
@@ -297,6 +340,14 @@ class MplStep:
         student_grad_norm=student_grad_norm, student_lr=student_lr,
         h_raw=h_raw, h=h)
     return metrics, {'pseudo_label_ids': pseudo_label_ids}
+
+  def _teacher_pass(self, images_labeled, images_ori, images_aug):
+    """The teacher's pass: TeacherPass, or ChunkedTeacherPass under K > 1."""
+    make = TeacherPass if self.chunks.count == 1 else functools.partial(
+        ChunkedTeacherPass, chunks=self.chunks)
+    return make(self.teacher, self.config, images_labeled, images_ori,
+                images_aug, batch_norm_statistics=self._teacher_bn_statistics,
+                rng_states=self._teacher_rng_states)
 
   def _minus_baseline(self, h_raw: tf.Tensor) -> tf.Tensor:
     """h minus the moving average of h (baseline_decay > 0), else h."""
@@ -310,7 +361,7 @@ class MplStep:
 
   def _metrics(self, *, teacher_supervised_loss, teacher_uda_loss,
                uda_mask_rate, uda_weight, teacher_mpl_term,
-               teacher_logits_unlabeled, teacher_grad_norm, teacher_lr,
+               teacher_entropy, teacher_grad_norm, teacher_lr,
                student_pseudo_label_loss, student_labeled_loss_old,
                student_labeled_loss_new, student_grad_norm, student_lr,
                h_raw, h) -> Dict[str, tf.Tensor]:
@@ -328,10 +379,7 @@ class MplStep:
         'teacher/uda_mask_rate': f32(uda_mask_rate),
         'teacher/uda_weight': f32(uda_weight),
         'teacher/mpl_term': global_sum(teacher_mpl_term),
-        # Mean entropy of P_T(.|x_u): the soft label's CE with itself.
-        'teacher/entropy': global_sum(losses.cross_entropy(
-            tf.nn.softmax(teacher_logits_unlabeled), teacher_logits_unlabeled,
-            self.global_unlabeled_batch)),
+        'teacher/entropy': global_sum(teacher_entropy),
         'teacher/grad_norm': f32(teacher_grad_norm),
         'teacher/learning_rate': teacher_lr,
         'student/pseudo_label_loss': global_sum(student_pseudo_label_loss),
@@ -352,15 +400,23 @@ class MplStep:
     the student, it does not train it.
     """
     student_vars = self.student.trainable_variables
-    with restored_afterwards(self._student_bn_statistics):
-      with tf.GradientTape() as tape:
-        logits = self.student(images_labeled, training=True)
-        loss = losses.cross_entropy(losses.one_hot(labels, logits), logits,
-                                    self.global_labeled_batch)
+    exact = self.config.feedback == 'exact'
+
+    def loss_and_gradient(chunk):
+      images_labeled, labels = chunk
+      with restored_afterwards(self._student_bn_statistics):
+        with tf.GradientTape() as tape:
+          logits = self.student(images_labeled, training=True)
+          loss = losses.cross_entropy(losses.one_hot(labels, logits), logits,
+                                      self.global_labeled_batch)
+      return ((loss, self.student_scale.gradient(tape, loss, student_vars))
+              if exact else (loss,))
+
+    loss, *grads = self.chunks.sum(loss_and_gradient, (images_labeled, labels))
     replica_context = tf.distribute.get_replica_context()
     loss_sum = replica_context.all_reduce(SUM, loss)
-    if self.config.feedback != 'exact':
+    if not exact:
       return loss_sum, None
-    grads = self.student_scale.unscaled(replica_context.all_reduce(
-        SUM, self.student_scale.gradient(tape, loss, student_vars)))
+    grads = self.student_scale.unscaled(
+        replica_context.all_reduce(SUM, grads[0]))
     return loss_sum, grads

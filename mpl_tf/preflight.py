@@ -199,6 +199,7 @@ def check_batches(config: Config, strategy) -> None:
     distribute.check_batch_divides(
         strategy, 'finetune_batch_size',
         config.finetune.batch_size or config.optim.labeled_batch_size)
+  distribute.check_microbatches(config, strategy.num_replicas_in_sync)
 
 
 # What a pre-flight check raises for a wrong setting (main.py shows these as

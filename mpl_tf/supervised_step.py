@@ -14,6 +14,7 @@ from mpl_tf import loss_scale
 from mpl_tf import losses
 from mpl_tf import optim
 from mpl_tf.config import OptimConfig
+from mpl_tf.microbatches import Microbatches
 from mpl_tf.models import normalization_weights
 from mpl_tf.health import NonFiniteGuard, float_state
 
@@ -28,13 +29,16 @@ class SupervisedStep:
 
   def __init__(self, model: keras.Model, optimizer: keras.optimizers.Optimizer,
                optim_config: OptimConfig, label_smoothing: float,
-               global_batch: int, nonfinite: str = 'stop'):
+               global_batch: int, nonfinite: str = 'stop',
+               microbatches: int = 1):
     self.model = model
     self.optimizer = optimizer
     self.optim_config = optim_config
     self.label_smoothing = label_smoothing
     self.global_batch = global_batch
     self._no_decay = normalization_weights(model)
+    # The batch's block, on the batch or on K chunks (microbatches.py).
+    self.chunks = Microbatches(microbatches, (model,))
     # A non-finite step is skipped whole or stops the run (health.py);
     # float16 networks get their loss scaled (loss_scale.py).
     self.loss_scale = loss_scale.DynamicLossScale.for_network(model, 'model')
@@ -52,14 +56,20 @@ class SupervisedStep:
 
   def _update(self, batch: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     replica_context = tf.distribute.get_replica_context()
-    labels = tf.cast(batch['labels'], tf.int32)
     variables = self.model.trainable_variables
-    with tf.GradientTape() as tape:
-      logits = self.model(batch['labeled_images'], training=True)
-      loss = losses.cross_entropy(losses.one_hot(labels, logits), logits,
-                                  self.global_batch, self.label_smoothing)
-    grads = self.loss_scale.unscaled(replica_context.all_reduce(
-        SUM, self.loss_scale.gradient(tape, loss, variables)))
+
+    def gradient(chunk):
+      images, labels = chunk
+      labels = tf.cast(labels, tf.int32)
+      with tf.GradientTape() as tape:
+        logits = self.model(images, training=True)
+        loss = losses.cross_entropy(losses.one_hot(labels, logits), logits,
+                                    self.global_batch, self.label_smoothing)
+      return self.loss_scale.gradient(tape, loss, variables), loss
+
+    grads, loss = self.chunks.sum(
+        gradient, (batch['labeled_images'], batch['labels']))
+    grads = self.loss_scale.unscaled(replica_context.all_reduce(SUM, grads))
     learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
     grad_norm = optim.apply_global_gradients(
         self.optimizer, self.optim_config, grads, variables, self._no_decay)

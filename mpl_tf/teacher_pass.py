@@ -18,16 +18,22 @@ as Algorithm 1 whichever is chosen:
       it is repeated, taped, after h, drawing the same masks on the same
       batch. Its activations then do not live through the student's step.
 
+Under microbatches=K (microbatches.py) the pass is `ChunkedTeacherPass`:
+rematerialized chunk by chunk, whatever rematerialize_teacher says, since
+one chunk's activations at a time is the point.
+
 The choices themselves are described once, in mpl_tf.config.MplConfig.
 """
 
 import contextlib
-from typing import Dict, Sequence
+import dataclasses
+from typing import Dict, Optional, Sequence
 
 import keras
 import tensorflow as tf
 
 from mpl_tf.config import MplConfig
+from mpl_tf.microbatches import Microbatches
 from mpl_tf.models import restored_afterwards
 
 
@@ -43,7 +49,8 @@ class TeacherPass:
                images_labeled: tf.Tensor, images_ori: tf.Tensor,
                images_aug: tf.Tensor, *,
                batch_norm_statistics: Sequence[tf.Variable],
-               rng_states: Sequence[tf.Variable]):
+               rng_states: Sequence[tf.Variable],
+               logits_ori: Optional[tf.Tensor] = None):
     self._teacher = teacher
     self._rematerialize = config.rematerialize_teacher
     self._batch_norm_statistics = list(batch_norm_statistics)
@@ -51,10 +58,13 @@ class TeacherPass:
     self._images = (images_labeled, images_ori, images_aug)
     self._tape = tf.GradientTape()
     self._logits = None
-    # 'no_grad': the UDA target's own pass comes first, as it always has.
-    self._logits_ori_untaped = (
-        self._original_without_backward(images_ori)
-        if config.teacher_original_pass == 'no_grad' else None)
+    # 'no_grad': the UDA target's own pass comes first, as it always has
+    # (or it ran before, and `logits_ori` are its logits).
+    self._logits_ori_untaped = None
+    if config.teacher_original_pass == 'no_grad':
+      self._logits_ori_untaped = (
+          self._original_without_backward(images_ori) if logits_ori is None
+          else logits_ori)
 
   def forward(self) -> Dict[str, tf.Tensor]:
     """The first pass: the logits the pseudo labels are read from.
@@ -92,6 +102,11 @@ class TeacherPass:
     """The gradient of `loss_scale`'s S * loss (loss_scale.py) on the tape."""
     return loss_scale.gradient(self._tape, loss, variables)
 
+  def on_chunk(self, images_labeled, images_ori, images_aug, logits_ori):
+    """The pass of one chunk: this one, which was made on its one chunk."""
+    del images_labeled, images_ori, images_aug, logits_ori
+    return self
+
   def _logits_of_one_pass(self) -> Dict[str, tf.Tensor]:
     """The teacher's logits {labeled, ori, aug} in one training-mode pass.
 
@@ -124,3 +139,40 @@ class TeacherPass:
     with restored_afterwards(self._batch_norm_statistics):
       logits = self._teacher(images_ori, training=True)
     return tf.stop_gradient(logits)
+
+
+class ChunkedTeacherPass:
+  """The teacher's pass under microbatches=K > 1, chunk by chunk.
+
+  `forward()` runs one untaped, rematerialized pass per chunk and keeps only
+  the logits (small: [rows, classes]), for the pseudo labels. Once h is
+  known, the step asks `on_chunk(...)` for each chunk's own `TeacherPass`,
+  whose taped pass repeats that chunk's first one (same masks: the chunks'
+  seed states are set alike in both loops, microbatches.py) and whose
+  gradient the step sums. Under 'no_grad' the original view's untaped
+  logits of the first loop are handed to the chunk's pass, not recomputed.
+  """
+
+  def __init__(self, teacher: keras.Model, config: MplConfig,
+               images_labeled: tf.Tensor, images_ori: tf.Tensor,
+               images_aug: tf.Tensor, *, chunks: Microbatches,
+               batch_norm_statistics: Sequence[tf.Variable],
+               rng_states: Sequence[tf.Variable]):
+    self._chunks = chunks
+    self._images = (images_labeled, images_ori, images_aug)
+    self._no_grad = config.teacher_original_pass == 'no_grad'
+    config = dataclasses.replace(config, rematerialize_teacher=True)
+    self._pass = lambda images, logits_ori=None: TeacherPass(
+        teacher, config, *images, batch_norm_statistics=batch_norm_statistics,
+        rng_states=rng_states, logits_ori=logits_ori)
+
+  def forward(self) -> Dict[str, tf.Tensor]:
+    """The first pass's logits {labeled, ori, aug}, chunk after chunk."""
+    return self._chunks.concat(lambda images: self._pass(images).forward(),
+                               self._images)
+
+  def on_chunk(self, images_labeled, images_ori, images_aug,
+               logits_ori) -> TeacherPass:
+    """A chunk's own pass (inside the step's loop over chunks)."""
+    return self._pass((images_labeled, images_ori, images_aug),
+                      logits_ori if self._no_grad else None)

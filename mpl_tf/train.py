@@ -309,7 +309,8 @@ def _supervised_phase(name: str, context: RunContext, *, model: keras.Model,
   config = context.config
   supervised_step = SupervisedStep(model, optimizer, weight_decay_config,
                                    config.mpl.label_smoothing, batch_size,
-                                   nonfinite=config.run.nonfinite)
+                                   nonfinite=config.run.nonfinite,
+                                   microbatches=config.mpl.microbatches)
   return Phase(
       name, context, replica_step=supervised_step,
       step_counter=optimizer.iterations,

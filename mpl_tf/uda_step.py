@@ -17,6 +17,7 @@ from mpl_tf import loss_scale
 from mpl_tf import losses
 from mpl_tf import optim
 from mpl_tf.config import MplConfig, OptimConfig
+from mpl_tf.microbatches import Microbatches
 from mpl_tf.models import normalization_weights
 from mpl_tf.health import NonFiniteGuard, float_state
 
@@ -40,6 +41,8 @@ class UdaStep:
     self.global_unlabeled_batch = global_unlabeled_batch
     self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name='step')
     self._no_decay = normalization_weights(model)
+    # The batch's block, on the batch or on K chunks (microbatches.py).
+    self.chunks = Microbatches(mpl_config.microbatches, (model,))
     # A non-finite step is skipped whole or stops the run (health.py);
     # float16 networks get their loss scaled (loss_scale.py).
     self.loss_scale = loss_scale.DynamicLossScale.for_network(model, 'model')
@@ -67,30 +70,37 @@ class UdaStep:
   def _update(self, batch: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     cfg = self.config
     replica_context = tf.distribute.get_replica_context()
-    images_labeled = batch['labeled_images']
-    labels = tf.cast(batch['labels'], tf.int32)
-    images_ori = batch['unlabeled_images_ori']
-    images_aug = batch['unlabeled_images_aug']
-    local_labeled = tf.shape(images_labeled)[0]
-    local_unlabeled = tf.shape(images_ori)[0]
     variables = self.model.trainable_variables
-    with tf.GradientTape() as tape:
-      logits = self.model(
-          tf.concat([images_labeled, images_ori, images_aug], axis=0),
-          training=True)
-      logits_labeled, logits_ori, logits_aug = tf.split(
-          logits, [local_labeled, local_unlabeled, local_unlabeled])
-      supervised_loss = losses.cross_entropy(
-          losses.one_hot(labels, logits_labeled), logits_labeled,
-          self.global_labeled_batch, cfg.label_smoothing)
-      consistency_loss, mask_rate = losses.uda_consistency(
-          logits_ori, logits_aug, cfg.uda_temperature, cfg.uda_threshold,
-          self.global_unlabeled_batch)
-      weight = losses.uda_weight(self.step, cfg.uda_weight, cfg.uda_steps)
-      loss = supervised_loss + tf.cast(weight, consistency_loss.dtype) * (
-          consistency_loss)
-    grads = self.loss_scale.unscaled(replica_context.all_reduce(
-        SUM, self.loss_scale.gradient(tape, loss, variables)))
+    weight = losses.uda_weight(self.step, cfg.uda_weight, cfg.uda_steps)
+
+    def gradient(chunk):
+      images_labeled, labels, images_ori, images_aug = chunk
+      labels = tf.cast(labels, tf.int32)
+      local_labeled = tf.shape(images_labeled)[0]
+      local_unlabeled = tf.shape(images_ori)[0]
+      with tf.GradientTape() as tape:
+        logits = self.model(
+            tf.concat([images_labeled, images_ori, images_aug], axis=0),
+            training=True)
+        logits_labeled, logits_ori, logits_aug = tf.split(
+            logits, [local_labeled, local_unlabeled, local_unlabeled])
+        supervised_loss = losses.cross_entropy(
+            losses.one_hot(labels, logits_labeled), logits_labeled,
+            self.global_labeled_batch, cfg.label_smoothing)
+        consistency_loss, mask_rate = losses.uda_consistency(
+            logits_ori, logits_aug, cfg.uda_temperature, cfg.uda_threshold,
+            self.global_unlabeled_batch)
+        loss = supervised_loss + tf.cast(weight, consistency_loss.dtype) * (
+            consistency_loss)
+      return (self.loss_scale.gradient(tape, loss, variables),
+              supervised_loss, consistency_loss, mask_rate)
+
+    grads, supervised_loss, consistency_loss, mask_rate = self.chunks.sum(
+        gradient, (batch['labeled_images'], batch['labels'],
+                   batch['unlabeled_images_ori'],
+                   batch['unlabeled_images_aug']))
+    mask_rate = self.chunks.mean(mask_rate)
+    grads = self.loss_scale.unscaled(replica_context.all_reduce(SUM, grads))
     learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
     grad_norm = optim.apply_global_gradients(
         self.optimizer, self.optim_config, grads, variables, self._no_decay)

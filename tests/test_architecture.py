@@ -19,7 +19,7 @@ MAX_LINES = 450
 STEP_MODULES = ('mpl_tf.mpl_step', 'mpl_tf.teacher_pass', 'mpl_tf.uda_step',
                 'mpl_tf.supervised_step', 'mpl_tf.losses', 'mpl_tf.health',
                 'mpl_tf.ema', 'mpl_tf.optim', 'mpl_tf.row_noise',
-                'mpl_tf.loss_scale')
+                'mpl_tf.loss_scale', 'mpl_tf.microbatches')
 # What the step's modules must not import: files, loops, flags, processes.
 NOT_FOR_THE_STEP = ('os', 'shutil', 'glob', 'pathlib', 'subprocess', 'absl',
                     'flags', 'mpl_tf.storage', 'mpl_tf.train',

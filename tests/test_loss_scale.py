@@ -121,9 +121,10 @@ class UnderflowTest(tf.test.TestCase):
       kernel = tape.gradient(loss, model.trainable_variables)[0]
       self.assertEqual(bool(np.any(kernel.numpy() != 0)), nonzero, policy)
 
-  def _check_mpl_follows_float32(self, feedback):
+  def _check_mpl_follows_float32(self, feedback, microbatches=1):
     reference = mpl_step('float32', UNDERFLOW, NO_DECAY, feedback=feedback)
-    scaled = mpl_step('mixed_float16', UNDERFLOW, NO_DECAY, feedback=feedback)
+    scaled = mpl_step('mixed_float16', UNDERFLOW, NO_DECAY, feedback=feedback,
+                      microbatches=microbatches)
     self.assertFalse(reference.student_scale.active)
     self.assertTrue(scaled.student_scale.active and
                     scaled.teacher_scale.active)
@@ -151,6 +152,11 @@ class UnderflowTest(tf.test.TestCase):
 
   def test_mpl_taylor_feedback_follows_float32(self):
     self._check_mpl_follows_float32('taylor')
+
+  def test_mpl_in_two_chunks_follows_float32(self):
+    # --microbatches=2: each chunk's loss scaled, the sum unscaled once.
+    # (No batch norm or dropout here, so two chunks equal the whole batch.)
+    self._check_mpl_follows_float32('exact', microbatches=2)
 
   def test_uda_and_supervised_steps_follow_float32(self):
     def uda(policy):

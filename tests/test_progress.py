@@ -55,11 +55,12 @@ class SummaryTest(unittest.TestCase):
         mpl=config_lib.MplConfig(pseudo_label='soft', feedback='taylor',
                                  feedback_sign='released_code',
                                  baseline_decay=0.99,
-                                 baseline_init='uniform_sqrt3'),
+                                 baseline_init='uniform_sqrt3',
+                                 microbatches=4),
         finetune=config_lib.FinetuneConfig(steps=7))
     first, second = config.summary().splitlines()
     for part in ('train mpl: mnist5k (32x32, data/mnist5k)', 'wrn-28-2',
-                 'B=16 mu=4', '1000 steps, finetune 7 steps, supervised '
+                 'B=16 mu=4 microbatches=4', '1000 steps, finetune 7 steps, supervised '
                  'baseline', 'one_device'):
       self.assertIn(part, first)
     for part in ('pseudo_label=soft', 'feedback=taylor',

@@ -128,8 +128,7 @@ def replica_distinct_randomness(replica_step: Callable,
   def step(*args, **kwargs):
     context = tf.distribute.get_replica_context()
     replica = 0 if context is None else context.replica_id_in_sync_group
-    offset = tf.cast(replica, states[0].dtype) * _REPLICA_SEED_STRIDE
-    shift = tf.stack([offset, tf.zeros_like(offset)])
+    shift = replica_seed_shift(replica, states[0].dtype)
     for state in states:
       state.assign(state.value + tf.cast(shift, state.dtype))
     outputs = replica_step(*args, **kwargs)
@@ -139,6 +138,16 @@ def replica_distinct_randomness(replica_step: Callable,
     return outputs
 
   return step
+
+
+def replica_seed_shift(replica, dtype) -> tf.Tensor:
+  """What replica `replica` adds to every seed-generator state: [r * stride, 0].
+
+  In the states' own dtype, so it wraps as theirs do; microbatches.py shifts
+  chunk k of replica r by the shift of replica r*K+k the same way.
+  """
+  offset = tf.cast(replica, dtype) * _REPLICA_SEED_STRIDE
+  return tf.stack([offset, tf.zeros_like(offset)])
 
 
 def batch_norm_statistics(model: keras.Model) -> List[keras.Variable]:
