@@ -61,7 +61,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUT = os.path.join(REPO, 'benchmarks', 'activation_memory.json')
-GB = 1e9
+GB = 2 ** 30  # GB here and in docs/compute.md's table: 2^30 bytes.
 
 # Measured points: (group, model, image size, mu, labeled batch B, K,
 # precision). mu is the preset's whose network it stands for; each point is
@@ -77,14 +77,14 @@ POINTS = (
     ('resnet', 'resnet-50', 96, 15, 2, 1, 'float32'),
     ('resnet', 'resnet-50', 96, 15, 2, 2, 'float32'),
     ('resnet', 'resnet-50', 96, 15, 4, 2, 'float32'),
-    ('resnet_128', 'resnet-50', 128, 15, 1, 1, 'float32'),
-    ('resnet_128', 'resnet-50', 128, 15, 2, 1, 'float32'),
+    ('resnet_64', 'resnet-50', 64, 15, 2, 1, 'float32'),
+    ('resnet_64', 'resnet-50', 64, 15, 4, 1, 'float32'),
     ('effnet', 'efficientnet-b0', 96, 8, 2, 1, 'float32'),
     ('effnet', 'efficientnet-b0', 96, 8, 4, 1, 'float32'),
     ('effnet', 'efficientnet-b0', 96, 8, 4, 2, 'float32'),
     ('effnet', 'efficientnet-b0', 96, 8, 8, 2, 'float32'),
+    ('effnet_128', 'efficientnet-b0', 128, 8, 1, 1, 'float32'),
     ('effnet_128', 'efficientnet-b0', 128, 8, 2, 1, 'float32'),
-    ('effnet_128', 'efficientnet-b0', 128, 8, 4, 1, 'float32'),
 )
 MEASURED_CLASSES = 10
 
@@ -133,27 +133,190 @@ def fit_line(xs, ys):
   return mean_y - slope * mean_x, slope
 
 
-def replica_bytes(static: float, per_labeled_k1: float,
-                  per_labeled_chunk: float, batch: int, k: int) -> float:
-  """Bytes one replica needs with per-replica labeled batch `batch` in k chunks."""
-  per_image = per_labeled_k1 if k == 1 else per_labeled_chunk
-  return static + per_image * batch / k
+def replica_bytes(costs: dict, batch: int, k: int) -> float:
+  """Bytes of one replica with labeled batch `batch` in k chunks.
 
-
-def smallest_k(capacity: float, margin: float, static: float,
-               per_labeled_k1: float, per_labeled_chunk: float,
-               batch: int):
-  """The smallest K dividing `batch` whose replica fits, or None.
-
-  Fits: replica_bytes <= (1 - margin) * capacity.
+  costs: {'k1': (fixed, per labeled image), 'chunk': (fixed, per labeled
+  image of a chunk)}: K=1 and K>1 are different programs (module doc).
   """
-  usable = (1.0 - margin) * capacity
+  fixed, per_image = costs['k1' if k == 1 else 'chunk']
+  return fixed + per_image * batch / k
+
+
+def smallest_k(costs: dict, batch: int, capacity: float, margin: float):
+  """The smallest K dividing `batch` with replica_bytes <= (1 - margin) *
+  capacity, or None if not even one labeled image per chunk fits."""
   for k in range(1, batch + 1):
-    if batch % k == 0 and replica_bytes(static, per_labeled_k1,
-                                        per_labeled_chunk, batch,
-                                        k) <= usable:
+    if batch % k == 0 and replica_bytes(costs, batch, k) <= (
+        1.0 - margin) * capacity:
       return k
   return None
+
+
+# ------------------------------------------------------------ the table --
+
+# (preset, network, classes, image, labeled batch B, mu, precision, the
+# measured group whose bytes per counted element it takes, replica counts).
+# Replica counts: the cifar/svhn command runs on one device as written, and
+# docs/compute.md projects a v3-8 (8 cores); ImageNet-10% names "a TPU":
+# a v3-8 board, or the v3-32 compute.md suggests; the JFT presets name "a
+# pod slice" of no size: 1,024 cores (docs/training.md's example) and 2,048
+# (a whole v3 pod).
+PRESETS = (
+    ('cifar10_4k, svhn_1k', 'wrn-28-2', 10, 32, 128, 7, 'float32', 'wrn',
+     (1, 8)),
+    ('cifar10_4k, svhn_1k + mixed', 'wrn-28-2', 10, 32, 128, 7,
+     'mixed_bfloat16', 'wrn', (1, 8)),
+    ('imagenet_10pct', 'resnet-50', 1000, 224, 1024, 15, 'mixed_bfloat16',
+     'resnet', (8, 32)),
+    ('imagenet_b6_wide', 'efficientnet-b6-mpl', 1000, 512, 4096, 8,
+     'mixed_bfloat16', 'effnet', (1024, 2048)),
+    ('imagenet_l2', 'efficientnet-l2', 1000, 512, 4096, 8, 'mixed_bfloat16',
+     'effnet', (1024, 2048)),
+)
+# Memory of one replica, GB (2^30 bytes): a GPU; a TPU v3 core (16 GB of
+# its chip's 32) and a v5e chip (one core); a TPU v4 chip (32 GB, its two
+# TensorCores one device, so one replica, to TensorFlow).
+DEVICES = (('16 GB: GPU, TPU v3 core, v5e chip', 16),
+           ('24 GB GPU', 24), ('32 GB: TPU v4 chip', 32),
+           ('40 GB GPU', 40), ('80 GB GPU', 80))
+# Reserved for the runtime, allocator fragmentation, cuDNN / XLA workspaces
+# and the input pipeline's buffers (assumed).
+MARGIN = 0.20
+# 16-bit activations (mixed_bfloat16, mixed_float16): half float32's bytes
+# (assumed; the wrn_bf16 points measure what this CPU does).
+HALF_PRECISION_FACTOR = 0.5
+# Under a mixed policy the variables stay float32 and each pass casts the
+# teacher's and the student's to 16 bits: 2 bytes each (assumed).
+MIXED_EXTRA_BYTES_PER_PARAMETER = 4
+
+
+def fits(points) -> dict:
+  """{group/k1|chunk: line fits of the TF peak and RSS against c = B/K}."""
+  out = {}
+  for group in sorted({p['group'] for p in points}):
+    for mode in ('k1', 'chunk'):
+      mine = [p for p in points if p['group'] == group and
+              (p['k'] == 1) == (mode == 'k1')]
+      if len(mine) < 2:
+        continue
+      chunk = [p['batch'] / p['k'] for p in mine]
+      tf_fixed, tf_slope = fit_line(chunk, [p['tf_peak_bytes'] for p in mine])
+      rss_fixed, rss_slope = fit_line(chunk,
+                                      [p['rss_peak_bytes'] for p in mine])
+      first = mine[0]
+      counts = network_counts(first['model'], MEASURED_CLASSES,
+                              first['image_size'])
+      mu = first['mu']
+      # Images whose activations the fit's peak holds, per labeled image:
+      # teacher and student passes (k1), one teacher pass (chunk).
+      pass_images = (1 + 2 * mu) + (mu + 1) if mode == 'k1' else 1 + 2 * mu
+      out[f'{group}/{mode}'] = dict(
+          model=first['model'], image_size=first['image_size'], mu=mu,
+          precision=first['precision'], points=len(mine),
+          fixed_bytes=tf_fixed, per_labeled_image_bytes=tf_slope,
+          rss_fixed_bytes=rss_fixed, rss_per_labeled_image_bytes=rss_slope,
+          elements=counts['elements'], parameters=counts['parameters'],
+          bytes_per_element=tf_slope / counts['elements'],
+          bytes_per_element_per_pass_image=(
+              tf_slope / counts['elements'] / pass_images))
+  return out
+
+
+def analyse(points) -> dict:
+  """The fits, their checks, the presets' scaled numbers and the table."""
+  line = fits(points)
+  checks = {}
+  for small, other in (('resnet', 'resnet_64'), ('effnet', 'effnet_128')):
+    if f'{small}/k1' in line and f'{other}/k1' in line:
+      a, b = line[f'{small}/k1'], line[f'{other}/k1']
+      predicted = a['per_labeled_image_bytes'] * b['elements'] / a['elements']
+      checks[f'{other}/k1 from {small}/k1'] = dict(
+          predicted_bytes=predicted, measured_bytes=b[
+              'per_labeled_image_bytes'],
+          error=predicted / b['per_labeled_image_bytes'] - 1)
+  if 'wrn_bf16/k1' in line and 'wrn/k1' in line:
+    checks['wrn bf16 / fp32 per labeled image (CPU)'] = dict(
+        ratio=line['wrn_bf16/k1']['per_labeled_image_bytes'] /
+        line['wrn/k1']['per_labeled_image_bytes'])
+  # Bytes per parameter of everything that does not grow with the batch:
+  # the fixed term of the largest measured network (ResNet-50), per mode.
+  per_parameter = {mode: line[f'resnet/{mode}']['fixed_bytes'] /
+                   line[f'resnet/{mode}']['parameters']
+                   for mode in ('k1', 'chunk') if f'resnet/{mode}' in line}
+  rows = []
+  for (preset, model, classes, size, batch, mu, precision, group,
+       replica_counts) in PRESETS:
+    if f'{group}/k1' not in line or f'{group}/chunk' not in line or len(
+        per_parameter) < 2:
+      continue
+    counts = network_counts(model, classes, size)
+    half = precision != 'float32'
+    scale = HALF_PRECISION_FACTOR if half else 1.0
+    per_image = {mode: line[f'{group}/{mode}']['bytes_per_element'] *
+                 counts['elements'] * scale for mode in ('k1', 'chunk')}
+    static = {mode: counts['parameters'] * (
+        per_parameter[mode] + (MIXED_EXTRA_BYTES_PER_PARAMETER if half
+                               else 0)) for mode in ('k1', 'chunk')}
+    for replicas in replica_counts:
+      b = batch // replicas
+      row = dict(preset=preset, model=model, image_size=size, batch=batch,
+                 mu=mu, precision=precision, replicas=replicas,
+                 per_replica_batch=b, parameters=counts['parameters'],
+                 elements=counts['elements'],
+                 per_labeled_image_k1_bytes=per_image['k1'],
+                 per_labeled_image_chunk_bytes=per_image['chunk'],
+                 static_k1_bytes=static['k1'],
+                 static_chunk_bytes=static['chunk'],
+                 k1_bytes=static['k1'] + per_image['k1'] * b,
+                 smallest_chunk_bytes=static['chunk'] + per_image['chunk'],
+                 smallest_k={})
+      costs = {mode: (static[mode], per_image[mode])
+               for mode in ('k1', 'chunk')}
+      for label, capacity in DEVICES:
+        row['smallest_k'][label] = smallest_k(costs, b, capacity * GB,
+                                              MARGIN)
+      rows.append(row)
+  return dict(fits=line, checks=checks, bytes_per_parameter=per_parameter,
+              margin=MARGIN, half_precision_factor=HALF_PRECISION_FACTOR,
+              mixed_extra_bytes_per_parameter=MIXED_EXTRA_BYTES_PER_PARAMETER,
+              devices=DEVICES, rows=rows)
+
+
+def print_tables(analysis: dict) -> None:
+  print('\n| group/mode | network | image | mu | precision | points | fixed '
+        'GB | GB per labeled image | RSS: fixed, per labeled | counted '
+        'elements / image | bytes per element | per element and pass image |')
+  print('|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|')
+  for key, f in analysis['fits'].items():
+    print(f'| {key} | {f["model"]} | {f["image_size"]} | {f["mu"]} | '
+          f'{f["precision"]} | {f["points"]} | {f["fixed_bytes"] / GB:.3f} | '
+          f'{f["per_labeled_image_bytes"] / GB:.4f} | '
+          f'{f["rss_fixed_bytes"] / GB:.2f}, '
+          f'{f["rss_per_labeled_image_bytes"] / GB:.4f} | '
+          f'{f["elements"]:,} | {f["bytes_per_element"]:.1f} | '
+          f'{f["bytes_per_element_per_pass_image"]:.2f} |')
+  for name, check in analysis['checks'].items():
+    print(f'check {name}: ' + ', '.join(
+        f'{k} {v / GB:.4f} GB' if k.endswith('bytes') else f'{k} {v:+.3f}'
+        for k, v in check.items()))
+  print('bytes per parameter (fixed / parameters, ResNet-50): ' + ', '.join(
+      f'{k} {v:.1f}' for k, v in analysis['bytes_per_parameter'].items()))
+  labels = [label for label, _ in analysis['devices']]
+  print('\n| preset | precision | replicas | per-replica b (+ b*mu) | '
+        'static GB | GB per labeled image, K=1 / chunk | K=1 GB | one-image '
+        'chunk GB | ' + ' | '.join(labels) + ' |')
+  print('|---|---|---:|---:|---:|---:|---:|---:|' + '---:|' * len(labels))
+  for r in analysis['rows']:
+    ks = ['no' if r['smallest_k'][l] is None else str(r['smallest_k'][l])
+          for l in labels]
+    print(f'| {r["preset"]} | {r["precision"]} | {r["replicas"]:,} | '
+          f'{r["per_replica_batch"]:,} (+{r["per_replica_batch"] * r["mu"]:,})'
+          f' | {r["static_k1_bytes"] / GB:.2f} | '
+          f'{r["per_labeled_image_k1_bytes"] / GB:.3g} / '
+          f'{r["per_labeled_image_chunk_bytes"] / GB:.3g} | '
+          f'{r["k1_bytes"] / GB:,.1f} | {r["smallest_chunk_bytes"] / GB:,.1f}'
+          f' | ' + ' | '.join(ks) + ' |')
 
 
 # -------------------------------------------------------------- worker --
@@ -233,10 +396,13 @@ def main():
     todo = [p for p in POINTS if groups is None or p[0] in groups]
     results = [r for r in previous if groups is not None and
                r['group'] not in groups] + measure(todo)
+  analysis = analyse(results)
+  print_tables(analysis)
   with open(args.output, 'w') as f:
     json.dump({'command': ' '.join(['benchmarks/activation_memory.py',
                                     *sys.argv[1:]]),
-               'points': results}, f, indent=2, sort_keys=True)
+               'points': results, 'analysis': analysis}, f, indent=2,
+              sort_keys=True)
   print(f'wrote {args.output}')
 
 
