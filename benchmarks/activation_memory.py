@@ -85,6 +85,10 @@ POINTS = (
     ('effnet', 'efficientnet-b0', 96, 8, 8, 2, 'float32'),
     ('effnet_128', 'efficientnet-b0', 128, 8, 1, 1, 'float32'),
     ('effnet_128', 'efficientnet-b0', 128, 8, 2, 1, 'float32'),
+    ('resnet_bf16', 'resnet-50', 96, 15, 1, 1, 'mixed_bfloat16'),
+    ('resnet_bf16', 'resnet-50', 96, 15, 2, 1, 'mixed_bfloat16'),
+    ('effnet_bf16', 'efficientnet-b0', 96, 8, 2, 1, 'mixed_bfloat16'),
+    ('effnet_bf16', 'efficientnet-b0', 96, 8, 4, 1, 'mixed_bfloat16'),
 )
 MEASURED_CLASSES = 10
 
@@ -189,6 +193,10 @@ HALF_PRECISION_FACTOR = 0.5
 # Under a mixed policy the variables stay float32 and each pass casts the
 # teacher's and the student's to 16 bits: 2 bytes each (assumed).
 MIXED_EXTRA_BYTES_PER_PARAMETER = 4
+# mixed_float16 also copies the state its loss scaling may undo (weights of
+# three networks and two optimizers' slots: docs/models.md, "Cost"): 5 x 4
+# bytes per parameter more than bfloat16.
+FLOAT16_EXTRA_BYTES_PER_PARAMETER = 20
 
 
 def fits(points) -> dict:
@@ -273,13 +281,22 @@ def analyse(points) -> dict:
                  smallest_k={})
       costs = {mode: (static[mode], per_image[mode])
                for mode in ('k1', 'chunk')}
+      float16_costs = {mode: (fixed + FLOAT16_EXTRA_BYTES_PER_PARAMETER *
+                              counts['parameters'], per)
+                       for mode, (fixed, per) in costs.items()}
+      row['smallest_k_float16'] = {}
       for label, capacity in DEVICES:
         row['smallest_k'][label] = smallest_k(costs, b, capacity * GB,
                                               MARGIN)
+        if half:
+          row['smallest_k_float16'][label] = smallest_k(
+              float16_costs, b, capacity * GB, MARGIN)
       rows.append(row)
   return dict(fits=line, checks=checks, bytes_per_parameter=per_parameter,
               margin=MARGIN, half_precision_factor=HALF_PRECISION_FACTOR,
               mixed_extra_bytes_per_parameter=MIXED_EXTRA_BYTES_PER_PARAMETER,
+              float16_extra_bytes_per_parameter=(
+                  FLOAT16_EXTRA_BYTES_PER_PARAMETER),
               devices=DEVICES, rows=rows)
 
 
@@ -308,8 +325,11 @@ def print_tables(analysis: dict) -> None:
         'chunk GB | ' + ' | '.join(labels) + ' |')
   print('|---|---|---:|---:|---:|---:|---:|---:|' + '---:|' * len(labels))
   for r in analysis['rows']:
-    ks = ['no' if r['smallest_k'][l] is None else str(r['smallest_k'][l])
-          for l in labels]
+    show = lambda k: 'no' if k is None else str(k)
+    ks = [show(r['smallest_k'][l]) + (
+        f' (float16: {show(r["smallest_k_float16"][l])})'
+        if r['smallest_k_float16'] and r['smallest_k_float16'][l] !=
+        r['smallest_k'][l] else '') for l in labels]
     print(f'| {r["preset"]} | {r["precision"]} | {r["replicas"]:,} | '
           f'{r["per_replica_batch"]:,} (+{r["per_replica_batch"] * r["mu"]:,})'
           f' | {r["static_k1_bytes"] / GB:.2f} | '
