@@ -187,8 +187,10 @@ DEVICES = (('16 GB: GPU, TPU v3 core, v5e chip', 16),
 # Reserved for the runtime, allocator fragmentation, cuDNN / XLA workspaces
 # and the input pipeline's buffers (assumed).
 MARGIN = 0.20
-# 16-bit activations (mixed_bfloat16, mixed_float16): half float32's bytes
-# (assumed; the wrn_bf16 points measure what this CPU does).
+# 16-bit activations (mixed_bfloat16, mixed_float16): the family's measured
+# ratio of its mixed_bfloat16 to its float32 K=1 slope (the <group>_bf16
+# points; Keras keeps batch norm's arithmetic, so some saved tensors, in
+# float32), applied to K=1 and chunks alike; this if not measured (assumed).
 HALF_PRECISION_FACTOR = 0.5
 # Under a mixed policy the variables stay float32 and each pass casts the
 # teacher's and the student's to 16 bits: 2 bytes each (assumed).
@@ -243,29 +245,29 @@ def analyse(points) -> dict:
           predicted_bytes=predicted, measured_bytes=b[
               'per_labeled_image_bytes'],
           error=predicted / b['per_labeled_image_bytes'] - 1)
-  if 'wrn_bf16/k1' in line and 'wrn/k1' in line:
-    checks['wrn bf16 / fp32 per labeled image (CPU)'] = dict(
-        ratio=line['wrn_bf16/k1']['per_labeled_image_bytes'] /
-        line['wrn/k1']['per_labeled_image_bytes'])
+  half_ratio = {}
+  for group in ('wrn', 'resnet', 'effnet'):
+    if f'{group}_bf16/k1' in line and f'{group}/k1' in line:
+      half_ratio[group] = (line[f'{group}_bf16/k1']['per_labeled_image_bytes']
+                           / line[f'{group}/k1']['per_labeled_image_bytes'])
   # Bytes per parameter of everything that does not grow with the batch:
-  # the fixed term of the largest measured network (ResNet-50), per mode.
-  per_parameter = {mode: line[f'resnet/{mode}']['fixed_bytes'] /
-                   line[f'resnet/{mode}']['parameters']
-                   for mode in ('k1', 'chunk') if f'resnet/{mode}' in line}
+  # the fixed term of the network with the most parameters (ResNet-50), the
+  # larger of its K=1 and chunk fits, for both.
+  per_parameter = max(line[f'resnet/{mode}']['fixed_bytes'] /
+                      line[f'resnet/{mode}']['parameters']
+                      for mode in ('k1', 'chunk'))
   rows = []
   for (preset, model, classes, size, batch, mu, precision, group,
        replica_counts) in PRESETS:
-    if f'{group}/k1' not in line or f'{group}/chunk' not in line or len(
-        per_parameter) < 2:
+    if f'{group}/k1' not in line or f'{group}/chunk' not in line:
       continue
     counts = network_counts(model, classes, size)
     half = precision != 'float32'
-    scale = HALF_PRECISION_FACTOR if half else 1.0
+    scale = half_ratio.get(group, HALF_PRECISION_FACTOR) if half else 1.0
     per_image = {mode: line[f'{group}/{mode}']['bytes_per_element'] *
                  counts['elements'] * scale for mode in ('k1', 'chunk')}
-    static = {mode: counts['parameters'] * (
-        per_parameter[mode] + (MIXED_EXTRA_BYTES_PER_PARAMETER if half
-                               else 0)) for mode in ('k1', 'chunk')}
+    static = counts['parameters'] * (
+        per_parameter + (MIXED_EXTRA_BYTES_PER_PARAMETER if half else 0))
     for replicas in replica_counts:
       b = batch // replicas
       row = dict(preset=preset, model=model, image_size=size, batch=batch,
@@ -274,26 +276,30 @@ def analyse(points) -> dict:
                  elements=counts['elements'],
                  per_labeled_image_k1_bytes=per_image['k1'],
                  per_labeled_image_chunk_bytes=per_image['chunk'],
-                 static_k1_bytes=static['k1'],
-                 static_chunk_bytes=static['chunk'],
-                 k1_bytes=static['k1'] + per_image['k1'] * b,
-                 smallest_chunk_bytes=static['chunk'] + per_image['chunk'],
+                 activation_scale=scale, static_bytes=static,
+                 k1_bytes=static + per_image['k1'] * b,
+                 smallest_chunk_bytes=static + per_image['chunk'],
                  smallest_k={})
-      costs = {mode: (static[mode], per_image[mode])
+      costs = {mode: (static, per_image[mode])
                for mode in ('k1', 'chunk')}
-      float16_costs = {mode: (fixed + FLOAT16_EXTRA_BYTES_PER_PARAMETER *
-                              counts['parameters'], per)
-                       for mode, (fixed, per) in costs.items()}
-      row['smallest_k_float16'] = {}
+      # Two variants where they change K: mixed_float16's undo copy, and
+      # 16-bit activations at exactly half float32's bytes (assumed).
+      variants = {
+          'float16': {mode: (fixed + FLOAT16_EXTRA_BYTES_PER_PARAMETER *
+                             counts['parameters'], per)
+                      for mode, (fixed, per) in costs.items()},
+          'half': {mode: (fixed, per / scale * HALF_PRECISION_FACTOR)
+                   for mode, (fixed, per) in costs.items()}} if half else {}
+      row['smallest_k_variants'] = {name: {} for name in variants}
       for label, capacity in DEVICES:
         row['smallest_k'][label] = smallest_k(costs, b, capacity * GB,
                                               MARGIN)
-        if half:
-          row['smallest_k_float16'][label] = smallest_k(
-              float16_costs, b, capacity * GB, MARGIN)
+        for name, variant in variants.items():
+          row['smallest_k_variants'][name][label] = smallest_k(
+              variant, b, capacity * GB, MARGIN)
       rows.append(row)
   return dict(fits=line, checks=checks, bytes_per_parameter=per_parameter,
-              margin=MARGIN, half_precision_factor=HALF_PRECISION_FACTOR,
+              half_precision_ratio=half_ratio, margin=MARGIN,
               mixed_extra_bytes_per_parameter=MIXED_EXTRA_BYTES_PER_PARAMETER,
               float16_extra_bytes_per_parameter=(
                   FLOAT16_EXTRA_BYTES_PER_PARAMETER),
@@ -317,8 +323,10 @@ def print_tables(analysis: dict) -> None:
     print(f'check {name}: ' + ', '.join(
         f'{k} {v / GB:.4f} GB' if k.endswith('bytes') else f'{k} {v:+.3f}'
         for k, v in check.items()))
-  print('bytes per parameter (fixed / parameters, ResNet-50): ' + ', '.join(
-      f'{k} {v:.1f}' for k, v in analysis['bytes_per_parameter'].items()))
+  print(f'bytes per parameter (fixed / parameters, ResNet-50): '
+        f'{analysis["bytes_per_parameter"]:.1f}; 16-bit / float32 activations '
+        f'(CPU): ' + ', '.join(f'{k} {v:.3f}' for k, v in
+                               analysis['half_precision_ratio'].items()))
   labels = [label for label, _ in analysis['devices']]
   print('\n| preset | precision | replicas | per-replica b (+ b*mu) | '
         'static GB | GB per labeled image, K=1 / chunk | K=1 GB | one-image '
@@ -326,13 +334,15 @@ def print_tables(analysis: dict) -> None:
   print('|---|---|---:|---:|---:|---:|---:|---:|' + '---:|' * len(labels))
   for r in analysis['rows']:
     show = lambda k: 'no' if k is None else str(k)
-    ks = [show(r['smallest_k'][l]) + (
-        f' (float16: {show(r["smallest_k_float16"][l])})'
-        if r['smallest_k_float16'] and r['smallest_k_float16'][l] !=
-        r['smallest_k'][l] else '') for l in labels]
+    ks = []
+    for l in labels:
+      other = [f'{name}: {show(k[l])}' for name, k in
+               r['smallest_k_variants'].items() if k[l] != r['smallest_k'][l]]
+      ks.append(show(r['smallest_k'][l]) +
+                (f' ({"; ".join(other)})' if other else ''))
     print(f'| {r["preset"]} | {r["precision"]} | {r["replicas"]:,} | '
           f'{r["per_replica_batch"]:,} (+{r["per_replica_batch"] * r["mu"]:,})'
-          f' | {r["static_k1_bytes"] / GB:.2f} | '
+          f' | {r["static_bytes"] / GB:.2f} | '
           f'{r["per_labeled_image_k1_bytes"] / GB:.3g} / '
           f'{r["per_labeled_image_chunk_bytes"] / GB:.3g} | '
           f'{r["k1_bytes"] / GB:,.1f} | {r["smallest_chunk_bytes"] / GB:,.1f}'
