@@ -44,7 +44,10 @@ Method (docs/compute.md, "What fits where"):
    fixed term of the largest measured network) plus the activations of one
    chunk (c = b/K labeled images of the per-replica batch b), against the
    device's memory less a reserved margin; the smallest K dividing b that
-   fits.
+   fits. Presets in 16 bits take their family's measured 16-bit/float32
+   ratio of activations and 4 more bytes per parameter (the 16-bit copies
+   of the weights); the K of mixed_float16 (its undo copy) and of exactly
+   half the activations are shown where they differ.
 
 Writes benchmarks/activation_memory.json (every point, every fit, the
 scaled numbers and the table's inputs) and prints the markdown tables.
@@ -416,23 +419,29 @@ def main():
     print(json.dumps(run_point(json.loads(args.worker))))
     return
   groups = set(args.points.split(',')) if args.points else None
-  previous = []
+  previous, previous_commands = [], []
   if os.path.exists(args.output):
     with open(args.output) as f:
-      previous = json.load(f).get('points', [])
+      stored = json.load(f)
+    previous = stored.get('points', [])
+    # The runs that measured the points kept (a group's new run replaces
+    # that group's points).
+    previous_commands = stored.get('commands', [])
   if args.table_only:
     results = previous
   else:
     todo = [p for p in POINTS if groups is None or p[0] in groups]
     results = [r for r in previous if groups is not None and
                r['group'] not in groups] + measure(todo)
+    if groups is None:
+      previous_commands = []
   analysis = analyse(results)
   print_tables(analysis)
+  commands = previous_commands + ([] if args.table_only else [' '.join(
+      ['benchmarks/activation_memory.py', *sys.argv[1:]])])
   with open(args.output, 'w') as f:
-    json.dump({'command': ' '.join(['benchmarks/activation_memory.py',
-                                    *sys.argv[1:]]),
-               'points': results, 'analysis': analysis}, f, indent=2,
-              sort_keys=True)
+    json.dump({'commands': commands, 'points': results,
+               'analysis': analysis}, f, indent=2, sort_keys=True)
   print(f'wrote {args.output}')
 
 
