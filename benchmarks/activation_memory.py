@@ -4,50 +4,27 @@
   .venv/bin/python benchmarks/activation_memory.py --table_only  # from JSON
   .venv/bin/python benchmarks/activation_memory.py --points=wrn   # one group
 
-Method (docs/compute.md, "What fits where"):
+Method (docs/compute.md, "What fits where", says it in full):
 
-1. Measure. Each point is one MPL step (exact h, the product's device loop:
-   benchmarks/step_benchmark.py's `_build_loop`) in a fresh child process,
-   on CPU, float32 unless stated, 10 classes, at a small per-replica labeled
-   batch B (and B*mu unlabeled per view), with --microbatches K (K=1: the
-   whole batch at once; K=2: two chunks of B/2 in turn). The child reads
-   TensorFlow's own allocator statistics (`tf.config.experimental.
-   get_memory_info('CPU:0')`: the peak of bytes held by tensors, reset
-   after the networks are built) and the process's peak RSS (getrusage),
-   after two steps.
-2. Fit. For one network, image size, precision and K mode, the peak is a
-   line in the chunk's labeled images c = B/K:
-     peak = fixed + per_labeled_image * c
-   (least squares over the points). `fixed` holds the variables: three
-   networks (teacher, student, EMA student), two optimizers' slots and the
-   gradients; `per_labeled_image` holds the activations of one labeled image
-   and its mu unlabeled images in both views (1 + 2*mu input images).
-   K=1 and K>1 differ in kind, not only in size: with K=1 the teacher's
-   taped pass on all 1 + 2*mu images is alive while the student runs on its
-   mu + 1; with K>1 the teacher is rematerialized chunk by chunk after the
-   student's passes, so a chunk's peak is one network's pass.
-3. Scale. Activation memory is proportional to the activation elements a
-   pass keeps; these are counted as the output elements of every layer of
-   the network for one image, from the layer shapes alone (the shapes-only
-   build of benchmarks/flops.py, `mpl_tf.models.without_weights()`, so
-   EfficientNet-L2 at 512 px costs seconds and no memory). The bytes per
-   counted element of a family, measured at a small size, times the count
-   of the preset's network at the preset's image size, is the preset's
-   activation memory per labeled image. EfficientNet-B6-Wide and L2 cannot
-   be built here (their variables alone exceed this machine's share), so
-   the EfficientNet family's bytes per element come from EfficientNet-B0,
-   which has the same blocks (MBConv, squeeze-and-excitation, swish, batch
-   norm); images above 64 px, so the stem strides as at 512 px.
-   The fit is checked by predicting each network at a second image size
-   from the first and comparing with its own measurement.
-4. Fits where. Per replica: the variables (bytes per parameter, from the
-   fixed term of the largest measured network) plus the activations of one
-   chunk (c = b/K labeled images of the per-replica batch b), against the
-   device's memory less a reserved margin; the smallest K dividing b that
-   fits. Presets in 16 bits take their family's measured 16-bit/float32
-   ratio of activations and 4 more bytes per parameter (the 16-bit copies
-   of the weights); the K of mixed_float16 (its undo copy) and of exactly
-   half the activations are shown where they differ.
+1. Measure: one MPL step (exact h, the product's device loop as
+   benchmarks/step_benchmark.py builds it) per fresh child process, on CPU,
+   at small per-replica batches B (B*mu unlabeled per view), K=1 or K=2
+   chunks; TensorFlow's allocator peak (`get_memory_info('CPU:0')`, reset
+   after the build) and the process's peak RSS, after two steps.
+2. Fit: peak = fixed + per_labeled_image * B/K, per network, image size,
+   precision and K mode (K=1 keeps the teacher's taped pass alive while the
+   student runs; K>1 rematerializes the teacher per chunk, a different
+   program).
+3. Scale: bytes per labeled image are proportional to the network's
+   activation elements per image (every layer's output elements, counted
+   from shapes with `mpl_tf.models.without_weights()`, as flops.py counts
+   FLOPs); EfficientNet-B6-Wide and L2 take EfficientNet-B0's bytes per
+   element (same blocks; above 64 px so the stem strides as at 512 px).
+   Checked by predicting each network at a second image size.
+4. Fits where: static (bytes per parameter, from ResNet-50's fixed term;
+   +4 under mixed precision for the 16-bit weight copies) plus one chunk's
+   activations (16 bits: the family's measured ratio) against a device's
+   memory less a margin: the smallest K dividing the per-replica batch.
 
 Writes benchmarks/activation_memory.json (every point, every fit, the
 scaled numbers and the table's inputs) and prints the markdown tables.
@@ -428,6 +405,9 @@ def main():
     # that group's points).
     previous_commands = stored.get('commands', [])
   if args.table_only:
+    if not previous:
+      raise SystemExit(f'--table_only: no measured points in {args.output}; '
+                       f'measure them first (no --table_only).')
     results = previous
   else:
     todo = [p for p in POINTS if groups is None or p[0] in groups]
