@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from mpl_tf import config as config_lib
 from mpl_tf.data import augment
+from mpl_tf.data import record_stream
 from mpl_tf.data import records
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -145,18 +146,11 @@ def padded_batches(config: config_lib.Config, manifest: Dict[str, Any],
   data = config.data
   size = data.image_size
   share = eval_plan.share
-  image_size = manifest.get('image_size')
-  num_classes = int(manifest['num_classes'])
   mean, std = manifest['mean'], manifest['std']
-  message = (f'a label outside [0, {num_classes}) in split {split!r} of '
-             f'{data.data_dir!r}')
+  parse = record_stream.checked_parser(manifest, split, data.data_dir)
 
   def to_example(serialized):
-    image, label = records.parse_example(serialized, image_size, 3)
-    checks = [tf.debugging.assert_non_negative(label, message=message),
-              tf.debugging.assert_less(label, num_classes, message=message)]
-    with tf.control_dependencies(checks):
-      label = tf.identity(label)
+    image, label = parse(serialized)
     if data.crop == 'inception':
       image = augment.center_crop(image, size, data.eval_crop_fraction)
     image = augment.normalize(tf.cast(image, tf.float32), mean, std)

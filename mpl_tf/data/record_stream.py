@@ -176,6 +176,14 @@ def parsed_split(config: config_lib.Config, manifest: Dict[str, Any],
       pieces = _pipeline_pieces(config, manifest, split, input_context)
     dataset = _read(tf.data.Dataset.from_tensor_slices(
         _piece_tensors(pieces)), len(pieces))
+  return dataset.map(checked_parser(manifest, split, data_dir),
+                     num_parallel_calls=AUTOTUNE)
+
+
+def checked_parser(manifest: Dict[str, Any], split: str, data_dir: str):
+  """serialized -> (uint8 image, label), the label checked against the
+  manifest's classes (a device assert naming the split): training and
+  evaluation streams parse alike."""
   image_size = manifest.get('image_size')
   num_classes = int(manifest['num_classes'])
   message = (f'a label outside [0, {num_classes}) in split {split!r} of '
@@ -188,4 +196,4 @@ def parsed_split(config: config_lib.Config, manifest: Dict[str, Any],
     with tf.control_dependencies(checks):
       return image, tf.identity(label)
 
-  return dataset.map(parse, num_parallel_calls=AUTOTUNE)
+  return parse
