@@ -13,6 +13,7 @@ from typing import Any, Dict
 from absl import flags as absl_flags
 
 from mpl_tf import config as config_lib
+from mpl_tf import config_checks
 
 _DATA, _MODEL, _MPL = (config_lib.DataConfig(), config_lib.ModelConfig(),
                        config_lib.MplConfig())
@@ -240,7 +241,7 @@ def to_config(flag_values: absl_flags.FlagValues = absl_flags.FLAGS
       optim=config_lib.OptimConfig(**groups['optim']),
       run=config_lib.RunConfig(**groups['run']),
       finetune=config_lib.FinetuneConfig(**groups['finetune']))
-  config_lib.validate(config)
+  config_checks.validate(config)
   # Here, not at the top: distribute imports TensorFlow (see below). The
   # global batches here; the per-replica shares again in preflight.
   from mpl_tf import distribute  # pylint: disable=g-import-not-at-top

@@ -46,7 +46,8 @@ from mpl_tf import keras_resume
 from mpl_tf import keras_batches
 from mpl_tf.keras_batches import BATCH_KEYS  # the batch's keys, for users
 from mpl_tf import optim
-from mpl_tf.config import Config, MplConfig, OptimConfig, validate
+from mpl_tf.config import Config, MplConfig, OptimConfig
+from mpl_tf.config_checks import validate
 from mpl_tf.models import random_states, replica_distinct_randomness
 from mpl_tf.mpl_step import MplStep
 from mpl_tf.phase import NonFiniteError, read_step

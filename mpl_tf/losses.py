@@ -9,6 +9,7 @@ cross-replica sum of the gradients).
 import tensorflow as tf
 
 from mpl_tf import config as config_lib
+from mpl_tf import config_checks
 from mpl_tf import row_noise
 
 # Keeps log(-log(u)) finite for the Gumbel noise of sampled pseudo labels.
@@ -72,7 +73,7 @@ def pseudo_labels(teacher_logits: tf.Tensor, mode: str, seed: tf.Tensor,
     (target_probs [N, K], label_ids [N] int32). Both carry no gradient. For
     'soft' the ids are the argmax, used only for logging.
   """
-  config_lib._check_choice('pseudo_label', mode, config_lib.PSEUDO_LABELS)
+  config_checks.check_choice('pseudo_label', mode, config_lib.PSEUDO_LABELS)
   teacher_logits = tf.stop_gradient(teacher_logits)
   if mode == 'sampled':
     rows, classes = _static_or_dynamic_shape(teacher_logits)

@@ -29,7 +29,7 @@ MirroredStrategy, each holding one chunk, without synchronized batch norm:
   measuring passes) contribute nothing, as with one chunk.
 
 Synchronized batch norm would need the statistics of the whole batch, which
-exists here only chunk by chunk: K > 1 refuses it (config.validate, and
+exists here only chunk by chunk: K > 1 refuses it (config_checks.validate, and
 `Microbatches` for networks built elsewhere).
 
 Memory: one chunk's activations at a time; beyond that, one sum per

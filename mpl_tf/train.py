@@ -241,7 +241,7 @@ def _build_training(context: RunContext, build) -> _Training:
   teacher_lr, student_lr = optim.learning_rates(optim_cfg)
   if algorithm in ('mpl', 'pseudo_labels'):
     # pseudo_labels is the MPL step with mpl_weight = uda_weight = 0
-    # (config.validate checks): a teacher trained on the labels alone.
+    # (config_checks.validate checks): a teacher trained on the labels alone.
     teacher, student, ema_student = (build('teacher'), build('student'),
                                      build('ema_student'))
     ema_student.set_weights(student.get_weights())

@@ -21,7 +21,8 @@ from mpl_tf import distribute
 from mpl_tf import losses
 from mpl_tf import optim
 from mpl_tf.config import (Config, ConfigError, MplConfig, OptimConfig,
-                           RunConfig, validate)
+                           RunConfig)
+from mpl_tf.config_checks import validate
 from mpl_tf.mpl_step import MplStep
 from tests.tiny_models import keras_mlp, mlp_apply, random_batch, snapshot
 

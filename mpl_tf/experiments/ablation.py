@@ -42,7 +42,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from mpl_tf import storage
-from mpl_tf.config import Config, ConfigError, MplConfig, validate
+from mpl_tf.config import Config, ConfigError, MplConfig
+from mpl_tf.config_checks import validate
 from mpl_tf.experiments import checks
 from mpl_tf.experiments import two_moon as two_moon_lib
 
