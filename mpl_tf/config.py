@@ -160,9 +160,10 @@ class MplConfig:
       False, 'Leave the teacher\'s batch-norm moving mean and variance at '
       'their values during MPL steps: its passes still normalise with their '
       'batch statistics, but the moving ones (used only to evaluate the '
-      'teacher) stay where they are, as in the released code, whose update '
-      'ops are only the student\'s (training_utils.MPL.step_fn). Off: each '
-      'step moves them once, by the teacher\'s training pass.')
+      'teacher, which then uses their initial values) stay where they are, '
+      'as in the released code, whose update ops are only the student\'s '
+      '(training_utils.MPL.step_fn). Off: each step moves them once, by the '
+      'teacher\'s training pass.')
   mpl_weight: float = _choice(
       1.0, 'Weight of the MPL term h * CE(y_hat, T(x_u)) in the teacher\'s '
       'loss; 0 = the UDA-only teacher (ablation).')
