@@ -154,8 +154,9 @@ class MplConfig:
       'released name contains "variance" or "beta", which are the batch-norm '
       'moving variances and offsets; every other weight, batch-norm scales '
       'and moving means included, starts at 0). The decay\'s warm-up '
-      'min(decay, (t+1)/(t+10)) keeps 0.1, 0.018 and 0.0045 of the start '
-      'after steps 1, 2 and 3.', EMA_INITS)
+      'min(decay, (t+1)/(t+10)) keeps at most 0.1, 0.018 and 0.0045 of the '
+      'start after steps 1, 2 and 3 (exactly that for ema_decay >= 0.25).',
+      EMA_INITS)
   freeze_teacher_batch_norm_statistics: bool = _choice(
       False, 'Leave the teacher\'s batch-norm moving mean and variance at '
       'their values during MPL steps: its passes still normalise with their '

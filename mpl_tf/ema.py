@@ -2,8 +2,9 @@
 
 The released code evaluates the EMA student. Its decay warms up as
 d = min(decay, (step + 1) / (step + 10)), so the EMA's initial value fades
-fast (0.1 of it is left after step 1, 0.0045 after step 3, 1e-4 after step
-17); decay 0 makes the EMA an exact copy of the student after one step.
+fast: with decay >= 0.5, 0.1 of it is left after step 1, 0.0045 after step
+3 and 8.7e-5 after step 7 (1 / C(t + 9, 9) after step t); less with a
+smaller decay, and none after one step with decay 0.
 Where it starts is MplConfig.ema_init (`initialize`).
 """
 

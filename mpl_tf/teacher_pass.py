@@ -126,19 +126,24 @@ class TeacherPass:
     local_labeled = tf.shape(images_labeled)[0]
     local_unlabeled = tf.shape(images_aug)[0]
     if self._logits_ori_untaped is not None:
-      with restored_afterwards(self._frozen_statistics):
-        logits = self._teacher(
-            tf.concat([images_labeled, images_aug], axis=0), training=True)
+      logits = self._training_pass([images_labeled, images_aug])
       labeled, aug = tf.split(logits, [local_labeled, local_unlabeled])
       return {'labeled': labeled, 'ori': self._logits_ori_untaped,
               'aug': aug}
-    with restored_afterwards(self._frozen_statistics):
-      logits = self._teacher(
-          tf.concat([images_labeled, images_ori, images_aug], axis=0),
-          training=True)
+    logits = self._training_pass([images_labeled, images_ori, images_aug])
     labeled, ori, aug = tf.split(
         logits, [local_labeled, local_unlabeled, local_unlabeled])
     return {'labeled': labeled, 'ori': ori, 'aug': aug}
+
+  def _training_pass(self, images: Sequence[tf.Tensor]) -> tf.Tensor:
+    """The teacher on the concatenated images, in training mode.
+
+    Every pass that may move the moving statistics comes here, so frozen
+    statistics (freeze_teacher_batch_norm_statistics) are put back in one
+    place; not frozen, the list is empty and this adds no op.
+    """
+    with restored_afterwards(self._frozen_statistics):
+      return self._teacher(tf.concat(images, axis=0), training=True)
 
   def _original_without_backward(self, images_ori: tf.Tensor) -> tf.Tensor:
     """The teacher's logits on x_u_ori in a pass of their own, no tape.
