@@ -17,6 +17,7 @@ PSEUDO_LABELS = ('sampled', 'argmax', 'soft')
 FEEDBACKS = ('exact', 'taylor')
 FEEDBACK_SIGNS = ('paper', 'released_code')
 BASELINE_INITS = ('zero', 'uniform_sqrt3')
+EMA_INITS = ('copy', 'released_code')
 VIEWS = ('aug', 'ori')
 TEACHER_ORIGINAL_PASSES = ('shared', 'no_grad')
 RANDAUGMENT_OPS = ('paper', 'svhn', 'released_code')
@@ -145,6 +146,25 @@ class MplConfig:
   baseline_init: str = _choice(
       'zero', 'Initial value of that moving average: zero, or uniform_sqrt3 '
       '(a draw from U(-sqrt3, sqrt3), as the released code).', BASELINE_INITS)
+  ema_init: str = _choice(
+      'copy', 'Initial value of the EMA student (of the UDA network under '
+      'algorithm=uda), set once when it is created (a resumed run restores '
+      'its checkpointed values): copy (the student\'s weights) or '
+      'released_code (common_utils.setup_ema: 0, or 1 for variables whose '
+      'released name contains "variance" or "beta", which are the batch-norm '
+      'moving variances and offsets; every other weight, batch-norm scales '
+      'and moving means included, starts at 0). The decay\'s warm-up '
+      'min(decay, (t+1)/(t+10)) keeps at most 0.1, 0.018 and 0.0045 of the '
+      'start after steps 1, 2 and 3 (exactly that for ema_decay >= 0.25).',
+      EMA_INITS)
+  freeze_teacher_batch_norm_statistics: bool = _choice(
+      False, 'Leave the teacher\'s batch-norm moving mean and variance at '
+      'their values during MPL steps: its passes still normalise with their '
+      'batch statistics, but the moving ones (used only to evaluate the '
+      'teacher, which then uses their initial values) stay where they are, '
+      'as in the released code, whose update ops are only the student\'s '
+      '(training_utils.MPL.step_fn). Off: each step moves them once, by the '
+      'teacher\'s training pass.')
   mpl_weight: float = _choice(
       1.0, 'Weight of the MPL term h * CE(y_hat, T(x_u)) in the teacher\'s '
       'loss; 0 = the UDA-only teacher (ablation).')
@@ -329,10 +349,13 @@ class Config:
       return first
     baseline = (f'baseline {mpl.baseline_decay} ({mpl.baseline_init})'
                 if mpl.baseline_decay else 'no baseline')
+    teacher_statistics = ('frozen' if mpl.freeze_teacher_batch_norm_statistics
+                          else 'moving')
     second = (f'  MPL: pseudo_label={mpl.pseudo_label} '
               f'feedback={mpl.feedback} sign={mpl.feedback_sign} '
               f'{baseline} mpl_weight={mpl.mpl_weight} '
-              f'student_view={mpl.student_view}; UDA weight '
+              f'student_view={mpl.student_view} ema_init={mpl.ema_init} '
+              f'teacher_bn_statistics={teacher_statistics}; UDA weight '
               f'{mpl.uda_weight} T={mpl.uda_temperature} threshold '
               f'{mpl.uda_threshold}')
     return f'{first}\n{second}'

@@ -42,6 +42,7 @@ check_backend(keras.backend.backend())
 
 import tensorflow as tf
 
+from mpl_tf import ema
 from mpl_tf import keras_resume
 from mpl_tf import keras_batches
 from mpl_tf.keras_batches import BATCH_KEYS  # the batch's keys, for users
@@ -162,7 +163,8 @@ class MetaPseudoLabels(keras.Model):
         sum is turned off (optim.sum_gradients_once); `model.optimizer` is
         the student's (what callbacks that read one optimizer see).
       mpl_config: the MPL choices (mpl_tf.config.MplConfig; default: the
-        paper's Algorithm 1).
+        paper's Algorithm 1). Its ema_init sets the EMA student's start at
+        the first compile.
       coupled_weight_decay: L2 added to the summed gradients (g + wd * w)
         of non-normalisation weights, as the released code; an optimizer's
         own weight_decay is decoupled and separate.
@@ -208,6 +210,11 @@ class MetaPseudoLabels(keras.Model):
               f'model; make both in the same strategy.scope().')
         optim.sum_gradients_once(optimizer)
         optimizer.build(network.trainable_variables)
+      if previous is None and self.ema_student is not None:
+        # The EMA's start (mpl_config.ema_init), at the first compile only:
+        # weights can be loaded only after it, and a compile again keeps
+        # the average it has.
+        ema.initialize(self.ema_student, self.student, mpl_config.ema_init)
       self.mpl_step = MplStep(
           mpl_config, optim_config, self.teacher, self.student,
           teacher_optimizer, student_optimizer,

@@ -23,8 +23,11 @@ update and its EMA; a second student forward on x_l at the new weights (batch
 statistics, dropout on) that gives L_l(new) and, for 'exact', its gradient;
 then the teacher's update. That second forward is a measurement, so it does
 not move the student's batch-norm moving statistics (as in the released code).
-Unlike the released graph, the teacher's moving statistics are updated by its
-forward pass; they only matter for evaluating the teacher, for diagnosis.
+By default the teacher's moving statistics are updated by its training pass,
+once per step; the released graph never updates them (its update ops are
+filtered to the student's scope), which
+freeze_teacher_batch_norm_statistics reproduces (teacher_pass.py). They only
+matter for evaluating the teacher, for diagnosis.
 
 microbatches=K (mpl_tf/microbatches.py) runs the blocks that read the batch
 on its K chunks in turn, exactly as K times the replicas would: a first loop

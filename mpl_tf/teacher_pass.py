@@ -18,6 +18,11 @@ as Algorithm 1 whichever is chosen:
       it is repeated, taped, after h, drawing the same masks on the same
       batch. Its activations then do not live through the student's step.
 
+freeze_teacher_batch_norm_statistics=True (the released code's teacher):
+every pass restores the teacher's batch-norm moving statistics when it
+ends, so no step moves them; under microbatches=K each chunk's pass then
+moves them by zero and their mean over chunks is their value before.
+
 Under microbatches=K (microbatches.py) the pass is `ChunkedTeacherPass`:
 rematerialized chunk by chunk, whatever rematerialize_teacher says, since
 one chunk's activations at a time is the point.
@@ -54,6 +59,10 @@ class TeacherPass:
     self._teacher = teacher
     self._rematerialize = config.rematerialize_teacher
     self._batch_norm_statistics = list(batch_norm_statistics)
+    # Restored after every pass when frozen; nothing (no op) otherwise.
+    self._frozen_statistics = (
+        self._batch_norm_statistics
+        if config.freeze_teacher_batch_norm_statistics else [])
     self._rng_states = list(rng_states)
     self._images = (images_labeled, images_ori, images_aug)
     self._tape = tf.GradientTape()
@@ -117,17 +126,24 @@ class TeacherPass:
     local_labeled = tf.shape(images_labeled)[0]
     local_unlabeled = tf.shape(images_aug)[0]
     if self._logits_ori_untaped is not None:
-      logits = self._teacher(tf.concat([images_labeled, images_aug], axis=0),
-                             training=True)
+      logits = self._training_pass([images_labeled, images_aug])
       labeled, aug = tf.split(logits, [local_labeled, local_unlabeled])
       return {'labeled': labeled, 'ori': self._logits_ori_untaped,
               'aug': aug}
-    logits = self._teacher(
-        tf.concat([images_labeled, images_ori, images_aug], axis=0),
-        training=True)
+    logits = self._training_pass([images_labeled, images_ori, images_aug])
     labeled, ori, aug = tf.split(
         logits, [local_labeled, local_unlabeled, local_unlabeled])
     return {'labeled': labeled, 'ori': ori, 'aug': aug}
+
+  def _training_pass(self, images: Sequence[tf.Tensor]) -> tf.Tensor:
+    """The teacher on the concatenated images, in training mode.
+
+    Every pass that may move the moving statistics comes here, so frozen
+    statistics (freeze_teacher_batch_norm_statistics) are put back in one
+    place; not frozen, the list is empty and this adds no op.
+    """
+    with restored_afterwards(self._frozen_statistics):
+      return self._teacher(tf.concat(images, axis=0), training=True)
 
   def _original_without_backward(self, images_ori: tf.Tensor) -> tf.Tensor:
     """The teacher's logits on x_u_ori in a pass of their own, no tape.

@@ -42,6 +42,7 @@ from mpl_tf import checkpoints
 from mpl_tf import cluster
 from mpl_tf import curves
 from mpl_tf import distribute
+from mpl_tf import ema
 from mpl_tf import optim
 from mpl_tf import preflight
 from mpl_tf import storage
@@ -244,7 +245,8 @@ def _build_training(context: RunContext, build) -> _Training:
     # (config_checks.validate checks): a teacher trained on the labels alone.
     teacher, student, ema_student = (build('teacher'), build('student'),
                                      build('ema_student'))
-    ema_student.set_weights(student.get_weights())
+    # The EMA's start, once (a resumed run's checkpoint overwrites it).
+    ema.initialize(ema_student, student, config.mpl.ema_init)
     mpl_step = MplStep(
         config.mpl, optim_cfg, teacher, student,
         optim.make_optimizer(teacher_lr, optim_cfg, 'teacher_optimizer',
@@ -263,7 +265,7 @@ def _build_training(context: RunContext, build) -> _Training:
                      {'student': student, 'teacher': teacher})
   if algorithm == 'uda':
     model, ema_model = build('uda'), build('uda_ema')
-    ema_model.set_weights(model.get_weights())
+    ema.initialize(ema_model, model, config.mpl.ema_init)
     uda_step = UdaStep(config.mpl, optim_cfg, model,
                        optim.make_optimizer(teacher_lr, optim_cfg,
                                             'optimizer', model),

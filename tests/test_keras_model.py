@@ -8,6 +8,7 @@ inputs are tests/test_keras_inputs.py's. Tiny float64 MLPs
 (tests/tiny_models.py), as in tests/test_mpl_step.py.
 """
 
+import dataclasses
 import glob
 import os
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import tempfile
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mpl_tf import distribute
@@ -26,6 +28,7 @@ from mpl_tf.mpl_step import MplStep
 from mpl_tf.phase import NonFiniteError
 from tests import test_mpl_step as reference
 from tests.test_loss_scale import mlp
+from tests.test_optim import released_start
 from tests.tiny_models import keras_mlp, random_batch
 
 DIM, HIDDEN, CLASSES = reference.INPUT_DIM, reference.HIDDEN, reference.NUM_CLASSES
@@ -278,6 +281,26 @@ class CallbacksTest(_TempDirTestCase):
     self.assertEqual(model.step, 1)
     self.assertEqual(model.mpl_step.baseline.numpy(), baseline)
     self.assertEqual([metric.name for metric in model.metrics], names)
+
+
+class EmaStartTest(tf.test.TestCase):
+
+  def test_the_first_compile_starts_the_ema_and_a_second_keeps_it(self):
+    teacher, student = networks(dropout=True)   # with batch norm
+    model = mpl_tf.MetaPseudoLabels(teacher, student, ema_decay=0.5)
+    released = dataclasses.replace(CONFIG, ema_init='released_code')
+    compile_with = lambda: model.compile(
+        optim.make_optimizer(0.1, OPTIM, 'teacher_optimizer'),
+        optim.make_optimizer(0.1, OPTIM, 'student_optimizer'), released)
+    compile_with()
+    for variable in model.ema_student.weights:
+      self.assertAllEqual(variable.numpy(), np.full(
+          variable.shape, released_start(variable.path.split('/')[-1])))
+    # As if trained: a compile again must keep the average it has.
+    model.ema_student.set_weights(student.get_weights())
+    compile_with()
+    for ema_weight, weight in zip(model.ema_student.weights, student.weights):
+      self.assertAllEqual(ema_weight.numpy(), weight.numpy())
 
 
 class Float16Test(_TempDirTestCase):

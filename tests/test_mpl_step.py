@@ -23,6 +23,7 @@ from mpl_tf import optim
 from mpl_tf.config import (Config, ConfigError, MplConfig, OptimConfig,
                            RunConfig)
 from mpl_tf.config_checks import validate
+from mpl_tf.models import batch_norm_statistics
 from mpl_tf.mpl_step import MplStep
 from tests.tiny_models import keras_mlp, mlp_apply, random_batch, snapshot
 
@@ -462,3 +463,53 @@ class MeasuringPassesLeaveNoTraceTest(tf.test.TestCase):
   def test_original_view_without_backward(self):
     self._check(('labeled_images', 'unlabeled_images_aug'),
                 teacher_original_pass='no_grad')
+
+
+class FrozenTeacherStatisticsTest(tf.test.TestCase):
+  """freeze_teacher_batch_norm_statistics: the released teacher's statistics.
+
+  One step of BN + dropout MLPs from the same start, in K=2 chunks, frozen
+  and not: frozen, the teacher's moving means and variances (by object) are
+  their values before the step; not frozen, they move. Every other weight of both networks, the student's statistics
+  included, is the same either way: training passes normalise with batch
+  statistics, so freezing changes what the teacher is evaluated with only.
+  """
+
+  def _one_step(self, **fields):
+    """(teacher statistics before, after, {network: [(is one, value)]})."""
+    teacher = _mlp_with_batch_norm_and_dropout(0, 'teacher')
+    student = _mlp_with_batch_norm_and_dropout(10, 'student')
+    step = MplStep(
+        mpl_config(**fields), PLAIN_SGD, teacher, student,
+        optim.make_optimizer(TEACHER_LR, PLAIN_SGD, 'teacher_optimizer'),
+        optim.make_optimizer(STUDENT_LR, PLAIN_SGD, 'student_optimizer'),
+        global_labeled_batch=NUM_LABELED,
+        global_unlabeled_batch=NUM_UNLABELED)
+    statistics = batch_norm_statistics(teacher)
+    self.assertLen(statistics, 2)
+    before = [v.numpy() for v in statistics]
+    tf.function(step)(random_batch(0, NUM_LABELED, NUM_UNLABELED, INPUT_DIM,
+                                   NUM_CLASSES))
+    ids = {id(v) for v in statistics}
+    weights = {name: [(id(v) in ids, v.numpy()) for v in network.weights]
+               for name, network in (('teacher', teacher),
+                                     ('student', student))}
+    return before, [v.numpy() for v in statistics], weights
+
+  def test_frozen_statistics_stay_and_default_ones_move(self):
+    # K=2 chunks: each chunk's untaped (rematerialized) and taped teacher
+    # pass, whose moves microbatches.py averages; every teacher pass that
+    # can move the statistics goes through TeacherPass._training_pass.
+    before, after, moving = self._one_step(microbatches=2)
+    for start, end in zip(before, after):
+      self.assertGreater(np.abs(end - start).max(), 1e-3)
+    before, after, frozen = self._one_step(
+        microbatches=2, freeze_teacher_batch_norm_statistics=True)
+    for start, end in zip(before, after):
+      self.assertAllEqual(end, start)
+    for name in ('teacher', 'student'):
+      for (statistic, a), (_, b) in zip(moving[name], frozen[name]):
+        if statistic:
+          self.assertFalse(np.array_equal(a, b))
+        else:
+          self.assertAllEqual(a, b)

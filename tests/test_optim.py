@@ -22,7 +22,9 @@ from mpl_tf import distribute
 from mpl_tf import ema
 from mpl_tf import optim
 from mpl_tf.config import OPTIMIZERS, OptimConfig, RunConfig
-from mpl_tf.models import batch_norm_statistics, normalization_weights
+from mpl_tf.config import ModelConfig
+from mpl_tf.models import (batch_norm_statistics, build_model,
+                           normalization_weights)
 from mpl_tf.supervised_step import SupervisedStep
 
 SUM = tf.distribute.ReduceOp.SUM
@@ -428,6 +430,66 @@ class EmaTest(ListsCloseMixin, tf.test.TestCase):
     self.assertEqual(covered, 2)
     ema.update(ema_student, student, ema.decay_at(0, 0.0))
     self.assertListsClose(values(ema_student.weights), weights, atol=1e-12)
+
+
+# The released names' last parts (modeling_utils.conv2d, dense,
+# sync_batch_norm), which Keras gives our variables too.
+RELEASED_LEAF_NAMES = {'kernel', 'bias', 'gamma', 'beta', 'moving_mean',
+                       'moving_variance'}
+
+
+def released_start(name: str) -> float:
+  """common_utils.setup_ema's get_init on a released variable name."""
+  return 1.0 if any(k in name for k in ('variance', 'beta')) else 0.0
+
+
+class EmaStartTest(tf.test.TestCase):
+  """ema_init: the EMA's first value, by the released rule or a copy.
+
+  The released rule is by name; ema.initialize picks batch-norm objects. The
+  expected value of each variable here comes from the name rule applied to
+  its leaf name, which is the released variable's (RELEASED_LEAF_NAMES).
+  """
+
+  def _check_released_start(self, student, ema_student, batch_norm_layers):
+    before = values(student.weights)
+    ema.initialize(ema_student, student, 'released_code')
+    ones = 0
+    for variable in ema_student.weights:
+      leaf = variable.path.split('/')[-1]
+      self.assertIn(leaf, RELEASED_LEAF_NAMES)
+      expected = released_start(leaf)
+      ones += expected == 1.0
+      self.assertAllEqual(variable.numpy(),
+                          np.full(variable.shape, expected), msg=variable.path)
+    # beta and moving_variance of every batch-norm layer, nothing else.
+    self.assertEqual(ones, 2 * batch_norm_layers)
+    self.assertListsEqual(values(student.weights), before)
+
+  def assertListsEqual(self, actual, expected):
+    self.assertLen(actual, len(expected))
+    for a, b in zip(actual, expected):
+      self.assertAllEqual(a, b)
+
+  def test_released_start_on_a_network_with_batch_norm(self):
+    # bn_model's beta and gamma are random: neither 0 nor 1 by chance.
+    student, ema_student = bn_model(0, 'student'), bn_model(5, 'ema')
+    self._check_released_start(student, ema_student, batch_norm_layers=1)
+    layer = [l for l in ema_student.layers
+             if isinstance(l, keras.layers.BatchNormalization)][0]
+    # Against the layer's own start (gamma 1, beta 0): the opposite.
+    self.assertAllEqual(layer.gamma.numpy(), np.zeros(5))
+    self.assertAllEqual(layer.beta.numpy(), np.ones(5))
+    ema.initialize(ema_student, student, 'copy')
+    self.assertListsEqual(values(ema_student.weights),
+                          values(student.weights))
+
+  def test_released_start_on_a_wide_resnet(self):
+    config = ModelConfig(name='wrn-10-1')
+    student = build_model(config, 10, 8, 'student')
+    ema_student = build_model(config, 10, 8, 'ema_student')
+    self._check_released_start(student, ema_student, batch_norm_layers=len(
+        batch_norm_statistics(ema_student)) // 2)
 
 
 if __name__ == '__main__':

@@ -98,8 +98,10 @@ class PresetFilesTest(tf.test.TestCase):
       with self.subTest(preset=name):
         mpl = _config(_preset(name)).mpl
         self.assertEqual((mpl.pseudo_label, mpl.feedback, mpl.feedback_sign,
-                          mpl.baseline_decay, mpl.mpl_weight),
-                         ('sampled', 'exact', 'paper', 0.0, 1.0))
+                          mpl.baseline_decay, mpl.mpl_weight, mpl.ema_init,
+                          mpl.freeze_teacher_batch_norm_statistics),
+                         ('sampled', 'exact', 'paper', 0.0, 1.0, 'copy',
+                          False))
 
   def test_small_image_presets(self):
     # The choices that make these CIFAR/SVHN recipes; their numbers are the
@@ -127,6 +129,11 @@ class PresetFilesTest(tf.test.TestCase):
                       config.mpl.baseline_init),
                      ('soft', 'taylor', 'released_code', 0.99,
                       'uniform_sqrt3'))
+    # The EMA starts at the released values; the teacher's batch-norm
+    # statistics stay (issue 26; the paper's presets keep the defaults).
+    self.assertEqual((config.mpl.ema_init,
+                      config.mpl.freeze_teacher_batch_norm_statistics),
+                     ('released_code', True))
     self.assertEqual(config.data.randaugment_ops, 'released_code')
     self.assertEqual(config.finetune.steps, 0)   # the released code has none
 

@@ -56,6 +56,8 @@ class SummaryTest(unittest.TestCase):
                                  feedback_sign='released_code',
                                  baseline_decay=0.99,
                                  baseline_init='uniform_sqrt3',
+                                 ema_init='released_code',
+                                 freeze_teacher_batch_norm_statistics=True,
                                  microbatches=4),
         finetune=config_lib.FinetuneConfig(steps=7))
     first, second = config.summary().splitlines()
@@ -65,7 +67,9 @@ class SummaryTest(unittest.TestCase):
       self.assertIn(part, first)
     for part in ('pseudo_label=soft', 'feedback=taylor',
                  'sign=released_code', 'baseline 0.99 (uniform_sqrt3)',
-                 'mpl_weight=1.0', 'student_view=aug', 'UDA weight 1.0',
+                 'mpl_weight=1.0', 'student_view=aug',
+                 'ema_init=released_code', 'teacher_bn_statistics=frozen',
+                 'UDA weight 1.0',
                  'T=0.7', 'threshold 0.6'):
       self.assertIn(part, second)
 

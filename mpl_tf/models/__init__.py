@@ -159,6 +159,24 @@ def batch_norm_statistics(model: keras.Model) -> List[keras.Variable]:
   return stats
 
 
+def batch_norm_offsets_and_variances(model: keras.Model
+                                     ) -> List[keras.Variable]:
+  """Every batch-norm layer's offset beta and moving variance, by object.
+
+  The variables the released code names `.../beta` and
+  `.../moving_variance` (modeling_utils.sync_batch_norm), the only released
+  names that contain "beta" or "variance": those its EMA starts at 1
+  (ema.initialize, 'released_code').
+  """
+  variables = []
+  for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+    if isinstance(layer, keras.layers.BatchNormalization):
+      if layer.center:
+        variables.append(layer.beta)
+      variables.append(layer.moving_variance)
+  return variables
+
+
 def normalization_weights(model: keras.Model) -> List[keras.Variable]:
   """Trainable weights of normalisation layers (exempt from weight decay)."""
   weights = []
