@@ -8,6 +8,8 @@
       --cases=mpl_exact:8x3:float32:noxla     # the README demo's step
   .venv/bin/python benchmarks/step_benchmark.py --skip_pipeline --steps=2 \
       --cases=mpl_exact:big:float32:noxla --microbatches=1,2,4,8
+  .venv/bin/python benchmarks/step_benchmark.py --batch_norm_kernel=keras \
+      --cases=mpl_exact:8x7:float32:noxla   # Keras's unfused batch norm
 
 Each case runs in its own fresh Python process, so its peak RSS, its first
 call (trace) and its allocator state are its own. A case is
@@ -181,7 +183,8 @@ def _build_loop(case: dict):
   microbatches = case['microbatches'] or 1
   model_cfg = config_lib.ModelConfig(
       name=case['model'], precision=case['precision'],
-      sync_batch_norm=not case['microbatches'])
+      sync_batch_norm=not case['microbatches'],
+      batch_norm_kernel=case.get('batch_norm_kernel', 'fused'))
   optim_cfg = config_lib.OptimConfig(labeled_batch_size=batch,
                                      uda_ratio=case['mu'])
   mpl_cfg = config_lib.MplConfig(
@@ -286,6 +289,7 @@ def _pipeline_images_per_second(batch: int, mu: int) -> float:
 
 def _row(r: dict) -> str:
   return (f'| {r["step"]} | {r["model"]} {r["image_size"]}px | '
+          f'{r.get("batch_norm_kernel", "keras")} | '
           f'{r["batch"]}x{r["mu"]} | {r.get("microbatches") or "-"} | '
           f'{r["precision"]} | '
           f'{"off" if r["malloc_tuning"].startswith("all=off") else "on"} | '
@@ -327,12 +331,16 @@ def main():
                            'wrn-10-2).')
   parser.add_argument('--image_size', type=int, default=32,
                       help='Image side of every case (the demo: 16).')
+  parser.add_argument('--batch_norm_kernel', default='fused',
+                      choices=('fused', 'keras'),
+                      help='ModelConfig.batch_norm_kernel of every case.')
   parser.add_argument('--worker', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
 
   if args.worker:
     case = dict(parse_case(args.worker), model=args.model,
-                image_size=args.image_size)
+                image_size=args.image_size,
+                batch_norm_kernel=args.batch_norm_kernel)
     print(json.dumps(run_worker(case, args.steps)))
     return
 
@@ -344,7 +352,8 @@ def main():
     names = [f'{name}:k{k}' for name in names
              for k in args.microbatches.split(',')]
   cases = [parse_case(name) for name in names]
-  header = ('| step | network | BxMU | microbatches | precision | '
+  header = ('| step | network | batch norm | BxMU | microbatches | '
+            'precision | '
             'malloc tuning | XLA | s/step | '
             'img/s | GFLOP/step | GFLOP/s | matmul peak GFLOP/s | of peak | '
             'first call s | user s/step | sys s/step | minor faults/step | '
@@ -363,7 +372,8 @@ def main():
     process = subprocess.run(
         [sys.executable, os.path.abspath(__file__), '--worker', case['name'],
          '--steps', str(steps), '--model', args.model, '--image_size',
-         str(args.image_size)], cwd=REPO, env=env, capture_output=True,
+         str(args.image_size), '--batch_norm_kernel', args.batch_norm_kernel],
+        cwd=REPO, env=env, capture_output=True,
         text=True)
     if process.returncode:
       sys.stderr.write(process.stderr[-3000:])

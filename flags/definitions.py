@@ -170,6 +170,13 @@ _ENUMS = {
                              '(TPU) or mixed_float16 (GPU, with dynamic loss '
                              'scaling: docs/models.md); logits and batch '
                              'norm stay float32.'),
+    ('model', 'batch_norm_kernel'): (
+        config_lib.BATCH_NORM_KERNELS,
+        'How batch norm is computed (the same numbers to float rounding): '
+        'fused (TensorFlow\'s FusedBatchNormV3: oneDNN/cuDNN\'s fused '
+        'kernels; Keras\'s path when synchronized over more than one '
+        'replica) or keras (Keras 3\'s separate moment and normalisation '
+        'ops everywhere; docs/models.md).'),
     ('optim', 'optimizer'): (config_lib.OPTIMIZERS,
                              'tf1_momentum: the released code\'s TF1 '
                              'momentum (accumulator excludes the rate) with '

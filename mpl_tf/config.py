@@ -26,6 +26,7 @@ MODES = ('train', 'eval', 'export', 'predict')
 ALGORITHMS = ('mpl', 'pseudo_labels', 'uda', 'supervised')
 STRATEGIES = ('one_device', 'mirrored', 'multi_worker', 'tpu')
 PRECISIONS = ('float32', 'mixed_bfloat16', 'mixed_float16')
+BATCH_NORM_KERNELS = ('fused', 'keras')
 OFFLINE_DATASETS = ('mnist5k', 'digits')
 OPTIMIZERS = ('tf1_momentum', 'keras_sgd')
 NONFINITE_POLICIES = ('stop', 'skip')
@@ -100,6 +101,12 @@ class ModelConfig:
   # Batch-norm statistics over the global batch under a distribution
   # strategy (the released code syncs them across replicas).
   sync_batch_norm: bool = True
+  # How batch norm is computed, the same numbers either way (to float
+  # rounding): 'fused' (TensorFlow's FusedBatchNormV3, so oneDNN/cuDNN's
+  # fused kernels; Keras's path where it cannot be: synchronized over more
+  # than one replica, models/fused_batch_norm.py) or 'keras' (Keras 3's
+  # layer: separate moment and normalisation ops everywhere).
+  batch_norm_kernel: str = 'fused'
 
 
 def _choice(default, description: str, choices=None):

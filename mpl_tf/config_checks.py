@@ -7,9 +7,10 @@ rules over them (which runs are refused) each stay one readable file.
 import dataclasses
 import math
 
-from mpl_tf.config import (ALGORITHMS, CROPS, INPUT_SHARDINGS, MODES,
-                           NONFINITE_POLICIES, OPTIMIZERS, PRECISIONS,
-                           RANDAUGMENT_OPS, STRATEGIES, Config, ConfigError)
+from mpl_tf.config import (ALGORITHMS, BATCH_NORM_KERNELS, CROPS,
+                           INPUT_SHARDINGS, MODES, NONFINITE_POLICIES,
+                           OPTIMIZERS, PRECISIONS, RANDAUGMENT_OPS,
+                           STRATEGIES, Config, ConfigError)
 
 
 def check_choice(name: str, value: str, choices) -> None:
@@ -47,6 +48,8 @@ def validate(config: Config) -> Config:
                       'MPL term, come from the original view, which then '
                       'needs its backward pass.')
   check_choice('precision', config.model.precision, PRECISIONS)
+  check_choice('batch_norm_kernel', config.model.batch_norm_kernel,
+               BATCH_NORM_KERNELS)
   check_choice('randaugment_ops', data.randaugment_ops, RANDAUGMENT_OPS)
   check_choice('crop', data.crop, CROPS)
   check_choice('input_sharding', data.input_sharding, INPUT_SHARDINGS)

@@ -22,6 +22,7 @@ import keras
 from keras.src.backend.common import global_state
 
 from mpl_tf.config import ModelConfig
+from mpl_tf.models.fused_batch_norm import FusedBatchNormalization
 
 
 def conv_initializer() -> keras.initializers.Initializer:
@@ -55,12 +56,25 @@ def batch_norm_kwargs(model_config: ModelConfig) -> dict:
               synchronized=model_config.sync_batch_norm)
 
 
+def batch_norm_class(model_config: ModelConfig) -> type:
+  """The batch-norm layer of `batch_norm_kernel` (both are Keras's class).
+
+  'fused' is a subclass of keras.layers.BatchNormalization with the same
+  variables and semantics on TensorFlow's fused kernel
+  (fused_batch_norm.py); 'keras' is Keras's layer itself.
+  """
+  if model_config.batch_norm_kernel == 'fused':
+    return FusedBatchNormalization
+  return keras.layers.BatchNormalization
+
+
 class LayerMaker:
   """Makes the layers of one network with its batch-norm and dtype settings."""
 
   def __init__(self, model_config: ModelConfig):
     self.policy = dtype_policy(model_config)
     self._batch_norm_kwargs = batch_norm_kwargs(model_config)
+    self._batch_norm_class = batch_norm_class(model_config)
 
   def conv(self, filters: int, kernel: int, stride: int, name: str):
     return keras.layers.Conv2D(
@@ -68,7 +82,7 @@ class LayerMaker:
         kernel_initializer=conv_initializer(), dtype=self.policy, name=name)
 
   def batch_norm(self, name: str):
-    return keras.layers.BatchNormalization(
+    return self._batch_norm_class(
         dtype=self.policy, name=name, **self._batch_norm_kwargs)
 
   def leaky_relu(self, slope: float, name: str):

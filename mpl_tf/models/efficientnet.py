@@ -27,7 +27,8 @@ config before `keras.Model.from_config` (no block is written by hand):
     (chosen there by the dataset's name) and 2 otherwise. We choose by size:
     s = 1 when image_size <= SMALL_IMAGE_MAX_SIZE (64), else 2. So 32x32
     inputs end in an 8x8 feature map (as WRN-28-k) and 224x224 in 7x7.
-  * Batch norm: momentum, epsilon and `synchronized` from ModelConfig.
+  * Batch norm: momentum, epsilon and `synchronized` from ModelConfig, and
+    its class (`batch_norm_kernel`: the fused kernel's subclass or Keras's).
   * Conv and depthwise kernels: He-normal on fan-out *untruncated*, as the
     released code (Keras draws a truncated normal with the same variance).
   * Every layer gets the model's dtype policy, and a float32 linear layer
@@ -125,6 +126,7 @@ def released_code_config(config: Dict[str, Any], model_config: ModelConfig,
     layer_config['dtype'] = copy.deepcopy(policy)
     if kind == 'BatchNormalization':
       layer_config.update(common.batch_norm_kwargs(model_config))
+      layer.update(_serialized_class(common.batch_norm_class(model_config)))
     elif kind == 'Conv2D':
       layer_config['kernel_initializer'] = copy.deepcopy(initializer)
     elif kind == 'DepthwiseConv2D':
@@ -132,6 +134,13 @@ def released_code_config(config: Dict[str, Any], model_config: ModelConfig,
     if layer['name'] in _STRIDE_S_LAYERS:
       layer_config['strides'] = [stride, stride]
   return config
+
+
+def _serialized_class(cls: type) -> Dict[str, Any]:
+  """The keys of a layer's serialized config that name its class."""
+  serialized = keras.saving.serialize_keras_object(cls(name='class_only'))
+  return {key: serialized[key]
+          for key in ('module', 'class_name', 'registered_name')}
 
 
 def _bypass(layers, removed) -> list:
