@@ -351,18 +351,24 @@ def _mlp_with_batch_norm_and_dropout(seed: int, name: str) -> keras.Model:
   return keras.Model(inputs, logits, name=name)
 
 
+def _batch_norm_mpl_step(**fields):
+  """(MplStep, teacher, student): BN + dropout MLPs, plain SGD."""
+  teacher = _mlp_with_batch_norm_and_dropout(0, 'teacher')
+  student = _mlp_with_batch_norm_and_dropout(10, 'student')
+  step = MplStep(
+      mpl_config(**fields), PLAIN_SGD, teacher, student,
+      optim.make_optimizer(TEACHER_LR, PLAIN_SGD, 'teacher_optimizer'),
+      optim.make_optimizer(STUDENT_LR, PLAIN_SGD, 'student_optimizer'),
+      global_labeled_batch=NUM_LABELED,
+      global_unlabeled_batch=NUM_UNLABELED)
+  return step, teacher, student
+
+
 class RematerializedTeacherTest(tf.test.TestCase):
   """rematerialize_teacher changes memory, not numbers, with BN and dropout."""
 
   def _two_steps(self, **fields):
-    teacher = _mlp_with_batch_norm_and_dropout(0, 'teacher')
-    student = _mlp_with_batch_norm_and_dropout(10, 'student')
-    step = MplStep(
-        mpl_config(**fields), PLAIN_SGD, teacher, student,
-        optim.make_optimizer(TEACHER_LR, PLAIN_SGD, 'teacher_optimizer'),
-        optim.make_optimizer(STUDENT_LR, PLAIN_SGD, 'student_optimizer'),
-        global_labeled_batch=NUM_LABELED,
-        global_unlabeled_batch=NUM_UNLABELED)
+    step, _, _ = _batch_norm_mpl_step(**fields)
     step.step.assign(STEP_BEFORE)
     run = tf.function(step)
     for batch_seed in (0, 1):
@@ -477,14 +483,7 @@ class FrozenTeacherStatisticsTest(tf.test.TestCase):
 
   def _one_step(self, **fields):
     """(teacher statistics before, after, {network: [(is one, value)]})."""
-    teacher = _mlp_with_batch_norm_and_dropout(0, 'teacher')
-    student = _mlp_with_batch_norm_and_dropout(10, 'student')
-    step = MplStep(
-        mpl_config(**fields), PLAIN_SGD, teacher, student,
-        optim.make_optimizer(TEACHER_LR, PLAIN_SGD, 'teacher_optimizer'),
-        optim.make_optimizer(STUDENT_LR, PLAIN_SGD, 'student_optimizer'),
-        global_labeled_batch=NUM_LABELED,
-        global_unlabeled_batch=NUM_UNLABELED)
+    step, teacher, student = _batch_norm_mpl_step(**fields)
     statistics = batch_norm_statistics(teacher)
     self.assertLen(statistics, 2)
     before = [v.numpy() for v in statistics]
