@@ -276,6 +276,11 @@ class StartDeadlineTest(tf.test.TestCase):
   def test_sigterm_and_ctrl_c_end_the_wait_at_once(self):
     # A real wait (real clock, a free port, a peer that never comes).
     handler_before = signal.getsignal(signal.SIGTERM)
+    # Ctrl-C as a terminal delivers it: Python's KeyboardInterrupt. A test
+    # process started in the background of a script inherits SIGINT
+    # ignored (POSIX), and then no Ctrl-C reaches it, nor this one.
+    self.addCleanup(signal.signal, signal.SIGINT,
+                    signal.signal(signal.SIGINT, signal.default_int_handler))
     for signum in (signal.SIGTERM, signal.SIGINT):
       with self.subTest(signal=signum.name):
         with socket.create_server(('127.0.0.1', 0)) as probe:
