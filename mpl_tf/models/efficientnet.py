@@ -115,6 +115,7 @@ def released_code_config(config: Dict[str, Any], model_config: ModelConfig,
   stride = stem_stride(image_size)
   policy = keras.dtype_policies.serialize(common.dtype_policy(model_config))
   initializer = keras.initializers.serialize(common.conv_initializer())
+  batch_norm_class = _serialized_class(common.batch_norm_class(model_config))
   for layer in layers:
     # Built shapes are recomputed by from_config; the recorded ones predate
     # the removed padding.
@@ -126,7 +127,7 @@ def released_code_config(config: Dict[str, Any], model_config: ModelConfig,
     layer_config['dtype'] = copy.deepcopy(policy)
     if kind == 'BatchNormalization':
       layer_config.update(common.batch_norm_kwargs(model_config))
-      layer.update(_serialized_class(common.batch_norm_class(model_config)))
+      layer.update(batch_norm_class)
     elif kind == 'Conv2D':
       layer_config['kernel_initializer'] = copy.deepcopy(initializer)
     elif kind == 'DepthwiseConv2D':
