@@ -438,17 +438,10 @@ class MeasuringPassesLeaveNoTraceTest(tf.test.TestCase):
     return 0.5 * np.mean(np.concatenate(images) @ kernel + bias, axis=0)
 
   def _check(self, teacher_inputs, **fields):
-    teacher = _mlp_with_batch_norm_and_dropout(0, 'teacher')
-    student = _mlp_with_batch_norm_and_dropout(10, 'student')
+    step, teacher, student = _batch_norm_mpl_step(**fields)
     first_dense = lambda model: [
         v.numpy() for v in model.layers[1].weights]   # Dense before BN
     teacher_dense, student_dense = first_dense(teacher), first_dense(student)
-    step = MplStep(
-        mpl_config(**fields), PLAIN_SGD, teacher, student,
-        optim.make_optimizer(TEACHER_LR, PLAIN_SGD, 'teacher_optimizer'),
-        optim.make_optimizer(STUDENT_LR, PLAIN_SGD, 'student_optimizer'),
-        global_labeled_batch=NUM_LABELED,
-        global_unlabeled_batch=NUM_UNLABELED)
     batch = {k: v.numpy() for k, v in random_batch(
         0, NUM_LABELED, NUM_UNLABELED, INPUT_DIM, NUM_CLASSES).items()}
     tf.function(step)(batch)
